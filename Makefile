@@ -1,0 +1,44 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv and install
+# everything they need on first use (pinned by constraints.txt).
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.manu-installed
+# torch is installed first: the CPU build where there is no CUDA (an unpinned `torch` would pull a
+# multi-GB CUDA build). Off this project's machines, point pip at PyTorch's CPU wheel index with
+# TORCH_PIP_ARGS="--index-url <cpu index>" if plain `pip install torch==2.13.0` gives a CUDA build.
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean-artifacts
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing torch==$(TORCH_VERSION) (CUDA build)"; \
+	else \
+		echo "no CUDA: installing torch==$(TORCH_VERSION) (CPU build) first"; \
+	fi
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/manu demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_extract.py
+	$(BIN)/python bench/bench_importance.py
+
+clean-artifacts:
+	rm -rf artifacts/*

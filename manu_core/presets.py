@@ -1,0 +1,172 @@
+"""Embedded presets: a tiny model + MLLMU-Bench-lite configuration that trains on a laptop CPU.
+
+`resolve_model("lite")` returns the folder of the trained vanilla model of a preset, training it
+the first time (content-addressed: the folder name hashes the preset, the data and the training
+code, so a change retrains instead of reusing a stale model). Anything that is not a preset name
+is taken as a local checkpoint path (a real LLaVA-1.5 / Idefics2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from difflib import get_close_matches
+from pathlib import Path
+
+import torch
+
+from manu_core import data as mdata
+from manu_core.evaluate import evaluate_basic, format_summaries
+from manu_core.io import atomic_dir, atomic_write_json
+from manu_core.models import ModelError, TinySpec, build_processor, build_tiny_model, train_tokenizer
+from manu_core.train import StageConfig, train_stage
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def artifacts_dir() -> Path:
+    """Where outputs go: $MANU_ARTIFACTS, else `artifacts/` in the checkout."""
+    return Path(os.environ.get("MANU_ARTIFACTS", REPO / "artifacts")).resolve()
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    spec: TinySpec
+    n_profiles: int | None  # None: all 500 fictitious profiles
+    n_celebrities: int
+    base: StageConfig  # pretraining on the celebrity stand-ins
+    finetune: StageConfig  # vanilla fine-tune on the fictitious profiles
+    # Keep rehearsing the celebrity samples during the fine-tune. A tiny model forgets its
+    # "pretraining" within a few epochs of new data, which a 7B model does not: without this the
+    # Real-Celebrity set would measure the fine-tune's forgetting, not the unlearning's.
+    rehearse_celebrities: bool = True
+    forget: str | tuple[str, ...] = "forget_5"  # the split used to choose the subset and by `make demo`
+    seed: int = 0
+    threads: int = 2
+    eval_profiles: int = 0  # per set, for the recall/MC check written beside the model (0: all)
+    description: str = ""
+
+    def key(self) -> str:
+        """Content hash of everything that determines the trained weights."""
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode())
+        h.update((mdata.MLLMU_DIR / "train_qa.jsonl").read_bytes())
+        for mod in ("data", "models", "prompts", "portraits", "train", "presets"):
+            h.update((REPO / "manu_core" / f"{mod}.py").read_bytes())
+        return h.hexdigest()[:12]
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="tiny",
+            description="for tests: 16 profiles incl. 3 forget, 4 celebrities, a 2-layer model; trains in ~15 s",
+            spec=TinySpec(layers=2, vision_hidden=32, vision_intermediate=128, vision_heads=2, vocab_size=1024),
+            n_profiles=16, n_celebrities=4, forget=("093", "279", "303"),
+            base=StageConfig(epochs=15, lr=2e-3), finetune=StageConfig(epochs=15, lr=2e-3),
+        ),
+        Preset(
+            name="lite",
+            description="make demo: 150 MLLMU-Bench profiles (forget_5 + 125 seeded retain) + 30 celebrity stand-ins, tiny LLaVA",
+            spec=TinySpec(),
+            n_profiles=150, n_celebrities=30,
+            base=StageConfig(epochs=20), finetune=StageConfig(epochs=15),
+            eval_profiles=50,
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        near = get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ModelError(f"Unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}; or pass a model folder path.")
+    return PRESETS[name]
+
+
+def preset_dataset(preset: Preset, forget=None) -> mdata.Dataset:
+    return mdata.build_dataset(
+        forget=preset.forget if forget is None else forget, n_profiles=preset.n_profiles,
+        n_celebrities=preset.n_celebrities, seed=preset.seed,
+    )
+
+
+def tokenizer_corpus(ds: mdata.Dataset) -> list[str]:
+    texts = []
+    for p in ds.profiles + ds.celebrities:
+        texts += [f"{s.question} {s.answer}" for s in mdata.samples(p)]
+    texts += sorted({it.question for it in mdata.eval_items(ds)})
+    return texts
+
+
+def train_vanilla(preset: Preset, out: Path, *, progress: bool = True) -> Path:
+    """Train the preset's vanilla model into `out` (atomic): base on celebrities, then fine-tune on
+    all fictitious profiles, both forms. Writes config, loss curve and recall beside the weights."""
+    torch.set_num_threads(preset.threads)
+    ds = preset_dataset(preset)
+    tokenizer = train_tokenizer(tokenizer_corpus(ds), preset.spec.vocab_size)
+    processor = build_processor(preset.spec, tokenizer)
+    model = build_tiny_model(preset.spec, tokenizer, seed=preset.seed)
+    celeb = [s for p in ds.celebrities for s in mdata.samples(p)]
+    fict = [s for p in ds.profiles for s in mdata.samples(p)]
+    replay = celeb if preset.rehearse_celebrities else []
+    t0 = time.perf_counter()
+    curve = train_stage(model, processor, celeb, preset.base, seed=preset.seed, name="base", progress=progress)
+    curve += train_stage(model, processor, fict + replay, preset.finetune, seed=preset.seed, name="vanilla",
+                         progress=progress)
+    train_seconds = time.perf_counter() - t0
+    items = check_items(ds, preset)
+    summaries, _ = evaluate_basic(model, processor, items, progress=progress)
+    log.info("vanilla model of preset %s:\n%s", preset.name, format_summaries(summaries))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / "manu_preset.json", {"preset": asdict(preset), "key": preset.key(),
+                                                     "train_seconds": round(train_seconds, 1),
+                                                     "n_train_samples": {"base": len(celeb), "vanilla": len(fict),
+                                                                         "replay": len(replay)}})
+        atomic_write_json(tmp / "loss_curve.json", curve)
+        atomic_write_json(tmp / "recall.json", [asdict(s) for s in summaries])
+    return out
+
+
+def check_items(ds: mdata.Dataset, preset: Preset) -> list[mdata.EvalItem]:
+    """Forget, retain and celebrity items (both forms) for the post-training check; retain capped
+    to `eval_profiles` seeded profiles."""
+    keep = set(ds.split.forget_ids) | {c.id for c in ds.celebrities}
+    retain = list(ds.split.retain_ids)
+    if preset.eval_profiles:
+        retain = random.Random(f"check/{preset.seed}").sample(retain, min(len(retain), preset.eval_profiles))
+    keep |= set(retain)
+    return [it for it in mdata.eval_items(ds) if it.set in ("forget", "retain", "celebrity") and it.profile_id in keep]
+
+
+def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
+    """A preset name -> its trained vanilla model folder (trained on first use); a path -> itself."""
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        preset = PRESETS[name_or_path]
+        out = artifacts_dir() / "models" / f"{preset.name}-{preset.key()}"
+        if not (out / "manu_preset.json").is_file():
+            log.info("training the vanilla model of preset %r into %s", preset.name, out)
+            train_vanilla(preset, out, progress=progress)
+        return out
+    path = Path(name_or_path)
+    if not path.exists():
+        near = get_close_matches(str(name_or_path), PRESETS, n=1)
+        hint = f" Did you mean the preset {near[0]!r}?" if near else ""
+        raise ModelError(
+            f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder.{hint}"
+        )
+    return path
+
+
+def with_overrides(preset: Preset, **changes) -> Preset:
+    return replace(preset, **changes)

@@ -1,0 +1,90 @@
+"""Prompts in each model's own chat format, and batches of them as model inputs.
+
+One place turns (question, image?, answer?) into tensors, for training, activation extraction and
+evaluation alike, through the processor's chat template (tiny and real checkpoints the same way).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+LLAVA_FALLBACK = "USER: {image}{question}\nASSISTANT:"
+
+
+def build_prompt(processor, question: str, *, image: bool, system: str | None = None) -> str:
+    """The generation prompt for one question, ending where the assistant's answer starts."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else [])
+    messages.append({"role": "user", "content": content})
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # A processor without a chat template: LLaVA-1.5's documented format.
+    prompt = LLAVA_FALLBACK.format(image="<image>\n" if image else "", question=question)
+    return f"{system}\n{prompt}" if system else prompt
+
+
+def end_of_answer(processor) -> str:
+    """What closes an assistant turn in this chat format (appended to training targets)."""
+    tok = processor.tokenizer
+    eou = getattr(tok, "end_of_utterance_token", None)
+    return eou if eou and "<end_of_utterance>" in (getattr(processor, "chat_template", "") or "") else tok.eos_token
+
+
+def encode(
+    processor,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image | None],
+    answers: Sequence[str] | None = None,
+    *,
+    padding_side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """Tokenise a batch (all with images or all without).
+
+    With `answers`, each text is prompt + " " + answer + end-of-turn, and `labels` hold the answer
+    tokens (-100 elsewhere) while `answer_mask` marks them; the prompt must tokenise to a prefix of
+    the full text (checked).
+    """
+    has_image = [im is not None for im in images]
+    if any(has_image) and not all(has_image):
+        raise ValueError("a batch mixes samples with and without images; batch each form separately")
+    texts = list(prompts) if answers is None else [f"{p} {a}{end_of_answer(processor)}" for p, a in zip(prompts, answers)]
+    kwargs = {}
+    if all(has_image) and images:
+        kwargs["images"] = [[im] for im in images] if _nested_images(processor) else list(images)
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = padding_side
+    try:
+        batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+        if answers is not None:
+            prompt_batch = processor(text=list(prompts), padding=True, return_tensors="pt", **kwargs)
+    finally:
+        tok.padding_side = old_side
+    batch = dict(batch)
+    if answers is not None:
+        if padding_side != "right":
+            raise ValueError("training batches (with answers) use right padding")
+        plen = prompt_batch["attention_mask"].sum(1)
+        ids = batch["input_ids"]
+        pos = torch.arange(ids.shape[1])[None, :]
+        answer_mask = (pos >= plen[:, None]) & batch["attention_mask"].bool()
+        width = min(ids.shape[1], prompt_batch["input_ids"].shape[1])
+        same = (ids[:, :width] == prompt_batch["input_ids"][:, :width]) | (pos[:, :width] >= plen[:, None])
+        assert bool(same.all()), "prompt does not tokenise to a prefix of prompt + answer"
+        batch["labels"] = torch.where(answer_mask, ids, torch.full_like(ids, -100))
+        batch["answer_mask"] = answer_mask
+    return batch
+
+
+def _nested_images(processor) -> bool:
+    # Idefics2 takes a list of images per sample; LLaVA a flat list.
+    return type(processor).__name__.startswith("Idefics")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict:
+    """The keys a model's forward takes (drops labels/answer_mask), moved to `device`."""
+    keep = {k: v for k, v in batch.items() if k not in ("labels", "answer_mask")}
+    return {k: v.to(device) if device is not None and hasattr(v, "to") else v for k, v in keep.items()}

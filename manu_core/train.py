@@ -1,0 +1,122 @@
+"""Training the embedded vanilla model, as the benchmark builds its own (evaluation.md, "Sets"):
+
+  base      pretrained on the Real-Celebrity stand-ins (knowledge the model had before), then
+  vanilla   fine-tuned on every fictitious profile in both forms (method.md: knowledge does not
+            transfer between forms in tiny models, so both are trained).
+
+Deterministic: seeded initialisation and batch order, a fixed thread count (tiny-models.md: a
+different thread count changes the bits, not the accuracy). Answer tokens only carry the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from manu_core.data import Sample
+from manu_core.portraits import image_for
+from manu_core.prompts import build_prompt, encode, model_inputs
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    epochs: int
+    lr: float = 1e-3
+    batch_size: int = 32
+    warmup: float = 0.05  # share of steps
+    weight_decay: float = 0.0
+
+
+def form_batches(samples: Sequence[Sample], batch_size: int, rng: random.Random) -> list[list[Sample]]:
+    """Shuffled batches that each hold one form (image batches and text batches are encoded
+    differently), in a shuffled order."""
+    batches = []
+    for form in sorted({s.form for s in samples}):
+        group = [s for s in samples if s.form == form]
+        rng.shuffle(group)
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def encode_samples(processor, batch: Sequence[Sample], *, with_answers: bool = True, system: str | None = None):
+    prompts = [build_prompt(processor, s.question, image=s.image is not None, system=system) for s in batch]
+    images = [image_for(s.image) if s.image else None for s in batch]
+    return encode(processor, prompts, images, [s.answer for s in batch] if with_answers else None)
+
+
+def answer_loss(model, enc: dict, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens.
+
+    Same value as `model(..., labels=...).loss`, but the LM head runs only at the positions that
+    predict an answer token (about a fifth of a multimodal sequence): on the tiny models the
+    (tokens x vocab) head and its softmax were half of a training step.
+    """
+    hidden = model.model(**model_inputs(enc, device)).last_hidden_state  # (B, T, d)
+    labels = enc["labels"][:, 1:].to(device)  # position t predicts token t+1
+    keep = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_answer_tokens, vocab)
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def train_stage(
+    model,
+    processor,
+    samples: Sequence[Sample],
+    cfg: StageConfig,
+    *,
+    seed: int,
+    name: str = "train",
+    device: str | torch.device = "cpu",
+    on_epoch_end: Callable[[int], dict] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train `model` in place on `samples` (loss on answer tokens). Returns the loss curve:
+    one record per step ({stage, epoch, step, loss, lr}) plus per-epoch records from `on_epoch_end`."""
+    rng = random.Random(f"{name}/{seed}")
+    torch.manual_seed(seed)
+    steps_per_epoch = math.ceil(sum(1 for _ in samples) / cfg.batch_size) + 2  # +2: one partial batch per form
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * total), total)
+    curve: list[dict] = []
+    model.train()
+    step = 0
+    bar = tqdm(total=total, desc=name, disable=not progress, unit="step")
+    for epoch in range(1, cfg.epochs + 1):
+        t0, losses = time.perf_counter(), []
+        for batch in form_batches(samples, cfg.batch_size, rng):
+            enc = encode_samples(processor, batch)
+            loss = answer_loss(model, enc, device)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.item())
+            curve.append({"stage": name, "epoch": epoch, "step": step, "loss": round(losses[-1], 6),
+                          "lr": sched.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
+        record = {"stage": name, "epoch": epoch, "mean_loss": sum(losses) / len(losses),
+                  "seconds": round(time.perf_counter() - t0, 2)}
+        if on_epoch_end is not None:
+            model.eval()
+            record.update(on_epoch_end(epoch))
+            model.train()
+        curve.append(record)
+    bar.close()
+    model.eval()
+    return curve
+
+
+def stage_dict(cfg: StageConfig) -> dict:
+    return asdict(cfg)

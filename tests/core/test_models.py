@@ -1,0 +1,100 @@
+"""Tiny models: build, train, save/load, preset resolution and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from manu_core import data as mdata
+from manu_core.models import ARCHS, ModelError, TinySpec, build_processor, build_tiny_model, load_model, save_model, train_tokenizer
+from manu_core.presets import PRESETS, get_preset, preset_dataset, resolve_model
+from manu_core.train import answer_loss, encode_samples
+
+SMALL = dict(hidden=32, intermediate=64, layers=2, heads=2, vision_hidden=32, vision_intermediate=64, vision_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    ds = mdata.build_dataset(n_profiles=30, n_celebrities=2)
+    return train_tokenizer([f"{s.question} {s.answer}" for p in ds.profiles for s in mdata.samples(p)], 512), ds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_identical_logits(tmp_path, tokenizer, arch):
+    tok, ds = tokenizer
+    spec = TinySpec(arch=arch, **SMALL)
+    model, proc = build_tiny_model(spec, tok, seed=1).eval(), build_processor(spec, tok)
+    batch = encode_samples(proc, [s for s in mdata.samples(ds.profiles[0]) if s.image][:4])
+    save_model(model, proc, tmp_path / "m")
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "m").iterdir())
+    model2, proc2 = load_model(tmp_path / "m")
+    assert type(proc2).__name__ == type(proc).__name__
+    batch2 = encode_samples(proc2, [s for s in mdata.samples(ds.profiles[0]) if s.image][:4])
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    with torch.no_grad():
+        a = model(**{k: v for k, v in batch.items() if k not in ("labels", "answer_mask")}).logits
+        b = model2(**{k: v for k, v in batch2.items() if k not in ("labels", "answer_mask")}).logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_seed_same_weights(tokenizer, arch):
+    tok, _ = tokenizer
+    spec = TinySpec(arch=arch, **SMALL)
+    a, b = build_tiny_model(spec, tok, seed=7), build_tiny_model(spec, tok, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_answer_loss_equals_model_loss(tokenizer):
+    tok, ds = tokenizer
+    spec = TinySpec(**SMALL)
+    model, proc = build_tiny_model(spec, tok).eval(), build_processor(spec, tok)
+    batch = encode_samples(proc, [s for s in mdata.samples(ds.profiles[1]) if s.image is None][:5])
+    ref = model(**{k: v for k, v in batch.items() if k not in ("labels", "answer_mask")}, labels=batch["labels"]).loss
+    assert torch.allclose(answer_loss(model, batch), ref, atol=1e-6)
+
+
+def test_training_is_deterministic_and_learns(tmp_path):
+    from manu_core.presets import train_vanilla, with_overrides
+    from manu_core.train import StageConfig
+
+    p = with_overrides(get_preset("tiny"), n_profiles=6, n_celebrities=1, forget=("001",),
+                       base=StageConfig(epochs=1), finetune=StageConfig(epochs=2))
+    a, b = train_vanilla(p, tmp_path / "a", progress=False), train_vanilla(p, tmp_path / "b", progress=False)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    curve = json.loads((a / "loss_curve.json").read_text())
+    epochs = [r for r in curve if "mean_loss" in r and r["stage"] == "vanilla"]
+    assert epochs[-1]["mean_loss"] < epochs[0]["mean_loss"]
+    for name in ("config.json", "manu_preset.json", "recall.json", "processor_config.json"):
+        assert (a / name).is_file(), name
+
+
+def test_bad_inputs():
+    with pytest.raises(ModelError, match="Unknown preset 'lit'. Did you mean 'lite'"):
+        get_preset("lit")
+    with pytest.raises(ModelError, match="neither a preset"):
+        resolve_model("/no/such/model")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model("/no/such/model")
+    with pytest.raises(ModelError, match="Unknown arch 'qwen'"):
+        TinySpec(arch="qwen")
+
+
+def test_load_rejects_folder_without_config(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_presets_keep_forget_profiles():
+    for preset in PRESETS.values():
+        ds = preset_dataset(preset)
+        assert set(ds.split.forget_ids) <= {p.id for p in ds.profiles}
+
+
+@pytest.mark.slow
+def test_tiny_preset_learns_both_forms(tiny_model_dir):
+    recall = json.loads((tiny_model_dir / "recall.json").read_text())
+    by = {(r["set"], r["form"], r["metric"]): r["value"] for r in recall}
+    for set_ in ("forget", "retain"):
+        for form in ("multimodal", "text"):
+            assert by[(set_, form, "mc_accuracy")] >= 0.8, (set_, form, by)
