@@ -9,6 +9,7 @@ is taken as a local checkpoint path (a real LLaVA-1.5 / Idefics2).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -51,15 +52,23 @@ class Preset:
     seed: int = 0
     threads: int = 2
     eval_profiles: int = 0  # per set, for the recall/MC check written beside the model (0: all)
+    alpha: float = 0.05  # MANU's pruning ratio in `manu demo` (documented per preset in the README)
     description: str = ""
 
     def key(self) -> str:
-        """Content hash of everything that determines the trained weights."""
-        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode())
+        """Content hash of everything that determines the trained weights: the training fields of
+        the preset, the profiles file and the code that builds data, model and training."""
+        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_TRAINING}
+        h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         h.update((mdata.MLLMU_DIR / "train_qa.jsonl").read_bytes())
-        for mod in ("data", "models", "prompts", "portraits", "train", "presets"):
+        for mod in ("data", "models", "prompts", "portraits", "train"):
             h.update((REPO / "manu_core" / f"{mod}.py").read_bytes())
+        h.update(inspect.getsource(train_vanilla).encode())
         return h.hexdigest()[:12]
+
+
+# Preset fields that do not change the trained weights (so editing them keeps the cached model).
+_NOT_TRAINING = frozenset({"name", "description", "eval_profiles", "alpha"})
 
 
 PRESETS: dict[str, Preset] = {
@@ -69,6 +78,14 @@ PRESETS: dict[str, Preset] = {
             name="tiny",
             description="for tests: 16 profiles incl. 3 forget, 4 celebrities, a 2-layer model; trains in ~15 s",
             spec=TinySpec(layers=2, vision_hidden=32, vision_intermediate=128, vision_heads=2, vocab_size=1024),
+            n_profiles=16, n_celebrities=4, forget=("093", "279", "303"),
+            base=StageConfig(epochs=15, lr=2e-3), finetune=StageConfig(epochs=15, lr=2e-3),
+        ),
+        Preset(
+            name="tiny-idefics2",
+            description="the `tiny` preset on a tiny Idefics2 (Mistral text model, perceiver connector)",
+            spec=TinySpec(arch="idefics2", layers=2, vision_hidden=32, vision_intermediate=128, vision_heads=2,
+                          vocab_size=1024),
             n_profiles=16, n_celebrities=4, forget=("093", "279", "303"),
             base=StageConfig(epochs=15, lr=2e-3), finetune=StageConfig(epochs=15, lr=2e-3),
         ),

@@ -1,0 +1,288 @@
+"""Benchmark: the Polars importance step on synthetic activations shaped like LLaVA-1.5-7B.
+
+Default shape: language 32 layers x 11,008 units in 4 streams (forget/retain x multimodal/text),
+vision 23 layers x 4,096 units in the 2 multimodal streams, 1,500 samples per stream (~9.6 GB of
+float32). Times `manu_core.importance.compute_importance` and a numpy reference (pyarrow reads the
+same files, numpy computes the sums and the formulas) each in its own subprocess, so their peak RSS
+do not mix, checks that they agree, and prints time, peak memory and the polars/numpy ratio.
+
+    python bench/bench_importance.py                       # full size (target: <= 60 s on 2 cores)
+    python bench/bench_importance.py --samples 200 --lang-layers 2 --lang-units 512 --vision-layers 2 --vision-units 256
+    python bench/bench_importance.py --formulations        # also time alternative Polars formulations
+
+The synthetic folder is generated once (seeded) under --root and reused while its manifest matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from manu_core.store import (  # noqa: E402
+    FORMS, SPLITS, ActivationStoreError, check_complete, inspect_activations, partition_dir, write_partition,
+)
+
+TARGET_S = 60.0
+MANIFEST = "bench_manifest.json"
+
+
+def streams(tower: str) -> list[tuple[str, str]]:
+    return [(s, f) for s in SPLITS for f in FORMS if not (tower == "vision" and f == "text")]
+
+
+def generate(args: argparse.Namespace, root: Path) -> None:
+    """Seeded synthetic activations: per-unit offset and scale, a form shift on some units, a forget shift on others."""
+    config = {k: getattr(args, k) for k in ("samples", "lang_layers", "lang_units", "vision_layers", "vision_units", "part_rows", "seed")}
+    manifest = root / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()) == config:  # written last: generation finished
+        try:
+            summary = inspect_activations(root)
+            check_complete(summary)
+            if len(summary.partitions) == 2 * (2 * args.lang_layers + args.vision_layers):
+                print(f"reusing {root}")
+                return
+        except ActivationStoreError as e:
+            print(f"regenerating {root}: {e}")
+    if root.exists():
+        shutil.rmtree(root)
+    t0 = time.perf_counter()
+    towers = {"language": (args.lang_layers, args.lang_units), "vision": (args.vision_layers, args.vision_units)}
+    for ti, (tower, (layers, units)) in enumerate(towers.items()):
+        for layer in range(layers):
+            rng = np.random.default_rng([args.seed, ti, layer])
+            mu = rng.normal(0, 0.05, units).astype(np.float32)
+            sigma = rng.uniform(0.02, 0.2, units).astype(np.float32)
+            form_shift = (rng.random(units) < 0.1) * rng.normal(0, 0.1, units).astype(np.float32)
+            forget_shift = (rng.random(units) < 0.02) * rng.normal(0, 0.2, units).astype(np.float32)
+            for si, (split, form) in enumerate(streams(tower)):
+                srng = np.random.default_rng([args.seed, ti, layer, 1 + si])
+                shift = mu + (form_shift if form == "text" else 0) + (forget_shift if split == "forget" else 0)
+                for part, start in enumerate(range(0, args.samples, args.part_rows)):
+                    n = min(args.part_rows, args.samples - start)
+                    x = srng.standard_normal((n, units), dtype=np.float32)
+                    x *= sigma
+                    x += shift
+                    ids = [f"{split}-{form}-{i:05d}" for i in range(start, start + n)]
+                    write_partition(root, split=split, form=form, tower=tower, layer=layer, sample_ids=ids,
+                                    profile_ids=[f"p{i // 15:04d}" for i in range(start, start + n)], activations=x, part=part)
+        print(f"  generated {tower}: {layers} layers x {units} units ({time.perf_counter() - t0:.0f} s)", flush=True)
+    manifest.write_text(json.dumps(config))
+
+
+# ----------------------------------------------------------------------------------------------
+# The two measured runs (each in its own subprocess)
+
+
+def run_polars(root: Path, alpha: float, out: Path) -> None:
+    from manu_core.importance import ImportanceParams, compute_importance
+
+    df = compute_importance(root, ImportanceParams(alpha=alpha))
+    df.select("tower", "layer", "unit", "score", "selected").write_parquet(out)
+
+
+def numpy_reference(root: Path, alpha: float, eps: float = 1e-5, tau: float = 0.1) -> dict[str, np.ndarray]:
+    """Independent reference: pyarrow reads each part, numpy sums in float64, method.md formulas, global top-α."""
+    import pyarrow.parquet as pq
+
+    stats: dict[tuple, np.ndarray] = {}  # (split, form, tower, layer) -> (4, units): A, N, V, Q
+    for d in sorted(root.glob("split=*/form=*/tower=*/layer=*")):
+        key = tuple(p.split("=")[1] for p in d.relative_to(root).parts)
+        sums = None
+        for f in sorted(d.glob("part-*.parquet")):
+            col = pq.read_table(f, columns=["activation"]).column("activation").combine_chunks()
+            x = col.values.to_numpy().reshape(len(col), -1).astype(np.float64)  # (n, units)
+            s = np.stack([np.full(x.shape[1], len(x), np.float64), np.abs(x).sum(0), x.sum(0), np.square(x).sum(0),
+                          (np.abs(x) > tau).sum(0)])
+            sums = s if sums is None else sums + s
+        count, sa, s1, s2, na = sums
+        stats[(key[0], key[1], key[2], int(key[3]))] = np.stack(
+            [sa / count, na, np.maximum(s2 / count - (s1 / count) ** 2, 0), s2 / count])
+    tower_rank = {"language": 0, "vision": 1}
+    keys = sorted({(t, l) for (_, _, t, l) in stats}, key=lambda k: (tower_rank[k[0]], k[1]))
+    imp = {}
+    for split in SPLITS:
+        per_layer = []
+        for t, l in keys:
+            m = stats[(split, "multimodal", t, l)]
+            tx = stats.get((split, "text", t, l), np.zeros_like(m))  # vision: text stats are 0
+            (am, nm, vm, qm), (at, nt, vt, qt) = m, tx
+            per_layer.append(np.abs(am - at) / (am + at + eps) + np.abs(nm - nt) / (nm + nt + eps)
+                             + np.sqrt(vm + vt) + np.sqrt(np.abs(qm - qt) / (qm + qt + eps)))
+        imp[split] = np.concatenate(per_layer)
+    score = imp["forget"] / (imp["retain"] + eps)
+    tower = np.concatenate([np.full(len(stats[("forget", "multimodal", t, l)][0]), tower_rank[t]) for t, l in keys])
+    layer = np.concatenate([np.full(len(stats[("forget", "multimodal", t, l)][0]), l) for t, l in keys])
+    unit = np.concatenate([np.arange(len(stats[("forget", "multimodal", t, l)][0])) for t, l in keys])
+    order = np.lexsort((unit, layer, tower, -score))  # descending score, ties by (tower, layer, unit)
+    k = math.floor(Fraction(repr(alpha)) * len(score))  # ⌊α·N⌋ exactly, as manu_core does
+    selected = np.zeros(len(score), bool)
+    selected[order[:k]] = True
+    return {"score": score, "selected": selected}
+
+
+def child(args: argparse.Namespace) -> None:
+    root, out = Path(args.root), Path(args.out)
+    t0 = time.perf_counter()
+    if args.child == "polars":
+        run_polars(root, args.alpha, out)
+    else:
+        ref = numpy_reference(root, args.alpha)
+        np.savez(out, **ref)
+    seconds = time.perf_counter() - t0
+    # VmHWM: this process's peak RSS since its exec (ru_maxrss would also count the parent at fork time).
+    hwm_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    peak_mib = hwm_kib / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_mib}))
+
+
+def measure(kind: str, args: argparse.Namespace, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--root", args.root, "--out", str(out), "--alpha", str(args.alpha)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{kind} run failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Alternative Polars formulations of per-unit column sums over an Array column (one partition)
+
+
+def formulations(root: Path, tau: float = 0.1) -> None:
+    import polars as pl
+
+    import manu_core.importance as importance
+
+    d = partition_dir(root, "forget", "multimodal", "language", 0)
+    act = pl.read_parquet(sorted(d.glob("part-*.parquet")), columns=["activation"])["activation"]
+    n, w = len(act), act.dtype.size
+    x = act.to_numpy().astype(np.float64)
+    ref = np.stack([np.abs(x).sum(0), x.sum(0), np.square(x).sum(0), (np.abs(x) > tau).sum(0)], 1)
+    df = act.to_frame("a")
+
+    def explode_group_by():
+        return (df.lazy().select(z=pl.col("a").explode().cast(pl.Float64))
+                .with_columns(unit=pl.int_range(pl.len(), dtype=pl.UInt32) % w).group_by("unit")
+                .agg(pl.col("z").abs().sum(), pl.col("z").sum().alias("s"), (pl.col("z") ** 2).sum().alias("q"),
+                     (pl.col("z").abs() > tau).sum().alias("c")).sort("unit").collect().drop("unit"))
+
+    def struct_unnest():
+        wide = df.select(pl.col("a").arr.to_struct([f"u{i}" for i in range(w)])).unnest("a").cast(pl.Float64)
+        rows = [wide.select(e).row(0) for e in (pl.all().abs().sum(), pl.all().sum(), (pl.all() ** 2).sum(), (pl.all().abs() > tau).sum())]
+        return pl.DataFrame(np.array(rows).T)
+
+    def tree_reduce():
+        z = df.select(pl.col("a").cast(pl.Array(pl.Float64, w)))
+        t = z.select(a=pl.col("a").arr.eval(pl.element().abs()), s=pl.col("a"), q=pl.col("a").arr.eval(pl.element() ** 2),
+                     c=pl.col("a").arr.eval((pl.element().abs() > tau).cast(pl.Float64)))
+        while t.height > 1:
+            h = t.height // 2
+            top = pl.DataFrame([t[c].slice(0, h) + t[c].slice(h, h) for c in t.columns])
+            t = pl.concat([top, t.slice(2 * h, 1)]) if t.height % 2 else top
+        return pl.DataFrame({c: t[c][0].to_numpy() for c in t.columns})
+
+    def gather_transpose():
+        starts = pl.int_range(w, dtype=pl.UInt32)
+        idx = pl.select(pl.int_ranges(starts, starts + n * w, w, dtype=pl.UInt32).explode()).to_series()
+        z = act.explode().gather(idx).cast(pl.Float64).to_frame("z")
+        f = lambda e: e.reshape((w, n)).arr.sum()
+        return z.select(f(pl.col("z").abs()), s=f(pl.col("z")), q=f(pl.col("z") * pl.col("z")), c=f(pl.col("z").abs() > tau))
+
+    def gather_transpose_dot():  # |z| once, Σz² as arr.dot (no z² temporary)
+        starts = pl.int_range(w, dtype=pl.UInt32)
+        idx = pl.select(pl.int_ranges(starts, starts + n * w, w, dtype=pl.UInt32).explode()).to_series()
+        z = act.explode().gather(idx).cast(pl.Float64).to_frame("z")
+        r = lambda e: e.reshape((w, n))
+        return z.with_columns(a=pl.col("z").abs()).select(r(pl.col("a")).arr.sum(), s=r(pl.col("z")).arr.sum(),
+                                                          q=r(pl.col("z")).arr.dot(r(pl.col("z"))), c=r(pl.col("a") > tau).arr.sum())
+
+    def manu_core_chunked():  # what manu_core.importance runs: the above per chunk of <= CHUNK_VALUES values
+        rows = max(1, importance.CHUNK_VALUES // w)
+        cache: dict = {}
+        parts = [importance._chunk_sums([], act.slice(i, rows), w, tau, cache) for i in range(0, n, rows)]
+        total = functools.reduce(importance._add, parts)
+        return total.select("sum_abs", "sum", "sum_sq", "count_active")
+
+    def numpy_ref():
+        y = act.to_numpy().astype(np.float64)
+        return pl.DataFrame(np.stack([np.abs(y).sum(0), y.sum(0), np.square(y).sum(0), (np.abs(y) > tau).sum(0)], 1))
+
+    print(f"\nPer-unit sums (|z|, z, z², |z|>τ) of one partition ({n} x {w}), activation column in memory, best of 3:")
+    for name, f in [("explode + unit index + group_by", explode_group_by), ("to_struct/unnest + column sums", struct_unnest),
+                    ("halving tree of Array additions", tree_reduce), ("gather-transpose + reshape + arr.sum", gather_transpose),
+                    ("  + |z| once, arr.dot for z²", gather_transpose_dot), ("  + in chunks (manu_core.importance)", manu_core_chunked),
+                    ("numpy reference (x.sum(axis=0))", numpy_ref)]:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = f()
+            times.append(time.perf_counter() - t0)
+        err = np.abs(out.cast(pl.Float64).to_numpy() - ref).max()
+        print(f"  {name:40s} {min(times) * 1000:8.1f} ms   max abs diff {err:.1e}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="artifacts/bench/importance_llava7b")
+    p.add_argument("--samples", type=int, default=1500, help="samples per stream")
+    p.add_argument("--lang-layers", type=int, default=32)
+    p.add_argument("--lang-units", type=int, default=11008)
+    p.add_argument("--vision-layers", type=int, default=23)
+    p.add_argument("--vision-units", type=int, default=4096)
+    p.add_argument("--part-rows", type=int, default=500, help="rows per part file (extraction writes per batch chunk)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--formulations", action="store_true", help="also time alternative Polars formulations")
+    p.add_argument("--delete", action="store_true", help="delete the generated folder at the end")
+    p.add_argument("--child", choices=["polars", "numpy"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    import polars as pl
+
+    root = Path(args.root)
+    generate(args, root)
+    size = sum(f.stat().st_size for f in root.rglob("*.parquet"))
+    print(f"folder {root}: {size / 2**30:.2f} GiB")
+    if args.formulations:
+        formulations(root)
+    work = root.parent / f".{root.name}-bench-out"
+    work.mkdir(exist_ok=True)
+    pol = measure("polars", args, work / "polars.parquet")
+    ref = measure("numpy", args, work / "numpy.npz")
+    got = pl.read_parquet(work / "polars.parquet")
+    exp = np.load(work / "numpy.npz")
+    shutil.rmtree(work)
+    diff = np.abs(got["score"].to_numpy() - exp["score"])
+    score_diff = float(diff.max())
+    rel_diff = float((diff / np.maximum(np.abs(exp["score"]), 1e-300)).max())
+    same = bool((got["selected"].to_numpy() == exp["selected"]).all())
+    print(f"\nneurons {len(got):,}, selected {int(got['selected'].sum()):,} (alpha {args.alpha})")
+    print(f"{'':8s} {'time':>9s} {'peak RSS':>10s}")
+    print(f"{'polars':8s} {pol['seconds']:8.1f}s {pol['peak_rss_mib']:7.0f} MiB")
+    print(f"{'numpy':8s} {ref['seconds']:8.1f}s {ref['peak_rss_mib']:7.0f} MiB")
+    print(f"ratio polars/numpy: time {pol['seconds'] / ref['seconds']:.2f}, peak RSS {pol['peak_rss_mib'] / ref['peak_rss_mib']:.2f}")
+    print(f"agreement: max |score diff| {score_diff:.2e} (relative {rel_diff:.1e}), identical selection: {same}")
+    ok = pol["seconds"] <= TARGET_S and same and rel_diff < 1e-9
+    print(f"target <= {TARGET_S:.0f} s with agreement: {'PASS' if ok else 'FAIL'}")
+    if args.delete:
+        shutil.rmtree(root)
+        print(f"deleted {root}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`manu demo`: the main job on an embedded preset, without Prefect.
+
+vanilla model (trained on first use) -> evaluate -> MANU (extract, importance, prune) -> evaluate ->
+a results table (vanilla vs unlearned, per set, metric and form) and where every output went.
+The Prefect `manu` flow runs the same steps as cached tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from manu_core import data as mdata
+from manu_core.evaluate import Summary, evaluate_basic
+from manu_core.importance import ImportanceParams
+from manu_core.io import atomic_write_json, atomic_write_text
+from manu_core.models import load_model
+from manu_core.presets import Preset, artifacts_dir, get_preset, preset_dataset, resolve_model
+from manu_core.prune import save_pruned
+from manu_core.unlearn import manu_unlearn
+
+log = logging.getLogger(__name__)
+SETS = ("forget", "test", "retain", "celebrity")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    out_dir: Path
+    report: str
+    results: dict
+
+
+def demo_items(ds: mdata.Dataset, preset: Preset, retain_profiles: int = 25) -> list[mdata.EvalItem]:
+    """Forget, Test and Celebrity in full; Retain capped to `retain_profiles` seeded profiles."""
+    retain = set(random.Random(f"demo-retain/{preset.seed}").sample(list(ds.split.retain_ids),
+                                                                    min(retain_profiles, len(ds.split.retain_ids))))
+    return [it for it in mdata.eval_items(ds) if it.task in ("mc", "gen") and (it.set != "retain" or it.profile_id in retain)]
+
+
+def comparison_table(before: list[Summary], after: list[Summary], label: str = "MANU") -> str:
+    """Markdown: one row per (set, metric), vanilla and unlearned per form, and the change."""
+    b = {(s.set, s.metric, s.form): s for s in before}
+    a = {(s.set, s.metric, s.form): s for s in after}
+    lines = [
+        f"| set | metric (scorer) | vanilla image+text | {label} image+text | Δ | vanilla text | {label} text | Δ | n |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for set_ in SETS:
+        for metric in ("mc_accuracy", "recall"):
+            mm, tx = (set_, metric, "multimodal"), (set_, metric, "text")
+            if mm not in b:
+                continue
+            cells = []
+            for key in (mm, tx):
+                cells += [f"{b[key].value:.1%}", f"{a[key].value:.1%}", f"{(a[key].value - b[key].value) * 100:+.1f}"]
+            lines.append(f"| {set_} | {metric} ({b[mm].scorer}) | " + " | ".join(cells) + f" | {b[mm].n} |")
+    return "\n".join(lines)
+
+
+def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress: bool = True) -> DemoResult:
+    preset = get_preset(preset_name)
+    params = ImportanceParams(alpha=preset.alpha if alpha is None else alpha)
+    t0 = time.perf_counter()
+    model_dir = resolve_model(preset.name, progress=progress)
+    ds = preset_dataset(preset)
+    items = demo_items(ds, preset)
+    out = artifacts_dir() / "runs" / f"demo-{model_dir.name}-alpha{params.alpha:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("run folder: %s", out)
+
+    model, processor = load_model(model_dir)
+    before, _ = evaluate_basic(model, processor, items, progress=progress)
+    res = manu_unlearn(model, processor, ds, out, params, seed=preset.seed, progress=progress)
+    import polars as pl
+
+    pruned_dir = save_pruned(model, processor, pl.read_parquet(res.importance), out / "model")
+    after, details = evaluate_basic(model, processor, items, progress=progress)
+
+    table = comparison_table(before, after)
+    report = "\n".join([
+        f"# MANU demo: preset `{preset.name}` (embedded MLLMU-Bench-lite, stand-in images and items)",
+        "",
+        f"Forget split {ds.split.name} ({len(ds.split.forget_ids)} profiles), α = {params.alpha:g} "
+        f"(scope {params.scope}): {res.report.n_pruned} of {res.report.n_units} MLP units zeroed. "
+        f"Vanilla model: `{model_dir}` ({preset.finetune.epochs} fine-tune epochs).",
+        "Scorers: `likelihood` = option with the highest mean log-probability; `contains-key-fact` = "
+        "greedy answer contains the ground-truth fact. Retain: 25 seeded profiles.",
+        "",
+        table,
+        "",
+        "Outputs:",
+        f"- activations (Parquet): `{res.activations}`",
+        f"- importance table: `{res.importance}`",
+        f"- pruned model + selection.parquet: `{pruned_dir}`",
+        f"- results: `{out / 'results.json'}`",
+        "",
+        f"Wall time: {time.perf_counter() - t0:.0f} s.",
+    ])
+    results = {
+        "preset": preset.name, "model": str(model_dir), "alpha": params.alpha, "scope": params.scope,
+        "split": ds.split.name, "forget_ids": list(ds.split.forget_ids), "prune": res.report.as_dict(),
+        "vanilla": [asdict(s) for s in before], "manu": [asdict(s) for s in after],
+    }
+    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "answers.json", details)
+    atomic_write_text(out / "report.md", report + "\n")
+    return DemoResult(out, report, results)
+
+
+def load_results(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,557 @@
+"""Activation extraction: per-sample MLP hidden-unit activations z(d), written to the activation store.
+
+method.md, "Per-sample activation": z(d) for a neuron on sample d is the mean of the unit's
+activation over the sample's positions; language model: every non-padding position of its input
+(image tokens included in the multimodal form); vision tower: every position of the sample's
+image(s). Runs over the four streams (forget, retain) x (multimodal, text) of stage 1.
+
+How:
+
+- `activation_hooks` puts a forward pre-hook on each site's down_proj / fc2 (its input is the
+  hidden units' activations, (B, T, d_mlp)) inside a context manager that always removes them.
+- Each hook reduces on the device, in one pass: one batched matmul of a 0/1 position mask
+  (B, 1, T) with the activations (B, T, d_mlp) gives the per-sample sums (B, d_mlp) in float32;
+  the sums of all sites go into one (B, units) device buffer; `collect` divides by the position
+  counts and copies that buffer to the host once per batch. No per-token tensor leaves the device,
+  no hook synchronises with the host, no Python loop runs over samples.
+- Masks and counts are built on the host from the batch before the forward (the attention mask,
+  answer mask and image layout are host tensors already), moved once per batch and cast once per
+  (device, dtype). On an accelerator the next batch is encoded in a worker thread meanwhile.
+- Overhead (bench/bench_extract.py): on the tiny LLaVA on CPU the hooks cost about 1-6% of a
+  backbone forward, and extraction takes 0.6-0.8x a plain `model(**batch)` (no LM head).
+
+Choices this module makes (and why):
+
+- What a sample's forward contains (`with_answers=True`, the default): the QA pair as trained,
+  prompt + " " + answer + end-of-turn, encoded with `prompts.encode(..., answers=...)`; method.md's
+  "Data forms" shows each sample as the full exchange (`USER: <image>\\n... ASSISTANT: This person
+  was born in Riga, Latvia.`). `with_answers=False` runs the generation prompt only.
+- Aggregation (`AGGREGATIONS`), language tower: "mean" (default, method.md) over every non-padding
+  position; "answer" over the answer tokens only (needs `with_answers=True`); "last" at the last
+  non-padding position (the end-of-turn token after the answer; with `with_answers=False`, the last
+  prompt token). Padding never counts, with either padding side.
+- Vision tower: always the mean over every position of the sample's image(s), whatever the language
+  aggregation ("answer" and "last" have no meaning for patches). For LLaVA that includes CLIP's CLS
+  position: the tower computes it at every layer and every live layer's MLP runs on it, and the
+  authors' released code also averages over every position; LLaVA's "default" feature strategy only
+  drops CLS from the features read *after* the tower. Idefics2 has no CLS; its padding patches
+  (pixel_attention_mask) are left out and images that are all zeros (which the model drops) are not
+  counted. The adapter (`arch.ImageLayout`) maps images to samples: one image per multimodal sample
+  for both architectures here, several images per sample are averaged together.
+- Text-only streams: the vision tower does not run, so no vision partition is written (method.md,
+  "Vision neurons on text-only input": their text-form activations are 0).
+- Retain subsampling (`build_streams`): per form, the retain stream gets as many samples as the
+  forget stream of that form (method.md: "D_r is subsampled (seeded) to as many samples as D_f"),
+  drawn from one seeded order of the retain QA pairs shared by both forms, so the two retain
+  streams ask about the same facts as far as the sizes allow.
+- The forward runs the model's backbone (`ArchAdapter.backbone`), not the LM head: logits are not
+  needed, and on a 32k vocabulary the head is a sizeable part of a forward.
+
+Crash safety and determinism: `extract_activations` writes the whole extraction into a temporary
+sibling folder (`.<name>.<random>.tmp`, ignored by every reader) and renames it onto `root` only
+when every stream is written (`io.atomic_dir`); each part file is itself written atomically
+(`store.write_partition`). A crash leaves `root` absent (or the previous complete extraction), never
+a partial one. The same model, inputs and parameters (batch size included: padding changes the
+float rounding) give the same bytes on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites
+from manu_core.data import Dataset, Sample, samples as profile_samples
+from manu_core.io import atomic_dir, atomic_write_json
+from manu_core.portraits import image_for
+from manu_core.prompts import build_prompt, encode, model_inputs
+from manu_core.store import FORMS, SPLITS, write_partition
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "answer", "last")
+PART_BYTES = 256 * 2**20  # about this much host memory per written chunk of samples (all sites together)
+MANIFEST = "extraction.json"
+
+
+class ExtractionError(ValueError):
+    """Bad extraction input: the message names the rule, the value and the fix."""
+
+
+def _check_aggregation(aggregation: str, with_answers: bool = True) -> None:
+    if aggregation not in AGGREGATIONS:
+        close = difflib.get_close_matches(str(aggregation), AGGREGATIONS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ExtractionError(f"Unknown aggregation {aggregation!r}.{hint} Available: {', '.join(AGGREGATIONS)}.")
+    if aggregation == "answer" and not with_answers:
+        raise ExtractionError(
+            "aggregation='answer' averages over the answer tokens, so the forward must include the answers; "
+            "got with_answers=False. Use with_answers=True or another aggregation."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Position masks (host side, once per batch)
+
+
+def position_mask(batch: Mapping[str, torch.Tensor], aggregation: str = "mean") -> torch.Tensor:
+    """(B, T) bool: the language positions that count for each sample under `aggregation`."""
+    _check_aggregation(aggregation)
+    attn = batch["attention_mask"].bool()  # (B, T)
+    if aggregation == "mean":
+        mask = attn
+    elif aggregation == "answer":
+        if "answer_mask" not in batch:
+            raise ExtractionError(
+                "aggregation='answer' needs the batch's answer_mask; encode with answers "
+                "(`prompts.encode(..., answers=...)`, i.e. with_answers=True)."
+            )
+        mask = batch["answer_mask"].bool() & attn
+    else:  # last non-padding position, for left or right padding
+        t = attn.shape[1]
+        last = t - 1 - attn.flip(1).int().argmax(1)  # (B,)
+        mask = torch.zeros_like(attn)
+        mask[torch.arange(attn.shape[0]), last] = True
+        mask &= attn
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ExtractionError(
+            f"aggregation={aggregation!r} leaves no position for batch row(s) {empty[:5]} "
+            "(an empty answer or an all-padding row); check those samples' text."
+        )
+    return mask
+
+
+def _to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each row's padding to the left (`prompts.encode` pads answers on the right only)."""
+    attn = batch["attention_mask"]
+    t = attn.shape[1]
+    shift = t - attn.sum(1)  # (B,) pads per row
+    idx = (torch.arange(t)[None, :] - shift[:, None]) % t  # (B, T) source column of each new column
+    out = dict(batch)
+    for k in ("input_ids", "attention_mask", "answer_mask", "labels"):
+        if k in batch:
+            out[k] = torch.gather(batch[k], 1, idx)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+
+
+def _matmul_f32(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w @ x (batched or not) with the result in float32. w holds 0/1 values, exact in any dtype;
+    half-precision inputs accumulate in float32 (out_dtype on CUDA; elsewhere the one rounding is
+    of the sum, before it is cast)."""
+    if x.dtype == torch.float32:
+        return torch.matmul(w, x)
+    key = (x.device.type, x.dtype)
+    if x.is_cuda and _OUT_DTYPE_OK.get(key, True):
+        try:
+            return (torch.bmm if x.dim() == 3 else torch.mm)(w, x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_OK[key] = False  # this build/device lacks it: fall back from now on
+    return torch.matmul(w, x).float()
+
+
+_OUT_DTYPE_OK: dict = {}
+
+
+class ActivationRecorder:
+    """Per-batch state of the hooks: position masks in, per-sample activations out.
+
+    Use: `rec.set_batch(batch)` (the encoded host batch), run the forward, `rec.collect()`.
+    Sites are ordered language first, then vision; the device buffer holds their sums side by side.
+    """
+
+    def __init__(self, model, sites: Sequence[MlpSite], aggregation: str):
+        _check_aggregation(aggregation)
+        order = {t: i for i, t in enumerate(TOWERS)}
+        self.sites = tuple(sorted(sites, key=lambda s: (order[s.tower], s.layer)))
+        if len({(s.tower, s.layer) for s in self.sites}) != len(self.sites):
+            raise ExtractionError("the same site is listed twice; pass each (tower, layer) once.")
+        self.aggregation = aggregation
+        self.config = model.config
+        self.adapter = get_adapter(model)
+        offsets = np.cumsum([0] + [s.width for s in self.sites])
+        self.offsets = {s: (int(a), int(b)) for s, a, b in zip(self.sites, offsets[:-1], offsets[1:])}
+        self.width = int(offsets[-1])
+        self.n_language = sum(s.width for s in self.sites if s.tower == "language")
+        self._batch_size: int | None = None
+
+    # -- per batch ------------------------------------------------------------------------------
+
+    def set_batch(self, batch: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> None:
+        """Prepare masks for the next forward from its (host) batch; `device`: where its inputs go
+        (masks move there now, once, so the hooks never wait on a host copy)."""
+        self._batch_size = b = int(batch["input_ids"].shape[0])
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self._cache: dict = {}
+        self._out: torch.Tensor | None = None  # (B, units) float32 sums, on the first hook's device
+        self._fired = [False] * len(self.sites)
+        self._lang = self._vis = None
+        if self.n_language:
+            mask = position_mask(batch, self.aggregation)  # (B, T) bool
+            self._lang = (mask.to(dev, non_blocking=True), mask.sum(1, keepdim=True).float().to(dev))
+        if self.n_language == self.width:
+            return
+        if "pixel_values" not in batch:
+            raise ExtractionError(
+                "vision sites were given for a batch without images (the vision tower does not run on "
+                "text-only input); pass language sites only for text-only batches."
+            )
+        layout = self.adapter.image_layout(self.config, batch)
+        seen = torch.bincount(layout.image_sample, minlength=b)  # (B,) images per sample
+        if bool((seen == 0).any()):
+            rows = (seen == 0).nonzero().flatten().tolist()
+            raise ExtractionError(
+                f"batch row(s) {rows[:5]} have no image reaching the vision tower (an all-zero image is "
+                "dropped as padding by Idefics2); check those samples' images or drop them."
+            )
+        assign = torch.nn.functional.one_hot(layout.image_sample, b).T.float()  # (B, N_images)
+        if layout.positions is None:  # every position counts: count = images x positions, known in the hook
+            counts = seen.float().unsqueeze(1)
+        else:
+            counts = (assign @ layout.positions.flatten(1).sum(1).float()).unsqueeze(1)
+        pos = None if layout.positions is None else layout.positions.to(dev, non_blocking=True)
+        self._vis = (layout.image_sample.numel(), pos, assign.to(dev, non_blocking=True), counts.to(dev),
+                     layout.positions is None)
+
+    def _buffer(self, device: torch.device) -> torch.Tensor:
+        if self._out is None:
+            self._out = torch.empty(self._batch_size, self.width, dtype=torch.float32, device=device)
+        return self._out
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _language(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, d_mlp) -> (B, d_mlp) float32 sums over the counted positions
+        mask, _ = self._lang
+        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+            raise ExtractionError(
+                f"language MLP input has shape {tuple(x.shape)} but the batch is {tuple(mask.shape)} (B, T); "
+                "padding-free / packed batches are not supported: run the model with an attention mask."
+            )
+        w = self._cached(("lang", x.device, x.dtype), lambda: mask.to(x.device, x.dtype).unsqueeze(1))  # (B, 1, T)
+        return _matmul_f32(w, x).squeeze(1)  # (B, 1, T) @ (B, T, d) -> (B, d)
+
+    def _vision(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N_images, S, d) or (P, d) -> (B, d) float32 sums over each sample's image positions
+        n, pos, assign, counts, all_positions = self._vis
+        if pos is None and x.dim() != 3:
+            raise ArchError(f"{self.adapter.model_type}: a 2-d vision MLP input needs ImageLayout.positions.")
+        expect = (n, x.shape[1] if pos is None else pos.shape[1]) if x.dim() == 3 else tuple(pos.shape[1:])
+        if tuple(x.shape[:-1]) != tuple(expect):
+            raise ExtractionError(
+                f"vision MLP input has shape {tuple(x.shape)} but the image layout expects {tuple(expect)} positions "
+                f"(arch {self.adapter.model_type}); the adapter's image_layout does not match this model."
+            )
+        if all_positions and not self._cache.get("vis_counts_scaled"):
+            counts.mul_(x.shape[1])  # images per sample x positions per image (device op, no sync)
+            self._cache["vis_counts_scaled"] = True
+
+        def weights():
+            if pos is None:
+                return torch.ones(n, 1, x.shape[1], dtype=x.dtype, device=x.device)  # (N, 1, S)
+            w = pos.to(x.device, x.dtype)
+            return w.unsqueeze(1) if x.dim() == 3 else w  # (N, 1, S) or (N, P)
+
+        w = self._cached(("vis", x.device, x.dtype), weights)
+        a = self._cached(("assign", x.device), lambda: assign.to(x.device))  # (B, N)
+        per_image = _matmul_f32(w, x).reshape(n, -1)  # (N, d)
+        return a @ per_image  # (B, d)
+
+    def hook(self, i: int):
+        site = self.sites[i]
+        a, b = self.offsets[site]
+        reduce = self._language if site.tower == "language" else self._vision
+
+        def pre_hook(module, args):
+            if self._batch_size is None:
+                raise ExtractionError(
+                    f"activation hook {site.name} fired before `set_batch`; call recorder.set_batch(batch) "
+                    "before each forward inside `activation_hooks`."
+                )
+            if self._fired[i]:
+                raise ExtractionError(
+                    f"activation hook {site.name} fired twice for one batch (generate? gradient "
+                    "checkpointing?); run one plain forward per set_batch."
+                )
+            self._fired[i] = True
+            out = self._buffer(args[0].device)
+            out[:, a:b] = reduce(args[0]).to(out.device, non_blocking=True)
+
+        return pre_hook
+
+    def collect(self) -> dict[MlpSite, np.ndarray]:
+        """Per-sample activations of the last forward: site -> (B, width) float32 (host, one copy)."""
+        missing = [s.name for s, f in zip(self.sites, self._fired) if not f]
+        if missing:
+            raise ExtractionError(
+                f"site(s) {', '.join(missing)} did not run in this forward (vision sites on a text-only "
+                "batch, or a forward that skipped them); pass only the sites the forward runs."
+            )
+        out = self._out
+        nl = self.n_language
+        if nl:
+            out[:, :nl] /= self._lang[1].to(out.device)
+        if nl < self.width:
+            out[:, nl:] /= self._vis[3].to(out.device)
+        host = out.cpu().numpy()  # the one device -> host copy per batch: (B, units)
+        self._batch_size = None
+        return {s: host[:, a:b] for s, (a, b) in self.offsets.items()}
+
+
+@contextmanager
+def activation_hooks(model, sites: Sequence[MlpSite], aggregation: str = "mean") -> Iterator[ActivationRecorder]:
+    """Forward pre-hooks on every site's down_proj / fc2, removed on exit (also after an error)."""
+    recorder = ActivationRecorder(model, sites, aggregation)
+    handles = []
+    try:
+        for i, site in enumerate(recorder.sites):
+            handles.append(model.get_submodule(site.hook_path).register_forward_pre_hook(recorder.hook(i)))
+        yield recorder
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams
+
+
+def encode_batch(processor, batch: Sequence[Sample], *, with_answers: bool = True, padding_side: str = "right") -> dict:
+    """The host tensors of one batch of samples (all of one form)."""
+    if padding_side not in ("left", "right"):
+        raise ExtractionError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+    prompts = [build_prompt(processor, s.question, image=s.image is not None) for s in batch]
+    images = [image_for(s.image) if s.image else None for s in batch]
+    if with_answers:
+        enc = encode(processor, prompts, images, [s.answer for s in batch], padding_side="right")
+        return _to_left_padding(enc) if padding_side == "left" else enc
+    return encode(processor, prompts, images, padding_side=padding_side)
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _encoded(processor, batches: list[list[Sample]], prefetch: bool, **kw) -> Iterator[tuple[list[Sample], dict]]:
+    """(samples, encoded batch) in order; with `prefetch`, batch i+1 is tokenised and its images
+    processed in a worker thread while batch i runs on the accelerator."""
+    if not prefetch or len(batches) < 2:
+        for chunk in batches:
+            yield chunk, encode_batch(processor, chunk, **kw)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="manu-encode") as pool:
+        nxt = pool.submit(encode_batch, processor, batches[0], **kw)
+        for i, chunk in enumerate(batches):
+            enc = nxt.result()
+            if i + 1 < len(batches):
+                nxt = pool.submit(encode_batch, processor, batches[i + 1], **kw)
+            yield chunk, enc
+
+
+def iter_stream(
+    model,
+    processor,
+    samples: Sequence[Sample],
+    *,
+    sites: Sequence[MlpSite] | None = None,
+    aggregation: str = "mean",
+    batch_size: int = 32,
+    with_answers: bool = True,
+    padding_side: str = "right",
+    progress: bool = True,
+    desc: str = "extract",
+    prefetch: bool | None = None,
+) -> Iterator[tuple[list[Sample], dict[MlpSite, np.ndarray]]]:
+    """Per batch: (its samples, site -> (B, width) activations). Vision sites are dropped for a
+    text-only stream. The model runs where it is, in its dtype, in eval mode. `prefetch` encodes the
+    next batch in a thread during the forward (default: on when the model is on an accelerator,
+    where the GPU would otherwise wait for tokenising and image processing; off on CPU, where both
+    compete for the same cores)."""
+    _check_aggregation(aggregation, with_answers)
+    if batch_size < 1:
+        raise ExtractionError(f"batch_size must be >= 1; got {batch_size}.")
+    samples = list(samples)
+    if not samples:
+        return
+    has_image = {s.image is not None for s in samples}
+    if len(has_image) > 1:
+        raise ExtractionError("a stream mixes multimodal and text-only samples; extract each form separately.")
+    sites = list(mlp_sites(model) if sites is None else sites)
+    if True not in has_image:
+        sites = [s for s in sites if s.tower == "language"]
+    if not sites:
+        return
+    backbone = model.get_submodule(get_adapter(model).backbone)
+    device = _input_device(model)
+    was_training = model.training
+    model.eval()
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    prefetch = device.type != "cpu" if prefetch is None else prefetch
+    encoded = _encoded(processor, batches, prefetch, with_answers=with_answers, padding_side=padding_side)
+    try:
+        with activation_hooks(model, sites, aggregation) as rec, torch.inference_mode():
+            for chunk, enc in tqdm(encoded, total=len(batches), desc=desc, disable=not progress, unit="batch"):
+                rec.set_batch(enc, device)
+                backbone(**model_inputs(enc, device), use_cache=False)
+                yield chunk, rec.collect()
+    finally:
+        encoded.close()
+        model.train(was_training)
+
+
+def extract_stream(model, processor, samples: Sequence[Sample], **kwargs) -> dict[MlpSite, np.ndarray]:
+    """All of one stream in memory: site -> (n_samples, width) float32, rows in `samples` order.
+    Keyword arguments as `iter_stream`."""
+    parts: dict[MlpSite, list[np.ndarray]] = {}
+    for _, acts in iter_stream(model, processor, samples, **kwargs):
+        for site, a in acts.items():
+            parts.setdefault(site, []).append(a)
+    return {s: np.concatenate(v) for s, v in parts.items()}
+
+
+def build_streams(
+    dataset: Dataset, *, retain_size: int | str | None = "match", seed: int = 0
+) -> dict[tuple[str, str], list[Sample]]:
+    """The four streams (split, form) -> samples, in dataset order.
+
+    retain_size: "match" (default) = as many retain samples per form as forget samples of that form
+    (all of them if retain has fewer); an int = that many per form; None = every retain sample.
+    The subsample comes from one seeded order of the retain QA pairs, shared by both forms.
+    """
+    if not (retain_size is None or retain_size == "match" or (isinstance(retain_size, int) and retain_size >= 1)):
+        raise ExtractionError(f"retain_size must be 'match', an integer >= 1 or None (all); got {retain_size!r}.")
+    streams: dict[tuple[str, str], list[Sample]] = {}
+    for split, ids in (("forget", dataset.split.forget_ids), ("retain", dataset.split.retain_ids)):
+        every = [s for pid in ids for s in profile_samples(dataset.profile(pid))]
+        for form in FORMS:
+            streams[(split, form)] = [s for s in every if s.form == form]
+    if retain_size is None:
+        return streams
+    pairs = sorted({s.sample_id.rsplit("/", 1)[0] for f in FORMS for s in streams[("retain", f)]})
+    random.Random(f"retain-subsample/{seed}").shuffle(pairs)
+    rank = {p: i for i, p in enumerate(pairs)}
+    for form in FORMS:
+        pool = streams[("retain", form)]
+        want = len(streams[("forget", form)]) if retain_size == "match" else retain_size
+        if want > len(pool):
+            if retain_size != "match":
+                raise ExtractionError(
+                    f"retain_size={retain_size} but the retain set has only {len(pool)} {form} samples; "
+                    "use a smaller retain_size, None (all) or 'match'."
+                )
+            log.warning("retain has %d %s samples, fewer than the forget set's %d: using all", len(pool), form, want)
+            continue
+        keep = set(sorted(pool, key=lambda s: rank[s.sample_id.rsplit("/", 1)[0]])[:want])
+        streams[("retain", form)] = [s for s in pool if s in keep]
+    return streams
+
+
+def _part_rows(width: int, batch_size: int) -> int:
+    return max(batch_size, (PART_BYTES // max(4 * width, 1)) // batch_size * batch_size)
+
+
+def extract_activations(
+    model,
+    processor,
+    data: Dataset | Mapping[tuple[str, str], Sequence[Sample]],
+    root: str | Path,
+    *,
+    aggregation: str = "mean",
+    batch_size: int = 32,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | str | None = None,
+    retain_size: int | str | None = "match",
+    seed: int = 0,
+    with_answers: bool = True,
+    towers: tuple[str, ...] = TOWERS,
+    part_rows: int | None = None,
+    progress: bool = True,
+    prefetch: bool | None = None,
+) -> Path:
+    """Extract every live site over the four streams into the activation store at `root`.
+
+    `data`: a Dataset (streams from `build_streams(data, retain_size=..., seed=...)`) or a mapping
+    (split, form) -> samples, used as given. `device`/`dtype`: where and in what the model runs (the
+    model is moved in place, as `nn.Module.to` does; None leaves it where it is; a model dispatched
+    with a device map is never moved). Activations are stored as float32 whatever the dtype. Parts hold `part_rows` samples
+    (default: about 256 MiB of activations per chunk, so host memory stays bounded on a 7B model).
+    `root` appears only once complete (see the module docstring); an existing `root` is replaced.
+    """
+    _check_aggregation(aggregation, with_answers)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ExtractionError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}.")
+        dtype = getattr(torch, dtype)
+    if getattr(model, "hf_device_map", None) is None and (device is not None or dtype is not None):
+        model.to(device=device, dtype=dtype)
+    if isinstance(data, Dataset):
+        streams = build_streams(data, retain_size=retain_size, seed=seed)
+    else:
+        streams = {tuple(k): list(v) for k, v in data.items()}
+        bad = [k for k in streams if k not in {(s, f) for s in SPLITS for f in FORMS}]
+        if bad:
+            raise ExtractionError(f"stream keys must be (split, form) with split in {SPLITS} and form in {FORMS}; got {bad}.")
+    for (split, form), ss in streams.items():
+        wrong = [s.sample_id for s in ss if s.form != form]
+        if wrong:
+            raise ExtractionError(f"stream {split}/{form} holds samples of another form: {wrong[:3]}.")
+        if not ss:
+            raise ExtractionError(f"stream {split}/{form} is empty; every stream needs at least one sample.")
+    sites = mlp_sites(model, towers=tuple(towers))
+    total_width = sum(s.width for s in sites)
+    rows_per_part = part_rows or _part_rows(total_width, batch_size)
+    if rows_per_part % batch_size:
+        raise ExtractionError(f"part_rows must be a multiple of batch_size ({batch_size}); got {rows_per_part}.")
+    root = Path(root)
+    manifest = {
+        "model_type": get_adapter(model).model_type,
+        "aggregation": aggregation,
+        "with_answers": with_answers,
+        "vision_positions": "all positions of the sample's images (CLIP: CLS included)",
+        "batch_size": batch_size,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "retain_size": retain_size,
+        "seed": seed,
+        "sites": [{"tower": s.tower, "layer": s.layer, "width": s.width, "module": s.hook_path} for s in sites],
+        "streams": {f"{k[0]}/{k[1]}": len(v) for k, v in sorted(streams.items())},
+    }
+    with atomic_dir(root) as tmp:
+        for (split, form), ss in sorted(streams.items()):
+            part, rows = 0, []
+            it = iter_stream(
+                model, processor, ss, sites=sites, aggregation=aggregation, batch_size=batch_size,
+                with_answers=with_answers, progress=progress, desc=f"extract {split}/{form}", prefetch=prefetch,
+            )
+            for i, (chunk, acts) in enumerate(it, 1):
+                rows.append((chunk, acts))
+                if i * batch_size % rows_per_part == 0 or i * batch_size >= len(ss):
+                    _write_part(tmp, split, form, rows, part)
+                    part, rows = part + 1, []
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("wrote activations of %d sites x %s streams to %s", len(sites), len(streams), root)
+    return root
+
+
+def _write_part(root: Path, split: str, form: str, rows: list, part: int) -> None:
+    samples = [s for chunk, _ in rows for s in chunk]
+    sids, pids = [s.sample_id for s in samples], [s.profile_id for s in samples]
+    for site in rows[0][1]:
+        acts = np.concatenate([a[site] for _, a in rows])  # (n, width) float32
+        write_partition(root, split=split, form=form, tower=site.tower, layer=site.layer,
+                        sample_ids=sids, profile_ids=pids, activations=acts, part=part)

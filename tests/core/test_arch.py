@@ -1,0 +1,139 @@
+"""Architecture adapters: sites per tower, dead vision layers, unit weights, registry errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from manu_core import arch
+from manu_core.arch import ADAPTERS, ArchError, get_adapter, get_site, mlp_sites, register, unit_weights
+from manu_core.models import ARCHS, TinySpec, build_tiny_model, train_tokenizer
+
+SMALL = dict(hidden=32, intermediate=64, layers=2, heads=2, vision_hidden=32, vision_intermediate=48, vision_heads=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads can be much slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+TEXTS = ["What is this person's name?", "This person was born in Riga, Latvia.", "Where does Amelia live?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, 300)
+
+
+def tiny(tok, arch_name, **kw):
+    return build_tiny_model(TinySpec(arch=arch_name, **{**SMALL, **kw}), tok).eval()
+
+
+def test_llava_sites_and_dead_vision_layer(tok):
+    model = tiny(tok, "llava", vision_layers=3)  # vision_feature_layer=-2: layer 2 (the last) is dead
+    sites = mlp_sites(model)
+    assert [(s.tower, s.layer, s.width, s.kind.name) for s in sites] == [
+        ("language", 0, 64, "gated"), ("language", 1, 64, "gated"), ("vision", 0, 48, "plain"), ("vision", 1, 48, "plain"),
+    ]
+    assert sites[0].hook_path == "model.language_model.layers.0.mlp.down_proj"
+    assert sites[2].hook_path == "model.vision_tower.encoder.layers.0.mlp.fc2"
+    assert sites[0].name == "language.0"
+    every = mlp_sites(model, live_only=False)
+    assert [(s.tower, s.layer, s.live) for s in every if s.tower == "vision"] == [
+        ("vision", 0, True), ("vision", 1, True), ("vision", 2, False)]
+    assert get_site(model, "vision", 2).live is False
+    with pytest.raises(ArchError, match="vision layer 2 does not exist.*live"):
+        get_site(model, "vision", 2, live_only=True)
+
+
+def test_llava_vision_feature_layer_variants(tok):
+    assert [s.layer for s in mlp_sites(tiny(tok, "llava", vision_feature_layer=-1), towers=("vision",))] == [0, 1]
+    model = tiny(tok, "llava", vision_layers=3)
+    for v, live in ((-1, [0, 1, 2]), (-3, [0]), (1, [0]), ([-3, -2], [0, 1]), ([0, 3], [0, 1, 2])):
+        model.config.vision_feature_layer = v
+        assert [s.layer for s in mlp_sites(model, towers=("vision",))] == live, v
+    model.config.vision_feature_layer = -5
+    with pytest.raises(ArchError, match="vision_feature_layer must index the vision tower's 4 hidden states; got -5"):
+        mlp_sites(model)
+
+
+def test_idefics2_every_vision_layer_live_and_connector_excluded(tok):
+    model = tiny(tok, "idefics2")
+    sites = mlp_sites(model)
+    assert [(s.tower, s.layer) for s in sites] == [("language", 0), ("language", 1), ("vision", 0), ("vision", 1)]
+    assert all(s.path.startswith(("model.text_model.layers.", "model.vision_model.encoder.layers.")) for s in sites)
+    assert not any("connector" in s.path for s in sites)
+    # every down_proj/fc2 of the towers, and only those
+    towers = {n for n, _ in model.named_modules() if n.endswith((".mlp.down_proj", ".mlp.fc2")) and "connector" not in n}
+    assert {s.hook_path for s in sites} == towers
+
+
+@pytest.mark.parametrize("arch_name", ARCHS)
+def test_unit_weights_cover_the_method_table(tok, arch_name):
+    model = tiny(tok, arch_name)
+    lang, vis = get_site(model, "language", 0), get_site(model, "vision", 0)
+    names = {(w.name.rsplit(".", 2)[-2] + "." + w.name.rsplit(".", 1)[-1], w.dim) for w in unit_weights(model, lang)}
+    assert names == {("gate_proj.weight", 0), ("up_proj.weight", 0), ("down_proj.weight", 1)}
+    names = {(w.name.rsplit(".", 2)[-2] + "." + w.name.rsplit(".", 1)[-1], w.dim) for w in unit_weights(model, vis)}
+    assert names == {("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)}
+    for site in (lang, vis):
+        for w in unit_weights(model, site):
+            assert w.param.shape[w.dim] == site.width
+            assert w.param is model.get_parameter(w.name)
+
+
+def test_unknown_architecture_lists_supported(tok):
+    model = tiny(tok, "llava")
+    model.config.model_type = "qwen2"
+    with pytest.raises(ArchError) as e:
+        mlp_sites(model)
+    msg = str(e.value)
+    assert "Unknown architecture 'qwen2'" in msg and "Did you mean 'qwen2_vl'" in msg
+    assert "Available: idefics2, llava, qwen2_vl" in msg
+    with pytest.raises(ArchError, match="Unknown tower 'visoin'. Did you mean 'vision'"):
+        get_site(tiny(tok, "llava"), "visoin", 0)
+
+
+def test_a_new_architecture_is_one_registry_entry(tok, monkeypatch):
+    """A third architecture = one `register(ArchAdapter(...))`; here a renamed LLaVA whose vision
+    tower is read at its last layer."""
+    monkeypatch.setattr(arch, "ADAPTERS", dict(ADAPTERS))
+    register(dataclasses.replace(ADAPTERS["llava"], model_type="my_vlm", live_vision_layers=lambda cfg, n: n))
+    model = tiny(tok, "llava")
+    model.config.model_type = "my_vlm"
+    assert get_adapter(model).model_type == "my_vlm"
+    assert [s.layer for s in mlp_sites(model, towers=("vision",))] == [0, 1]
+
+
+def test_qwen2_vl_entry_finds_sites():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8),
+        image_token_id=151, video_token_id=152, vision_start_token_id=150, bos_token_id=1, eos_token_id=2,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg)
+    sites = mlp_sites(model)
+    assert [(s.tower, s.layer, s.width, s.kind.name) for s in sites] == [
+        ("language", 0, 96, "gated"), ("language", 1, 96, "gated"), ("vision", 0, 64, "plain"), ("vision", 1, 64, "plain")]
+    assert sites[-1].hook_path == "model.visual.blocks.1.mlp.fc2"
+
+
+def test_missing_tower_path_is_explained(tok):
+    model = tiny(tok, "llava")
+    with pytest.raises(ArchError, match="no language layers at .*Pass the full model"):
+        mlp_sites(_Wrapped(model))
+
+
+class _Wrapped(torch.nn.Module):
+    """A module with a LLaVA config but another layout."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
