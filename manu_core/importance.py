@@ -95,7 +95,9 @@ def parse_weights(text: str) -> dict[str, float]:
             continue
         key, sep, value = (x.strip() for x in item.partition("="))
         if not sep:
-            raise ValueError(f"weights must be 'name=value' pairs separated by commas, e.g. 'abs=1,freq=0'; got {item!r}.")
+            raise ValueError(
+                f"weights must be 'name=value' pairs separated by commas, e.g. 'abs=1,freq=0'; got {item!r}."
+            )
         if key not in WEIGHT_NAMES:
             raise ValueError(_unknown("weight", key, WEIGHT_NAMES))
         if key in seen:
@@ -140,10 +142,13 @@ class ImportanceParams:
     def __post_init__(self) -> None:
         alpha = _number("alpha", self.alpha)
         if not 0 < alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1); got {self.alpha}. Give a fraction, e.g. 0.05 for the paper's 5%.")
+            raise ValueError(
+                f"alpha must be in (0, 1); got {self.alpha}. Give a fraction, e.g. 0.05 for the paper's 5%."
+            )
         for name in ("eps", "tau"):
             if _number(name, getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}. The default is {getattr(type(self), name)}.")
+                default = getattr(type(self), name)
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}. The default is {default}.")
         w = self.weights
         if isinstance(w, str):
             w = Weights(**parse_weights(w))
@@ -153,12 +158,16 @@ class ImportanceParams:
                     raise ValueError(_unknown("weight", str(k), WEIGHT_NAMES))
             w = Weights(**{k: v for k, v in w.items()})
         elif not isinstance(w, Weights):
-            raise ValueError(f"weights must be a Weights, a mapping or 'abs=1,freq=1,var=1,rms=1'; got {type(w).__name__}.")
+            raise ValueError(
+                f"weights must be a Weights, a mapping or 'abs=1,freq=1,var=1,rms=1'; got {type(w).__name__}."
+            )
         for k, v in w.as_dict().items():
             if _number(f"weight '{k}'", v) < 0:
                 raise ValueError(f"weight '{k}' must be >= 0; got {v}. Use 0 to drop an importance function.")
         if not any(w.as_dict().values()):
-            raise ValueError("weights are all 0; at least one of abs, freq, var, rms must be > 0 (0 drops one function).")
+            raise ValueError(
+                "weights are all 0; at least one of abs, freq, var, rms must be > 0 (0 drops one function)."
+            )
         if self.scope not in SCOPES:
             raise ValueError(_unknown("scope", str(self.scope), SCOPES))
         object.__setattr__(self, "alpha", alpha)
@@ -226,7 +235,8 @@ def _batches(job: list[_Slice], max_rows: int):
 
 def _diagnose(s: _Slice, width: int) -> ActivationStoreError | None:
     """The error for the first bad row of a slice (null, wrong length, NaN/inf), naming its file; None if clean."""
-    df = pl.scan_parquet(s.part.path, hive_partitioning=False).select("sample_id", "activation").slice(s.offset, s.rows).collect()
+    scan = pl.scan_parquet(s.part.path, hive_partitioning=False).select("sample_id", "activation")
+    df = scan.slice(s.offset, s.rows).collect()
     act = df["activation"]
     where = lambda row: f"{s.part.path}: row {s.offset + row} (sample {df['sample_id'][row]!r})"
     if act.dtype != pl.Array(pl.Float32, width):
@@ -388,7 +398,7 @@ def _form_stats(sums: pl.DataFrame, split: str, form: str) -> pl.LazyFrame:
             *NEURON,
             A=pl.col("sum_abs") / c,  # mean |z|
             N=pl.col("count_active").cast(pl.Float64),  # #(|z| > τ): a count, as method.md states
-            V=(pl.col("sum_sq") / c - mean * mean).clip(lower_bound=0.0),  # population variance (≥ 0 despite rounding)
+            V=(pl.col("sum_sq") / c - mean * mean).clip(lower_bound=0.0),  # population variance, ≥ 0 after rounding
             Q=pl.col("sum_sq") / c,  # mean z²
         )
         .rename({k: f"{k}_{form}" for k in "ANVQ"})
@@ -398,7 +408,9 @@ def _form_stats(sums: pl.DataFrame, split: str, form: str) -> pl.LazyFrame:
 def _check_sums(sums: pl.DataFrame) -> None:
     missing = [c for c in SUMS_SCHEMA if c not in sums.columns]
     if missing:
-        raise ValueError(f"sums table lacks column(s) {', '.join(missing)}; expected {', '.join(SUMS_SCHEMA)} (from neuron_sums).")
+        raise ValueError(
+            f"sums table lacks column(s) {', '.join(missing)}; expected {', '.join(SUMS_SCHEMA)} (from neuron_sums)."
+        )
     for col, values in (("split", SPLITS), ("form", FORMS), ("tower", TOWERS)):
         bad = sums.filter(~pl.col(col).is_in(values))
         if len(bad):
@@ -407,7 +419,10 @@ def _check_sums(sums: pl.DataFrame) -> None:
         raise ValueError("sums table: count must be >= 1 in every row (a stream without samples).")
     dup = sums.group_by(["split", "form", *NEURON]).len().filter(pl.col("len") > 1)
     if len(dup):
-        raise ValueError(f"sums table: {len(dup)} duplicate (split, form, tower, layer, unit) rows, e.g. {dup.row(0)[:-1]}; sum them first.")
+        raise ValueError(
+            f"sums table: {len(dup)} duplicate (split, form, tower, layer, unit) rows, e.g. {dup.row(0)[:-1]}; "
+            "sum them first."
+        )
 
 
 def importance_table(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
@@ -427,7 +442,7 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFra
         # The vision tower has no text form: A = N = V = Q = 0 there (method.md, "Vision neurons on text-only input").
         text = [f"{k}_text" for k in "ANVQ"]
         vision = pl.col("tower") == "vision"
-        lf = lf.with_columns([pl.when(vision).then(pl.col(c).fill_null(0.0)).otherwise(pl.col(c)).alias(c) for c in text])
+        lf = lf.with_columns(pl.when(vision).then(pl.col(c).fill_null(0.0)).otherwise(pl.col(c)).alias(c) for c in text)
         df = lf.collect()
         for tower in df["tower"].unique().sort():
             for f in (f for s, f in required_streams(tower) if s == split):
@@ -460,7 +475,7 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFra
 
 
 def _select(table: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
-    """rank (1-based, descending score, ties by tower, layer, unit) and selected = rank <= ⌊α·N⌋ per scope group."""
+    """rank: 1-based, descending score, ties by (tower, layer, unit); selected: rank <= ⌊α·N⌋ per scope group."""
     group = {"global": [], "tower": ["tower"], "layer": ["tower", "layer"]}[params.scope]
     order = table.sort([*group, "score", *NEURON], descending=[False] * len(group) + [True, False, False, False])
     rank = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
@@ -486,6 +501,8 @@ def write_importance(df: pl.DataFrame, path: str | Path) -> Path:
     """Write the importance table as Parquet, atomically and with deterministic bytes; returns the path."""
     missing = [c for c in OUTPUT_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"importance table lacks column(s) {', '.join(missing)}; write the output of importance_table.")
+        raise ValueError(
+            f"importance table lacks column(s) {', '.join(missing)}; write the output of importance_table."
+        )
     table = df.select(OUTPUT_COLUMNS).to_arrow()
     return write_table_atomic(table, path, compression="zstd", compression_level=3, row_group_size=1 << 20)

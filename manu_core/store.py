@@ -110,7 +110,9 @@ def _schema(width: int) -> pa.Schema:
 
 def _check_ids(name: str, ids: Sequence[str], n: int) -> list[str]:
     if isinstance(ids, (str, bytes)):
-        raise ActivationStoreError(f"{name} must be a sequence of strings, one per row; got a single {type(ids).__name__}.")
+        raise ActivationStoreError(
+            f"{name} must be a sequence of strings, one per row; got a single {type(ids).__name__}."
+        )
     ids = list(ids)
     if len(ids) != n:
         raise ActivationStoreError(
@@ -178,7 +180,9 @@ def write_partition(
             f"activations must have shape (samples, units) with both >= 1; got shape {activations.shape}."
         )
     if not np.issubdtype(activations.dtype, np.floating):
-        raise ActivationStoreError(f"activations must be a float array (stored as float32); got dtype {activations.dtype}.")
+        raise ActivationStoreError(
+            f"activations must be a float array (stored as float32); got dtype {activations.dtype}."
+        )
     with np.errstate(over="ignore"):  # an overflow to inf is reported just below, with its row and unit
         values = np.ascontiguousarray(activations, dtype=np.float32)
     if not np.isfinite(values).all():
@@ -192,7 +196,9 @@ def write_partition(
     sids = _check_ids("sample_ids", sample_ids, n)
     pids = _check_ids("profile_ids", profile_ids, n)
     column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=_activation_type(width))
-    table = pa.Table.from_arrays([pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width))
+    table = pa.Table.from_arrays(
+        [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width)
+    )
     return write_table_atomic(
         table,
         folder / f"part-{part:05d}.parquet",
@@ -301,7 +307,10 @@ def _list_width(path: Path, rows: int) -> int:
     ).collect()
     if lens["n"].null_count():
         row = int(lens["n"].is_null().arg_max())
-        raise ActivationStoreError(f"{path}: row {row} (sample {lens['sid'][row]!r}) has a null activation list; every row needs one value per unit.")
+        raise ActivationStoreError(
+            f"{path}: row {row} (sample {lens['sid'][row]!r}) has a null activation list; "
+            "every row needs one value per unit."
+        )
     if rows == 0:
         return 0
     width = int(lens["n"][0])
@@ -365,7 +374,10 @@ def inspect_activations(root: str | Path) -> ActivationsSummary:
     """
     root = Path(root)
     if not root.is_dir():
-        raise ActivationStoreError(f"{root}: activation folder does not exist (or is not a folder). Run the extraction first or fix the path.")
+        raise ActivationStoreError(
+            f"{root}: activation folder does not exist (or is not a folder). "
+            "Run the extraction first or fix the path."
+        )
     partitions = []
     for split, d1 in _children(root, "split", SPLITS):
         for form, d2 in _children(d1, "form", FORMS):
@@ -373,7 +385,9 @@ def inspect_activations(root: str | Path) -> ActivationsSummary:
                 layers = _children(d3, "layer", None)
                 for (a, da), (b, db) in zip(layers, layers[1:]):
                     if a == b:
-                        raise ActivationStoreError(f"{da} and {db} are the same layer; keep one (written as layer={a}).")
+                        raise ActivationStoreError(
+                            f"{da} and {db} are the same layer; keep one (written as layer={a})."
+                        )
                 for layer, d4 in layers:
                     files = sorted(
                         (int(m.group(1)), p) for p in d4.iterdir() if (m := PART_RE.match(p.name)) and p.is_file()
@@ -496,7 +510,10 @@ def format_summary(summary: ActivationsSummary) -> str:
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     right = {4, 5, 6, 7, 8}
-    fmt = lambda r: "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)).rstrip()
+
+    def fmt(r: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)).rstrip()
+
     lines = [
         f"Activations in {summary.root}: {len(summary.partitions)} partitions, {_size(summary.size_bytes)}",
         fmt(header),
