@@ -6,7 +6,6 @@ from Prefect; the pipeline commands import the flows lazily.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time

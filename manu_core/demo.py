@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import polars as pl
+
 from manu_core import data as mdata
 from manu_core.evaluate import Summary, evaluate_basic
 from manu_core.importance import ImportanceParams
@@ -75,9 +77,7 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
     model, processor = load_model(model_dir)
     before, _ = evaluate_basic(model, processor, items, progress=progress)
     res = manu_unlearn(model, processor, ds, out, params, seed=preset.seed, progress=progress)
-    import polars as pl
-
-    pruned_dir = save_pruned(model, processor, pl.read_parquet(res.importance), out / "model")
+    pruned_dir = save_pruned(model, processor, pl.read_parquet(res.importance), out / "model", report=res.report)
     after, details = evaluate_basic(model, processor, items, progress=progress)
 
     table = comparison_table(before, after)
