@@ -27,3 +27,15 @@ def tiny_model(tiny_model_dir):
     from manu_core.models import load_model
 
     return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads can be much slower.
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,17 +8,11 @@ import torch
 from manu_core import arch
 from manu_core.arch import ADAPTERS, ArchError, get_adapter, get_site, mlp_sites, register, unit_weights
 from manu_core.models import ARCHS, TinySpec, build_tiny_model, train_tokenizer
+from tests.core.helpers import SMALL
 
-SMALL = dict(hidden=32, intermediate=64, layers=2, heads=2, vision_hidden=32, vision_intermediate=48, vision_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two threads can be much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["What is this person's name?", "This person was born in Riga, Latvia.", "Where does Amelia live?"]
 
 

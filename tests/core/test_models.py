@@ -9,8 +9,8 @@ from manu_core import data as mdata
 from manu_core.models import ARCHS, ModelError, TinySpec, build_processor, build_tiny_model, load_model, save_model, train_tokenizer
 from manu_core.presets import PRESETS, get_preset, preset_dataset, resolve_model
 from manu_core.train import answer_loss, encode_samples
+from tests.core.helpers import SMALL
 
-SMALL = dict(hidden=32, intermediate=64, layers=2, heads=2, vision_hidden=32, vision_intermediate=64, vision_heads=2)
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,11 @@ from manu_core.prune import (
     save_pruned,
     selection_frame,
 )
+from tests.core.helpers import SMALL
 
-SMALL = dict(hidden=32, intermediate=64, layers=2, heads=2, vision_hidden=32, vision_intermediate=48, vision_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two threads can be much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
