@@ -193,19 +193,24 @@ def spec_dict(spec: TinySpec) -> dict:
 # Loading
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
-    """(model, processor) from a local folder saved with `save_pretrained`: a trained tiny preset
-    (see `presets.resolve_model`) or a real LLaVA-1.5 / Idefics2 checkpoint. Never downloads;
+def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+    """(model, processor) from a preset name (`tiny`, `lite`, ...: its vanilla model, trained on
+    first use by `presets.resolve_model`) or a local folder saved with `save_pretrained` (a real
+    LLaVA-1.5 / Idefics2 checkpoint, or any saved model of this tool). Never downloads;
     `trust_remote_code` stays off."""
-    path = Path(path)
+    from manu_core.presets import resolve_model  # presets builds on this module
+
+    path = resolve_model(name_or_path)
     if not path.is_dir():
         raise ModelError(
-            f"model path does not exist: {path}. Pass a folder with config.json and safetensors weights "
+            f"model path is not a folder: {path}. Pass a folder with config.json and safetensors weights "
             "(a local LLaVA-1.5/Idefics2 checkpoint) or a preset name (see `manu presets`)."
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json; it is not a saved transformers model folder.")
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ModelError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}.")
         dtype = getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or torch.float32, local_files_only=True, trust_remote_code=False

@@ -24,7 +24,16 @@ import torch
 from manu_core import data as mdata
 from manu_core.evaluate import evaluate_basic, format_summaries
 from manu_core.io import atomic_dir, atomic_write_json
-from manu_core.models import ModelError, TinySpec, build_processor, build_tiny_model, train_tokenizer
+from manu_core.models import (
+    IDEFICS2_CHAT_TEMPLATE,
+    LLAVA_CHAT_TEMPLATE,
+    ModelError,
+    TinySpec,
+    build_processor,
+    build_tiny_model,
+    tiny_config,
+    train_tokenizer,
+)
 from manu_core.train import StageConfig, train_stage
 
 log = logging.getLogger(__name__)
@@ -61,9 +70,11 @@ class Preset:
         fields = {k: v for k, v in asdict(self).items() if k not in _NOT_TRAINING}
         h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         h.update((mdata.MLLMU_DIR / "train_qa.jsonl").read_bytes())
-        for mod in ("data", "models", "prompts", "portraits", "train"):
+        for mod in ("data", "prompts", "portraits", "train"):
             h.update((REPO / "manu_core" / f"{mod}.py").read_bytes())
-        h.update(inspect.getsource(train_vanilla).encode())
+        for obj in (TinySpec, train_tokenizer, build_processor, tiny_config, build_tiny_model, train_vanilla):
+            h.update(inspect.getsource(obj).encode())
+        h.update((LLAVA_CHAT_TEMPLATE + IDEFICS2_CHAT_TEMPLATE).encode())
         return h.hexdigest()[:12]
 
 

@@ -74,15 +74,26 @@ def test_bad_inputs():
         get_preset("lit")
     with pytest.raises(ModelError, match="neither a preset"):
         resolve_model("/no/such/model")
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(ModelError, match="neither a preset"):
         load_model("/no/such/model")
+    with pytest.raises(ModelError, match="Did you mean the preset 'tiny'"):
+        load_model("tyny")
     with pytest.raises(ModelError, match="Unknown arch 'qwen'"):
         TinySpec(arch="qwen")
 
 
-def test_load_rejects_folder_without_config(tmp_path):
+def test_load_rejects_folder_without_config_and_bad_dtype(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelError, match="not a folder"):
+        load_model(tmp_path / "file")
+
+
+@pytest.mark.slow
+def test_load_rejects_bad_dtype(tiny_model_dir):
+    with pytest.raises(ModelError, match="dtype must name a torch dtype"):
+        load_model(tiny_model_dir, dtype="float33")
 
 
 def test_presets_keep_forget_profiles():
@@ -111,3 +122,11 @@ def test_tiny_idefics2_preset_learns_both_forms():
     for r in recall:
         if r["set"] in ("forget", "retain"):
             assert r["value"] >= 0.8, r
+
+
+@pytest.mark.slow
+def test_load_model_takes_a_preset_name_or_a_path(tiny_model_dir):
+    by_name, proc = load_model("tiny", dtype="float32")
+    by_path, _ = load_model(tiny_model_dir)
+    assert type(proc).__name__ == "LlavaProcessor"
+    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values()))
