@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from manu_core.arch import get_adapter, mlp_sites  # noqa: E402
-from manu_core.extract import activation_hooks, encode_batch  # noqa: E402
+from manu_core.extract import activation_hooks  # noqa: E402
+from manu_core.prompts import encode_samples  # noqa: E402
 from manu_core.prompts import model_inputs  # noqa: E402
 
 TARGETS = {"cpu": 1.10, "cuda": 1.05}
@@ -57,7 +58,7 @@ def tiny_llava(n_batches: int, batch_size: int):
         n = n_batches // 2 if form == "multimodal" else n_batches - n_batches // 2
         if len(ss) < n * batch_size:
             raise SystemExit(f"only {len(ss)} {form} samples for {n} batches of {batch_size}; use fewer batches")
-        batches += [encode_batch(proc, ss[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
+        batches += [encode_samples(proc, ss[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
     return model, batches, f"tiny LLaVA (TinySpec defaults: {spec.layers} layers, hidden {spec.hidden})"
 
 

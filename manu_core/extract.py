@@ -72,8 +72,7 @@ from tqdm.auto import tqdm
 from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites
 from manu_core.data import Dataset, Sample, samples as profile_samples
 from manu_core.io import atomic_dir, atomic_write_json
-from manu_core.portraits import image_for
-from manu_core.prompts import build_prompt, encode, model_inputs
+from manu_core.prompts import encode_samples, model_inputs
 from manu_core.store import FORMS, SPLITS, write_partition
 
 log = logging.getLogger(__name__)
@@ -129,19 +128,6 @@ def position_mask(batch: Mapping[str, torch.Tensor], aggregation: str = "mean") 
             "(an empty answer or an all-padding row); check those samples' text."
         )
     return mask
-
-
-def _to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Move each row's padding to the left (`prompts.encode` pads answers on the right only)."""
-    attn = batch["attention_mask"]
-    t = attn.shape[1]
-    shift = t - attn.sum(1)  # (B,) pads per row
-    idx = (torch.arange(t)[None, :] - shift[:, None]) % t  # (B, T) source column of each new column
-    out = dict(batch)
-    for k in ("input_ids", "attention_mask", "answer_mask", "labels"):
-        if k in batch:
-            out[k] = torch.gather(batch[k], 1, idx)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,18 +318,6 @@ def activation_hooks(model, sites: Sequence[MlpSite], aggregation: str = "mean")
 # Streams
 
 
-def encode_batch(processor, batch: Sequence[Sample], *, with_answers: bool = True, padding_side: str = "right") -> dict:
-    """The host tensors of one batch of samples (all of one form)."""
-    if padding_side not in ("left", "right"):
-        raise ExtractionError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
-    prompts = [build_prompt(processor, s.question, image=s.image is not None) for s in batch]
-    images = [image_for(s.image) if s.image else None for s in batch]
-    if with_answers:
-        enc = encode(processor, prompts, images, [s.answer for s in batch], padding_side="right")
-        return _to_left_padding(enc) if padding_side == "left" else enc
-    return encode(processor, prompts, images, padding_side=padding_side)
-
-
 def _input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
@@ -353,14 +327,14 @@ def _encoded(processor, batches: list[list[Sample]], prefetch: bool, **kw) -> It
     processed in a worker thread while batch i runs on the accelerator."""
     if not prefetch or len(batches) < 2:
         for chunk in batches:
-            yield chunk, encode_batch(processor, chunk, **kw)
+            yield chunk, encode_samples(processor, chunk, **kw)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="manu-encode") as pool:
-        nxt = pool.submit(encode_batch, processor, batches[0], **kw)
+        nxt = pool.submit(encode_samples, processor, batches[0], **kw)
         for i, chunk in enumerate(batches):
             enc = nxt.result()
             if i + 1 < len(batches):
-                nxt = pool.submit(encode_batch, processor, batches[i + 1], **kw)
+                nxt = pool.submit(encode_samples, processor, batches[i + 1], **kw)
             yield chunk, enc
 
 

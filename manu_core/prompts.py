@@ -6,10 +6,15 @@ evaluation alike, through the processor's chat template (tiny and real checkpoin
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from PIL import Image
+
+from manu_core.portraits import image_for
+
+if TYPE_CHECKING:
+    from manu_core.data import Sample
 
 LLAVA_FALLBACK = "USER: {image}{question}\nASSISTANT:"
 
@@ -88,3 +93,38 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | No
     """The keys a model's forward takes (drops labels/answer_mask), moved to `device`."""
     keep = {k: v for k, v in batch.items() if k not in ("labels", "answer_mask")}
     return {k: v.to(device) if device is not None and hasattr(v, "to") else v for k, v in keep.items()}
+
+
+def encode_samples(
+    processor,
+    batch: Sequence["Sample"],
+    *,
+    with_answers: bool = True,
+    padding_side: str = "right",
+    system: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tensors of a batch of samples (all of one form), for training and activation extraction.
+
+    With answers, the text is the QA pair as trained (prompt + answer + end of turn) and `labels` /
+    `answer_mask` mark the answer; left padding is then made by moving each row's padding."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+    prompts = [build_prompt(processor, s.question, image=s.image is not None, system=system) for s in batch]
+    images = [image_for(s.image) if s.image else None for s in batch]
+    if not with_answers:
+        return encode(processor, prompts, images, padding_side=padding_side)
+    enc = encode(processor, prompts, images, [s.answer for s in batch], padding_side="right")
+    return _to_left_padding(enc) if padding_side == "left" else enc
+
+
+def _to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each row's padding to the left (`encode` pads answers on the right only)."""
+    attn = batch["attention_mask"]
+    t = attn.shape[1]
+    shift = t - attn.sum(1)  # (B,) pads per row
+    idx = (torch.arange(t)[None, :] - shift[:, None]) % t  # (B, T) source column of each new column
+    out = dict(batch)
+    for k in ("input_ids", "attention_mask", "answer_mask", "labels"):
+        if k in batch:
+            out[k] = torch.gather(batch[k], 1, idx)
+    return out

@@ -38,9 +38,7 @@ the old complete file or the new complete file, and a crash leaves only an ignor
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from manu_core.io import atomic_file
 
 SPLITS = ("forget", "retain")
 FORMS = ("multimodal", "text")
@@ -131,19 +131,9 @@ def write_table_atomic(table: pa.Table, path: str | Path, **kwargs) -> Path:
     `kwargs` go to `pyarrow.parquet.write_table`. The temporary name starts with '.', so no reader of
     this store ever takes it for a part file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, **kwargs)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+    return Path(path)
 
 
 def write_partition(

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from manu_core.data import Sample
-from manu_core.portraits import image_for
-from manu_core.prompts import build_prompt, encode, model_inputs
+from manu_core.prompts import encode_samples, model_inputs
 
 
 @dataclass(frozen=True)
@@ -44,12 +43,6 @@ def form_batches(samples: Sequence[Sample], batch_size: int, rng: random.Random)
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def encode_samples(processor, batch: Sequence[Sample], *, with_answers: bool = True, system: str | None = None):
-    prompts = [build_prompt(processor, s.question, image=s.image is not None, system=system) for s in batch]
-    images = [image_for(s.image) if s.image else None for s in batch]
-    return encode(processor, prompts, images, [s.answer for s in batch] if with_answers else None)
 
 
 def answer_loss(model, enc: dict, device: str | torch.device = "cpu") -> torch.Tensor:

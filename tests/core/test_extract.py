@@ -14,13 +14,12 @@ from manu_core.extract import (
     ExtractionError,
     activation_hooks,
     build_streams,
-    encode_batch,
     extract_activations,
     extract_stream,
     position_mask,
 )
 from manu_core.models import ARCHS, TinySpec, build_processor, build_tiny_model, train_tokenizer
-from manu_core.prompts import model_inputs
+from manu_core.prompts import encode_samples, model_inputs
 from manu_core.store import check_complete, inspect_activations
 from tests.core.helpers import SMALL
 
@@ -99,7 +98,7 @@ def test_matches_direct_computation_for_every_aggregation(ds, models, arch):
     model, proc = models[arch]
     sites = mlp_sites(model)
     ss = form_samples(ds, "multimodal", 5)
-    enc = encode_batch(proc, ss)
+    enc = encode_samples(proc, ss)
     caps = capture(model, sites, enc)
     attn, ans = enc["attention_mask"].bool(), enc["answer_mask"]
     last = attn.sum(1) - 1  # right padding
@@ -174,7 +173,7 @@ def test_hooks_are_gone_after_extraction_and_after_an_error(ds, models):
     # an error raised inside a hook (vision-free batch run without set_batch) also cleans up
     with pytest.raises(ExtractionError, match="fired before `set_batch`"):
         with activation_hooks(model, mlp_sites(model, towers=("language",))):
-            enc = encode_batch(proc, form_samples(ds, "text", 2))
+            enc = encode_samples(proc, form_samples(ds, "text", 2))
             with torch.no_grad():
                 model(**model_inputs(enc))
     assert n_hooks(model) == 0
@@ -182,7 +181,7 @@ def test_hooks_are_gone_after_extraction_and_after_an_error(ds, models):
 
 def test_recorder_errors(ds, models):
     model, proc = models["llava"]
-    enc = encode_batch(proc, form_samples(ds, "text", 2))
+    enc = encode_samples(proc, form_samples(ds, "text", 2))
     with activation_hooks(model, mlp_sites(model)) as rec:
         with pytest.raises(ExtractionError, match="vision sites were given for a batch without images"):
             rec.set_batch(enc)

@@ -8,7 +8,8 @@ import torch
 from manu_core import data as mdata
 from manu_core.models import ARCHS, ModelError, TinySpec, build_processor, build_tiny_model, load_model, save_model, train_tokenizer
 from manu_core.presets import PRESETS, get_preset, preset_dataset, resolve_model
-from manu_core.train import answer_loss, encode_samples
+from manu_core.prompts import encode_samples
+from manu_core.train import answer_loss
 from tests.core.helpers import SMALL
 
 

@@ -6,7 +6,7 @@ import torch
 
 from manu_core import data as mdata
 from manu_core.arch import get_site, mlp_sites, unit_weights
-from manu_core.extract import encode_batch
+from manu_core.prompts import encode_samples
 from manu_core.models import ARCHS, TinySpec, build_processor, build_tiny_model, load_model, train_tokenizer
 from manu_core.prompts import model_inputs
 from manu_core.prune import (
@@ -36,7 +36,7 @@ def fresh(setup, arch):
     tok, samples = setup
     spec = TinySpec(arch=arch, **SMALL)
     model, proc = build_tiny_model(spec, tok, seed=5).eval(), build_processor(spec, tok)
-    return model, proc, encode_batch(proc, samples)
+    return model, proc, encode_samples(proc, samples)
 
 
 def logits(model, enc):
@@ -151,7 +151,7 @@ def test_save_and_reload_give_identical_logits(tmp_path, setup, arch):
     assert (out / "config.json").is_file() and (out / "prune_report.json").is_file()
     assert pl.read_parquet(out / SELECTION_FILE).equals(table)  # kept beside the weights, as given
     model2, proc2 = load_model(out)
-    assert torch.equal(logits(model2, encode_batch(proc2, setup[1])), logits(model, enc))
+    assert torch.equal(logits(model2, encode_samples(proc2, setup[1])), logits(model, enc))
     assert pruned_weights_are_zero(model2, table)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary folder left
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -79,7 +80,7 @@ def test_a_crash_mid_write_keeps_the_old_file_and_no_part_file_appears(tmp_path,
     before = old.read_bytes()
 
     def crash(table, where, **kwargs):
-        where.write(b"PAR1 half a file")
+        Path(where).write_bytes(b"PAR1 half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(store.pq, "write_table", crash)
