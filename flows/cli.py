@@ -35,7 +35,7 @@ def presets() -> None:
     from manu_core.presets import PRESETS
 
     for p in PRESETS.values():
-        typer.echo(f"{p.name:<8} {p.spec.arch:<9} {p.description}")
+        typer.echo(f"{p.name:<14} {p.spec.arch:<9} {p.description}")
 
 
 @app.command()

@@ -87,7 +87,7 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             name="tiny",
-            description="for tests: 16 profiles incl. 3 forget, 4 celebrities, a 2-layer model; trains in ~15 s",
+            description="for tests: 16 profiles incl. 3 forget, 4 celebrities, a 2-layer LLaVA; trains in ~35 s",
             spec=TinySpec(layers=2, vision_hidden=32, vision_intermediate=128, vision_heads=2, vocab_size=1024),
             n_profiles=16, n_celebrities=4, forget=("093", "279", "303"),
             base=StageConfig(epochs=15, lr=2e-3), finetune=StageConfig(epochs=15, lr=2e-3),
@@ -116,7 +116,7 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         near = get_close_matches(name, PRESETS, n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ModelError(f"Unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}; or pass a model folder path.")
+        raise ModelError(f"Unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)} (`manu presets`).")
     return PRESETS[name]
 
 
