@@ -19,6 +19,7 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -110,9 +111,10 @@ class Dataset:
     meta: dict = field(default_factory=dict, compare=False)
 
     def profile(self, pid: str) -> Profile:
-        return self._index()[pid]
+        return self._by_id[pid]
 
-    def _index(self) -> dict[str, Profile]:
+    @cached_property
+    def _by_id(self) -> dict[str, Profile]:
         return {p.id: p for p in self.profiles + self.celebrities}
 
 
@@ -373,7 +375,6 @@ def eval_items(dataset: Dataset, *, n_test_views: int = 3) -> list[EvalItem]:
     Multiple choice: the key fact + 3 key facts of other profiles' answers to the same kind of
     question (seeded); fill-in-the-blank: the answer with its key fact replaced by `__`.
     """
-    rng = random.Random(f"eval/{dataset.seed}")
     pools: dict[str, list[str]] = {}
     for p in dataset.profiles + dataset.celebrities:
         for qa in p.qa:
@@ -426,7 +427,6 @@ def eval_items(dataset: Dataset, *, n_test_views: int = 3) -> list[EvalItem]:
                         EvalItem(f"{base}/gen", task="gen", question=t(question), answer=t(qa.answer), **common),
                         EvalItem(f"{base}/cloze", task="cloze", question=t(masked), answer=qa.key_fact, **common),
                     ]
-    del rng
     return items
 
 

@@ -7,7 +7,6 @@ The Prefect `manu` flow runs the same steps as cached tasks.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -109,7 +108,3 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
     atomic_write_json(out / "answers.json", details)
     atomic_write_text(out / "report.md", report + "\n")
     return DemoResult(out, report, results)
-
-
-def load_results(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -103,8 +103,10 @@ def option_logprobs(
             target = enc["input_ids"][:, 1:].to(device)
             tok_lp = logp.gather(-1, target[..., None])[..., 0]  # (B*4, T-1)
             mask = enc["answer_mask"][:, 1:].to(device)
-            for i, it in enumerate(chunk):
-                rows = slice(4 * i, 4 * i + len(it.options))
+            start_row = 0
+            for it in chunk:
+                rows = slice(start_row, start_row + len(it.options))
+                start_row += len(it.options)
                 ids, m, lp = target[rows], mask[rows], tok_lp[rows]
                 differ = (ids != ids[:1]).any(0) & m.any(0)
                 start = int(differ.nonzero()[0]) if bool(differ.any()) else 0

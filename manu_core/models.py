@@ -9,7 +9,7 @@ loss plateaus).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -183,10 +183,6 @@ def build_tiny_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: i
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
     return model
-
-
-def spec_dict(spec: TinySpec) -> dict:
-    return asdict(spec)
 
 
 # ----------------------------------------------------------------------------------------------

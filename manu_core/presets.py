@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from difflib import get_close_matches
 from pathlib import Path
 
@@ -194,7 +194,3 @@ def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
             f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder.{hint}"
         )
     return path
-
-
-def with_overrides(preset: Preset, **changes) -> Preset:
-    return replace(preset, **changes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -75,7 +75,7 @@ def train_stage(
     one record per step ({stage, epoch, step, loss, lr}) plus per-epoch records from `on_epoch_end`."""
     rng = random.Random(f"{name}/{seed}")
     torch.manual_seed(seed)
-    steps_per_epoch = math.ceil(sum(1 for _ in samples) / cfg.batch_size) + 2  # +2: one partial batch per form
+    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size) + 2  # +2: one partial batch per form
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * total), total)
@@ -109,7 +109,3 @@ def train_stage(
     bar.close()
     model.eval()
     return curve
-
-
-def stage_dict(cfg: StageConfig) -> dict:
-    return asdict(cfg)

@@ -55,8 +55,8 @@ def manu_unlearn(
 
 
 def random_selection(importance: pl.DataFrame, seed: int) -> pl.DataFrame:
-    """The control: as many units as `importance` selects, drawn uniformly (seeded) from the same
-    neurons, with the same number per scope group is not enforced (global draw)."""
+    """The control: as many units as `importance` selects, drawn uniformly (seeded) from all of its
+    neurons in one global draw (per-tower or per-layer counts of a scoped selection are not kept)."""
     k = int(importance["selected"].sum())
     rows = importance.select("tower", "layer", "unit").rows()
     picks = set(random.Random(f"random-prune/{seed}").sample(range(len(rows)), k))

@@ -8,8 +8,7 @@ import torch
 from manu_core import arch
 from manu_core.arch import ADAPTERS, ArchError, get_adapter, get_site, mlp_sites, register, unit_weights
 from manu_core.models import ARCHS, TinySpec, build_tiny_model, train_tokenizer
-from tests.core.helpers import SMALL
-
+from tests.core.helpers import SMALL, tiny_qwen2_vl
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,16 +101,7 @@ def test_a_new_architecture_is_one_registry_entry(tok, monkeypatch):
 
 
 def test_qwen2_vl_entry_finds_sites():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8),
-        image_token_id=151, video_token_id=152, vision_start_token_id=150, bos_token_id=1, eos_token_id=2,
-    )
-    model = Qwen2VLForConditionalGeneration(cfg)
+    model = tiny_qwen2_vl()
     sites = mlp_sites(model)
     assert [(s.tower, s.layer, s.width, s.kind.name) for s in sites] == [
         ("language", 0, 96, "gated"), ("language", 1, 96, "gated"), ("vision", 0, 64, "plain"), ("vision", 1, 64, "plain")]

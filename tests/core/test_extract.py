@@ -21,8 +21,7 @@ from manu_core.extract import (
 from manu_core.models import ARCHS, TinySpec, build_processor, build_tiny_model, train_tokenizer
 from manu_core.prompts import encode_samples, model_inputs
 from manu_core.store import check_complete, inspect_activations
-from tests.core.helpers import SMALL
-
+from tests.core.helpers import SMALL, tiny_qwen2_vl
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,17 +226,8 @@ def test_idefics2_layout_drops_padding_images_and_patches(models):
 def test_qwen2_vl_needs_only_its_registry_entry():
     """Per-sample vision means for a third architecture, whose vision MLP sees (P, d) with all
     images' patches concatenated, through the same hooks."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
     torch.manual_seed(0)
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8),
-        image_token_id=151, video_token_id=152, vision_start_token_id=150, bos_token_id=1, eos_token_id=2,
-    )
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = tiny_qwen2_vl().eval()
     ids = torch.full((2, 12), 5)
     ids[0, 1], ids[0, 2:6] = 150, 151  # image of 4x4 patches -> 4 tokens
     ids[1, 1], ids[1, 2:8] = 150, 151  # image of 4x6 patches -> 6 tokens

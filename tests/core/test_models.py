@@ -56,10 +56,12 @@ def test_answer_loss_equals_model_loss(tokenizer):
 
 
 def test_training_is_deterministic_and_learns(tmp_path):
-    from manu_core.presets import train_vanilla, with_overrides
+    from dataclasses import replace
+
+    from manu_core.presets import train_vanilla
     from manu_core.train import StageConfig
 
-    p = with_overrides(get_preset("tiny"), n_profiles=6, n_celebrities=1, forget=("001",),
+    p = replace(get_preset("tiny"), n_profiles=6, n_celebrities=1, forget=("001",),
                        base=StageConfig(epochs=1), finetune=StageConfig(epochs=2))
     a, b = train_vanilla(p, tmp_path / "a", progress=False), train_vanilla(p, tmp_path / "b", progress=False)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

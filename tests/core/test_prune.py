@@ -20,7 +20,6 @@ from manu_core.prune import (
 from tests.core.helpers import SMALL
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
