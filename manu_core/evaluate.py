@@ -1,26 +1,87 @@
-"""Evaluation primitives: batched greedy generation and option-likelihood multiple choice.
+"""MLLMU-Bench evaluation: sets x forms x tasks, batched, resumable, every answer kept in Parquet.
 
-What the foundation needs to judge the vanilla model (answer recall, multiple-choice accuracy per
-set and form). Scorers are named in every result (`scorer` field) as evaluation.md asks.
+evaluation.md is the contract. A *unit* of work is one (set, form): `evaluate_unit` answers its
+items task by task (multiple choice, fill-in-the-blank, generation) in fixed chunks and writes each
+chunk as a Parquet part the moment it is scored, so a run that dies resumes at the first missing
+chunk with the same batches and therefore the same answers. When every chunk is there, the unit
+writes `answers.parquet` (one row per question: question, form, prediction, ground truth, score)
+and `summary.json`; a rerun then only reads them.
+
+Scorers are named in every result (`Summary.scorer`): `letter` / `likelihood` for multiple choice,
+`substring` for fill-in-the-blank, `rouge-score` for ROUGE-L and the judge's name for factuality.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import random
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
+import polars as pl
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from manu_core.data import EvalItem
+from manu_core.io import atomic_file, atomic_write_json
+from manu_core.judge import Judge, make_judge
 from manu_core.portraits import image_for
 from manu_core.prompts import build_prompt, encode, model_inputs
+from manu_core.scoring import LETTERS, cloze_correct, cloze_prompt, extract_letter, gen_prompt, mc_prompt, rouge_l
+
+log = logging.getLogger(__name__)
+TASKS = ("mc", "cloze", "gen")  # the order a unit answers them in
+MC_SCORERS = ("letter", "likelihood")
+ImageFn = Callable[[str], Image.Image]
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input or a unit folder that belongs to another run: names the rule and the fix."""
 
 
 def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model calls
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to answer: chat-formatted text and the images its <image> tokens stand for."""
+
+    prompt: str
+    images: tuple[Image.Image, ...] = ()
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    processor,
+    requests: Sequence[Request],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 50,
+    device: str | torch.device = "cpu",
+) -> list[str]:
+    """Greedy answers, in order; batched with left padding and the KV cache. The requests of one
+    batch must all have images or all have none (one form per batch)."""
+    out: list[str] = []
+    tok = processor.tokenizer
+    for chunk in _chunks(requests, batch_size):
+        enc = encode(processor, [r.prompt for r in chunk], [r.images or None for r in chunk], padding_side="left")
+        ids = model.generate(**model_inputs(enc, device), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        new = ids[:, enc["input_ids"].shape[1] :]
+        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return out
 
 
 def _by_form(items: Sequence[EvalItem]) -> list[list[EvalItem]]:
@@ -30,40 +91,27 @@ def _by_form(items: Sequence[EvalItem]) -> list[list[EvalItem]]:
     return [groups[k] for k in sorted(groups)]
 
 
-@torch.no_grad()
-def generate(
-    model,
-    processor,
-    items: Sequence[EvalItem],
-    *,
-    batch_size: int = 32,
-    max_new_tokens: int = 50,
-    device: str | torch.device = "cpu",
-    system: str | None = None,
-    progress: bool = True,
-) -> dict[str, str]:
-    """Greedy answers {item_id: text}; batched with left padding and the KV cache."""
+def generate(model, processor, items: Sequence[EvalItem], *, batch_size: int = 32, max_new_tokens: int = 50,
+             device: str | torch.device = "cpu", system: str | None = None, images: ImageFn = image_for,
+             progress: bool = True) -> dict[str, str]:
+    """Greedy answers {item_id: text} to the items' bare questions (the post-training recall check)."""
     out: dict[str, str] = {}
-    tok = processor.tokenizer
     bar = tqdm(total=len(items), desc="generate", disable=not progress, unit="q")
     for group in _by_form(items):
         for chunk in _chunks(group, batch_size):
-            prompts = [build_prompt(processor, it.question, image=it.image is not None, system=system) for it in chunk]
-            images = [image_for(it.image) if it.image else None for it in chunk]
-            enc = encode(processor, prompts, images, padding_side="left")
-            ids = model.generate(**model_inputs(enc, device), max_new_tokens=max_new_tokens, do_sample=False)
-            new = ids[:, enc["input_ids"].shape[1] :]
-            for it, text in zip(chunk, tok.batch_decode(new, skip_special_tokens=True)):
-                out[it.item_id] = text.strip()
+            reqs = [Request(build_prompt(processor, it.question, image=it.image is not None, system=system),
+                            (images(it.image),) if it.image else ()) for it in chunk]
+            texts = generate_texts(model, processor, reqs, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   device=device)
+            out.update({it.item_id: t for it, t in zip(chunk, texts)})
             bar.update(len(chunk))
     bar.close()
     return out
 
 
 def contains_fact(prediction: str, fact: str) -> bool:
-    """The benchmark's fill-in-the-blank rule, used for answer recall too: the lower-cased ground
-    truth is a substring of the lower-cased answer."""
-    return fact.lower().strip() in prediction.lower()
+    """Answer recall for the post-training check: the lower-cased key fact is in the answer."""
+    return cloze_correct(prediction, fact)
 
 
 @torch.no_grad()
@@ -75,29 +123,30 @@ def option_logprobs(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     system: str | None = None,
+    images: ImageFn = image_for,
     progress: bool = True,
 ) -> dict[str, list[float]]:
     """Multiple choice by likelihood: {item_id: [score per option]}.
 
     Each option is scored inside the answer sentence it completes (`cloze_answer` with `__`
-    replaced), and the score is the mean log-probability of the tokens from the first token where
-    the four completed answers differ to the end of the answer: the shared prefix, identical for all
-    options, is left out so it neither dilutes nor favours any option.
+    replaced; the option alone when there is none, as in the real benchmark), and the score is the
+    mean log-probability of the tokens from the first token where the completed answers differ to
+    the end of the answer: the shared prefix, identical for all options, is left out so it neither
+    dilutes nor favours any option.
     """
     scores: dict[str, list[float]] = {}
     bar = tqdm(total=len(items), desc="multiple choice", disable=not progress, unit="q")
     for group in _by_form(items):
         for chunk in _chunks(group, batch_size):
-            prompts, images, answers = [], [], []
+            prompts, ims, answers = [], [], []
             for it in chunk:
-                p = build_prompt(processor, it.question, image=it.image is not None,
-                                 system=system)
-                im = image_for(it.image) if it.image else None
+                p = build_prompt(processor, it.question, image=it.image is not None, system=system)
+                im = images(it.image) if it.image else None
                 for opt in it.options:
                     prompts.append(p)
-                    images.append(im)
+                    ims.append(im)
                     answers.append(it.cloze_answer.replace("__", opt) if "__" in it.cloze_answer else opt)
-            enc = encode(processor, prompts, images, answers)
+            enc = encode(processor, prompts, ims, answers)
             logits = model(**model_inputs(enc, device)).logits.float()
             logp = torch.log_softmax(logits[:, :-1], -1)
             target = enc["input_ids"][:, 1:].to(device)
@@ -118,14 +167,349 @@ def option_logprobs(
     return scores
 
 
+# ----------------------------------------------------------------------------------------------
+# Configuration and results
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a unit is evaluated. Every field is part of a unit folder's identity (resume checks it)."""
+
+    mc_scorer: str = "letter"  # letter (the benchmark's) | likelihood (for models that cannot follow it)
+    few_shot: bool = False  # letter only: one seeded profile's questions as earlier turns, not scored
+    instructions: bool = True  # the benchmark's task instructions after the question (gen, cloze)
+    max_new_tokens: int = 50  # generation and fill-in-the-blank
+    letter_tokens: int = 8  # multiple choice (letter): enough for "Answer: B"
+    batch_size: int = 16
+    chunk_size: int = 64  # questions per Parquet part: the unit of resumption
+    judge: str = "offline"  # see judge.make_judge
+    system: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mc_scorer not in MC_SCORERS:
+            raise EvaluationError(f"mc_scorer must be one of {MC_SCORERS}; got {self.mc_scorer!r}.")
+        if self.few_shot and self.mc_scorer != "letter":
+            raise EvaluationError("few_shot applies to the letter scorer only; use mc_scorer='letter' or few_shot=False.")
+        for name in ("max_new_tokens", "letter_tokens", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise EvaluationError(f"{name} must be >= 1; got {getattr(self, name)}.")
+
+    @property
+    def mc_scorer_name(self) -> str:
+        return self.mc_scorer + ("+few-shot" if self.few_shot else "")
+
+
 @dataclass(frozen=True)
 class Summary:
     set: str
     form: str
-    metric: str  # "mc_accuracy" | "recall"
-    scorer: str  # "likelihood" | "contains-key-fact"
+    task: str  # mc | cloze | gen
+    metric: str  # accuracy | rougeL_f1 | factuality | recall
+    scorer: str  # letter | likelihood | substring | rouge-score | <judge name> | contains-key-fact
     value: float
     n: int
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    set: str
+    form: str
+    out_dir: Path
+    summaries: list[Summary] = field(default_factory=list)
+    resumed_chunks: int = 0  # parts found on disk and not recomputed
+
+
+# ----------------------------------------------------------------------------------------------
+# One unit: (set, form)
+
+
+def _item_digest(items: Sequence[EvalItem]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.item_id, it.task, it.question, it.answer, list(it.options), it.correct,
+                             it.cloze_answer, it.image], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def _check_manifest(out_dir: Path, manifest: dict) -> None:
+    path = out_dir / "manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if diff:
+            raise EvaluationError(
+                f"{out_dir} holds answers of another evaluation (differs in: {', '.join(diff)}; "
+                f"was {', '.join(f'{k}={old.get(k)!r}' for k in diff)}). Delete the folder to start over, "
+                "or evaluate into another folder."
+            )
+    else:
+        atomic_write_json(path, manifest)
+
+
+def _few_shot(mc_items: Sequence[EvalItem], seed: int) -> tuple[list[EvalItem], list[EvalItem]]:
+    """(shots, scored): all multiple-choice questions of one seeded profile become the examples."""
+    profiles = sorted({it.profile_id for it in mc_items})
+    if len(profiles) < 2:
+        raise EvaluationError(f"few-shot needs at least 2 profiles in the unit (one is used as examples); "
+                              f"got {len(profiles)}. Use few_shot=False for this set.")
+    pick = random.Random(f"few-shot/{seed}/{mc_items[0].set}/{mc_items[0].form}").choice(profiles)
+    return ([it for it in mc_items if it.profile_id == pick], [it for it in mc_items if it.profile_id != pick])
+
+
+def _row(it: EvalItem, prediction: str, ground_truth: str, score: float, scorer: str, *, choice: str | None = None,
+         factuality: int | None = None, judge: str | None = None) -> dict:
+    return {"item_id": it.item_id, "set": it.set, "form": it.form, "task": it.task, "profile_id": it.profile_id,
+            "question": it.question, "options": list(it.options),
+            "correct": LETTERS[it.correct] if it.task == "mc" and it.correct >= 0 else None,
+            "prediction": prediction, "ground_truth": ground_truth, "choice": choice, "score": float(score),
+            "factuality": factuality, "scorer": scorer, "judge": judge, "source": it.source}
+
+
+ANSWER_SCHEMA = {
+    "item_id": pl.String, "set": pl.String, "form": pl.String, "task": pl.String, "profile_id": pl.String,
+    "question": pl.String, "options": pl.List(pl.String), "correct": pl.String, "prediction": pl.String,
+    "ground_truth": pl.String, "choice": pl.String, "score": pl.Float64, "factuality": pl.Int64,
+    "scorer": pl.String, "judge": pl.String, "source": pl.String,
+}
+
+
+class _Scorer:
+    """Answers and scores one chunk of one task (the model calls of a unit)."""
+
+    def __init__(self, model, processor, config: EvalConfig, judge: Judge, images: ImageFn, device,
+                 shots: Sequence[EvalItem]):
+        self.model, self.processor, self.config, self.judge = model, processor, config, judge
+        self.images, self.device = images, device
+        self.history = [(mc_prompt(s.question, s.options), s.image is not None, LETTERS[s.correct]) for s in shots]
+        self.shot_images = tuple(images(s.image) for s in shots if s.image)
+
+    def _request(self, it: EvalItem, text: str, history=()) -> Request:
+        prompt = build_prompt(self.processor, text, image=it.image is not None, system=self.config.system,
+                              history=history)
+        own = (self.images(it.image),) if it.image else ()
+        return Request(prompt, (self.shot_images if history else ()) + own)
+
+    def _generate(self, reqs: list[Request], max_new_tokens: int) -> list[str]:
+        return generate_texts(self.model, self.processor, reqs, batch_size=self.config.batch_size,
+                              max_new_tokens=max_new_tokens, device=self.device)
+
+    def __call__(self, task: str, chunk: Sequence[EvalItem]) -> list[dict]:
+        cfg = self.config
+        if task == "mc" and cfg.mc_scorer == "likelihood":
+            scores = option_logprobs(self.model, self.processor, chunk, batch_size=max(1, cfg.batch_size // 4),
+                                     device=self.device, system=cfg.system, images=self.images, progress=False)
+            rows = []
+            for it in chunk:
+                s = scores[it.item_id]
+                pick = max(range(len(s)), key=s.__getitem__)
+                rows.append(_row(it, it.options[pick], it.options[it.correct], pick == it.correct, "likelihood",
+                                 choice=LETTERS[pick]))
+            return rows
+        if task == "mc":
+            reqs = [self._request(it, mc_prompt(it.question, it.options), self.history) for it in chunk]
+            rows = []
+            for it, pred in zip(chunk, self._generate(reqs, cfg.letter_tokens)):
+                letter = extract_letter(pred, len(it.options))
+                rows.append(_row(it, pred, LETTERS[it.correct], letter == LETTERS[it.correct], cfg.mc_scorer_name,
+                                 choice=letter))
+            return rows
+        if task == "cloze":
+            texts = [cloze_prompt(it.question) if cfg.instructions else it.question for it in chunk]
+            preds = self._generate([self._request(it, t) for it, t in zip(chunk, texts)], cfg.max_new_tokens)
+            return [_row(it, p, it.answer, cloze_correct(p, it.answer), "substring") for it, p in zip(chunk, preds)]
+        if task == "gen":
+            texts = [gen_prompt(it.question) if cfg.instructions else it.question for it in chunk]
+            preds = self._generate([self._request(it, t) for it, t in zip(chunk, texts)], cfg.max_new_tokens)
+            facts = self.judge.score([it.question for it in chunk], [it.answer for it in chunk], preds,
+                                     [it.key_fact for it in chunk])
+            return [_row(it, p, it.answer, rouge_l(p, it.answer), "rouge-score", factuality=f, judge=self.judge.name)
+                    for it, p, f in zip(chunk, preds, facts)]
+        raise EvaluationError(f"unknown task {task!r}; tasks are {TASKS}")
+
+
+def summarize(answers: pl.DataFrame) -> list[Summary]:
+    """Per (set, form, task): the mean score (and mean factuality for generation)."""
+    out = []
+    for (set_, form, task, scorer), g in sorted(answers.group_by(["set", "form", "task", "scorer"]),
+                                                key=lambda kv: (kv[0][0], kv[0][1], TASKS.index(kv[0][2]))):
+        metric = "rougeL_f1" if task == "gen" else "accuracy"
+        out.append(Summary(set_, form, task, metric, scorer, float(g["score"].mean()), g.height))
+        if task == "gen":
+            out.append(Summary(set_, form, task, "factuality", g["judge"][0], float(g["factuality"].mean()), g.height))
+    return out
+
+
+def evaluate_unit(
+    model,
+    processor,
+    items: Sequence[EvalItem],
+    out_dir: str | Path,
+    config: EvalConfig = EvalConfig(),
+    *,
+    images: ImageFn = image_for,
+    device: str | torch.device = "cpu",
+    judge: Judge | None = None,
+    model_id: str = "",
+    progress: bool = True,
+) -> UnitResult:
+    """Evaluate one (set, form) into `out_dir`, resuming from the parts already there.
+
+    `model_id` (a path or name) is recorded in the folder's manifest so that answers of another
+    model are never mixed in; `images` resolves the items' image keys.
+    """
+    if not items:
+        raise EvaluationError("no items to evaluate; check the set/form filters and the sample caps.")
+    units = {(it.set, it.form) for it in items}
+    if len(units) != 1:
+        raise EvaluationError(f"a unit is one (set, form); got {sorted(units)}. Use `evaluate` for several.")
+    (set_, form), = units
+    out_dir = Path(out_dir)
+    judge = judge or make_judge(config.judge)
+    manifest = {"set": set_, "form": form, "config": asdict(config), "items": _item_digest(items),
+                "n_items": len(items), "model": str(model_id), "judge": judge.name}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out_dir, manifest)
+    if (out_dir / "summary.json").exists() and (out_dir / "answers.parquet").exists():
+        summaries = [Summary(**s) for s in json.loads((out_dir / "summary.json").read_text())]
+        return UnitResult(set_, form, out_dir, summaries, resumed_chunks=-1)
+
+    by_task = {t: sorted((it for it in items if it.task == t), key=lambda it: it.item_id) for t in TASKS}
+    unknown = {it.task for it in items} - set(TASKS)
+    if unknown:
+        raise EvaluationError(f"unknown task(s) {sorted(unknown)}; tasks are {TASKS}")
+    shots: list[EvalItem] = []
+    if config.few_shot and by_task["mc"]:
+        shots, by_task["mc"] = _few_shot(by_task["mc"], config.seed)
+    score = _Scorer(model, processor, config, judge, images, device, shots)
+    parts_dir = out_dir / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    total = sum(len(v) for v in by_task.values())
+    bar = tqdm(total=total, desc=f"{set_}/{form}", disable=not progress, unit="q")
+    resumed, parts = 0, []
+    model.eval()
+    for task in TASKS:
+        for k, chunk in enumerate(_chunks(by_task[task], config.chunk_size)):
+            part = parts_dir / f"{task}-{k:05d}.parquet"
+            parts.append(part)
+            if part.exists():
+                resumed += 1
+            else:
+                frame = pl.DataFrame(score(task, chunk), schema=ANSWER_SCHEMA)
+                with atomic_file(part) as tmp:
+                    frame.write_parquet(tmp)
+            bar.update(len(chunk))
+    bar.close()
+    answers = pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=ANSWER_SCHEMA)
+    summaries = summarize(answers)
+    with atomic_file(out_dir / "answers.parquet") as tmp:
+        answers.write_parquet(tmp)
+    atomic_write_json(out_dir / "summary.json", [asdict(s) for s in summaries])
+    if resumed:
+        log.info("%s/%s: resumed, %d of %d parts were already on disk", set_, form, resumed, len(parts))
+    return UnitResult(set_, form, out_dir, summaries, resumed_chunks=resumed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several units
+
+
+def cap_profiles(items: Sequence[EvalItem], max_profiles: int | None, seed: int = 0) -> list[EvalItem]:
+    """At most `max_profiles` seeded profiles per set (the same profiles in both forms)."""
+    if not max_profiles:
+        return list(items)
+    if max_profiles < 0:
+        raise EvaluationError(f"max_profiles must be positive (or 0/None for all); got {max_profiles}.")
+    keep: dict[str, set[str]] = {}
+    for set_ in sorted({it.set for it in items}):
+        pids = sorted({it.profile_id for it in items if it.set == set_})
+        keep[set_] = set(random.Random(f"cap/{seed}/{set_}").sample(pids, min(max_profiles, len(pids))))
+    return [it for it in items if it.profile_id in keep[it.set]]
+
+
+def units_of(items: Sequence[EvalItem]) -> dict[tuple[str, str], list[EvalItem]]:
+    out: dict[tuple[str, str], list[EvalItem]] = defaultdict(list)
+    for it in items:
+        out[(it.set, it.form)].append(it)
+    return dict(out)
+
+
+def unit_dir(root: str | Path, set_: str, form: str) -> Path:
+    return Path(root) / f"{set_}-{form}"
+
+
+def evaluate(model, processor, items: Sequence[EvalItem], out_dir: str | Path, config: EvalConfig = EvalConfig(),
+             **kwargs) -> list[Summary]:
+    """Every (set, form) unit of `items`, one after another, into `out_dir/<set>-<form>/`."""
+    judge = kwargs.pop("judge", None) or make_judge(config.judge)
+    summaries: list[Summary] = []
+    for (set_, form), unit_items in sorted(units_of(items).items()):
+        res = evaluate_unit(model, processor, unit_items, unit_dir(out_dir, set_, form), config, judge=judge,
+                            **kwargs)
+        summaries += res.summaries
+    return summaries
+
+
+def read_answers(out_dir: str | Path) -> pl.DataFrame:
+    """Every answer of an evaluation folder (complete units and the parts of unfinished ones)."""
+    files = sorted(Path(out_dir).glob("*/answers.parquet"))
+    done = {f.parent for f in files}
+    files += [p for p in sorted(Path(out_dir).glob("*/parts/*.parquet")) if p.parent.parent not in done]
+    if not files:
+        raise EvaluationError(f"no answers under {out_dir}; expected <set>-<form>/answers.parquet folders.")
+    return pl.concat([pl.read_parquet(f) for f in files])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+SET_ORDER = ("forget", "test", "retain", "celebrity")
+
+
+def _fmt(metric: str, v: float) -> str:
+    return f"{v:.1%}" if metric in ("accuracy", "recall") else f"{v:.3f}" if metric == "rougeL_f1" else f"{v:.2f}"
+
+
+def _fmt_delta(metric: str, v: float) -> str:
+    return f"{v * 100:+.1f}" if metric in ("accuracy", "recall") else f"{v:+.3f}" if metric == "rougeL_f1" else f"{v:+.2f}"
+
+
+def _table(summaries: Sequence[Summary]) -> dict[tuple[str, str, str, str], dict[str, Summary]]:
+    table: dict[tuple[str, str, str, str], dict[str, Summary]] = defaultdict(dict)
+    for s in summaries:
+        table[(s.set, s.task, s.metric, s.scorer)][s.form] = s
+    order = {k: i for i, k in enumerate(SET_ORDER)}
+    tasks = {t: i for i, t in enumerate(TASKS)}
+    return dict(sorted(table.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], tasks.get(kv[0][1], 9),
+                                                      kv[0][2])))
+
+
+def format_report(summaries: Sequence[Summary]) -> str:
+    """Markdown: one row per (set, task, metric, scorer); image+text, text only, their average and
+    the gap (image+text minus text: the imbalance MANU addresses). Accuracy in %, gap in points."""
+    lines = ["| set | task | metric | scorer | image+text | text only | average | gap | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (set_, task, metric, scorer), forms in _table(summaries).items():
+        mm, tx = forms.get("multimodal"), forms.get("text")
+        cells = [_fmt(metric, x.value) if x else "-" for x in (mm, tx)]
+        avg = _fmt(metric, (mm.value + tx.value) / 2) if mm and tx else "-"
+        gap = _fmt_delta(metric, mm.value - tx.value) if mm and tx else "-"
+        n = "/".join(str(x.n) for x in (mm, tx) if x)
+        lines.append(f"| {set_} | {task} | {metric} | {scorer} | {cells[0]} | {cells[1]} | {avg} | {gap} | {n} |")
+    return "\n".join(lines)
+
+
+def format_summaries(summaries: Sequence[Summary]) -> str:
+    """A plain-text table for logs: rows (set, metric), columns image+text / text / average / gap."""
+    lines = [f"{'set':<10} {'metric':<12} {'scorer':<18} {'image+text':>10} {'text only':>10} {'average':>8} {'gap':>7}  n"]
+    for (set_, task, metric, scorer), forms in _table(summaries).items():
+        mm, tx = forms.get("multimodal"), forms.get("text")
+        vals = [f"{_fmt(metric, x.value):>10}" if x else f"{'-':>10}" for x in (mm, tx)]
+        avg = f"{_fmt(metric, (mm.value + tx.value) / 2):>8}" if mm and tx else f"{'-':>8}"
+        gap = f"{_fmt_delta(metric, mm.value - tx.value):>7}" if mm and tx else f"{'-':>7}"
+        n = "/".join(str(x.n) for x in (mm, tx) if x)
+        lines.append(f"{set_:<10} {metric:<12} {scorer:<18} {vals[0]} {vals[1]} {avg} {gap}  {n}")
+    return "\n".join(lines)
 
 
 def evaluate_basic(
@@ -138,41 +522,25 @@ def evaluate_basic(
     max_new_tokens: int = 32,
     progress: bool = True,
 ) -> tuple[list[Summary], dict]:
-    """Answer recall (greedy generation contains the key fact) and likelihood multiple-choice
-    accuracy per (set, form). Returns the summaries and the per-item details."""
+    """The quick post-training check written beside a trained model: answer recall (the greedy
+    answer to the bare question contains the key fact) and likelihood multiple-choice accuracy."""
     gen_items = [it for it in items if it.task == "gen"]
     mc_items = [it for it in items if it.task == "mc"]
     preds = generate(model, processor, gen_items, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      device=device, progress=progress)
     opt_scores = option_logprobs(model, processor, mc_items, batch_size=max(1, batch_size // 4), device=device,
                                  progress=progress)
-    acc: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    acc: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
     details = {"generation": {}, "mc": {}}
     for it in gen_items:
         ok = contains_fact(preds[it.item_id], it.key_fact)
-        acc[(it.set, it.form, "recall")].append(float(ok))
+        acc[(it.set, it.form, "gen", "recall")].append(float(ok))
         details["generation"][it.item_id] = {"prediction": preds[it.item_id], "key_fact": it.key_fact, "correct": ok}
     for it in mc_items:
         s = opt_scores[it.item_id]
         pick = max(range(len(s)), key=s.__getitem__)
-        acc[(it.set, it.form, "mc_accuracy")].append(float(pick == it.correct))
+        acc[(it.set, it.form, "mc", "accuracy")].append(float(pick == it.correct))
         details["mc"][it.item_id] = {"scores": s, "pick": pick, "correct": it.correct}
-    scorer = {"recall": "contains-key-fact", "mc_accuracy": "likelihood"}
-    summaries = [Summary(s, f, m, scorer[m], sum(v) / len(v), len(v)) for (s, f, m), v in sorted(acc.items())]
+    scorer = {"recall": "contains-key-fact", "accuracy": "likelihood"}
+    summaries = [Summary(s, f, t, m, scorer[m], sum(v) / len(v), len(v)) for (s, f, t, m), v in sorted(acc.items())]
     return summaries, details
-
-
-def format_summaries(summaries: Sequence[Summary]) -> str:
-    """A table: rows (set, metric), columns multimodal / text / average / gap."""
-    table: dict[tuple[str, str], dict[str, Summary]] = defaultdict(dict)
-    for s in summaries:
-        table[(s.set, s.metric)][s.form] = s
-    lines = [f"{'set':<10} {'metric':<12} {'image+text':>10} {'text only':>10} {'average':>8} {'gap':>7}  n"]
-    for (set_, metric), forms in table.items():
-        mm, tx = forms.get("multimodal"), forms.get("text")
-        vals = [f"{x.value:10.1%}" if x else f"{'-':>10}" for x in (mm, tx)]
-        avg = f"{(mm.value + tx.value) / 2:8.1%}" if mm and tx else f"{'-':>8}"
-        gap = f"{mm.value - tx.value:+7.1%}" if mm and tx else f"{'-':>7}"
-        n = "/".join(str(x.n) for x in (mm, tx) if x)
-        lines.append(f"{set_:<10} {metric:<12} {vals[0]} {vals[1]} {avg} {gap}  {n}")
-    return "\n".join(lines)

@@ -19,15 +19,31 @@ if TYPE_CHECKING:
 LLAVA_FALLBACK = "USER: {image}{question}\nASSISTANT:"
 
 
-def build_prompt(processor, question: str, *, image: bool, system: str | None = None) -> str:
-    """The generation prompt for one question, ending where the assistant's answer starts."""
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+def build_prompt(
+    processor,
+    question: str,
+    *,
+    image: bool,
+    system: str | None = None,
+    history: Sequence[tuple[str, bool, str]] = (),
+) -> str:
+    """The generation prompt for one question, ending where the assistant's answer starts.
+
+    `history` holds earlier turns (question, with an image?, answer), e.g. few-shot examples; each
+    turn with an image takes one image of the sample, in order, before the question's own.
+    """
     messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else [])
-    messages.append({"role": "user", "content": content})
+    for q, with_image, a in (*history, (question, image, None)):
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": q}]
+        messages.append({"role": "user", "content": content})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # A processor without a chat template: LLaVA-1.5's documented format.
-    prompt = LLAVA_FALLBACK.format(image="<image>\n" if image else "", question=question)
+    turns = [LLAVA_FALLBACK.format(image="<image>\n" if im else "", question=q) + (f" {a}</s>" if a is not None else "")
+             for q, im, a in (*history, (question, image, None))]
+    prompt = "\n".join(turns)
     return f"{system}\n{prompt}" if system else prompt
 
 
@@ -41,24 +57,25 @@ def end_of_answer(processor) -> str:
 def encode(
     processor,
     prompts: Sequence[str],
-    images: Sequence[Image.Image | None],
+    images: Sequence[Image.Image | Sequence[Image.Image] | None],
     answers: Sequence[str] | None = None,
     *,
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
-    """Tokenise a batch (all with images or all without).
+    """Tokenise a batch (all with images or all without; a sample may have several, e.g. few-shot).
 
     With `answers`, each text is prompt + " " + answer + end-of-turn, and `labels` hold the answer
     tokens (-100 elsewhere) while `answer_mask` marks them; the prompt must tokenise to a prefix of
     the full text (checked).
     """
-    has_image = [im is not None for im in images]
+    per_sample = [[] if im is None else [im] if isinstance(im, Image.Image) else list(im) for im in images]
+    has_image = [bool(ims) for ims in per_sample]
     if any(has_image) and not all(has_image):
         raise ValueError("a batch mixes samples with and without images; batch each form separately")
     texts = list(prompts) if answers is None else [f"{p} {a}{end_of_answer(processor)}" for p, a in zip(prompts, answers)]
     kwargs = {}
-    if all(has_image) and images:
-        kwargs["images"] = [[im] for im in images] if _nested_images(processor) else list(images)
+    if all(has_image) and per_sample:
+        kwargs["images"] = per_sample if _nested_images(processor) else [im for ims in per_sample for im in ims]
     tok = processor.tokenizer
     old_side = tok.padding_side
     tok.padding_side = padding_side

@@ -1,0 +1,136 @@
+"""The evaluation runner on the tiny model: batching, resumption, few-shot, folders and reports."""
+
+import json
+
+import polars as pl
+import pytest
+
+from manu_core import data as mdata
+from manu_core.evaluate import (EvalConfig, EvaluationError, Request, cap_profiles, evaluate, evaluate_unit,
+                                format_report, generate_texts, read_answers, units_of)
+from manu_core.portraits import image_for
+from manu_core.presets import get_preset, preset_dataset
+from manu_core.prompts import build_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def items():
+    return mdata.eval_items(preset_dataset(get_preset("tiny")))
+
+
+def _unit(items, set_="forget", form="multimodal", n_profiles=2):
+    unit = [it for it in items if it.set == set_ and it.form == form]
+    keep = sorted({it.profile_id for it in unit})[:n_profiles]
+    return [it for it in unit if it.profile_id in keep]
+
+
+@pytest.mark.parametrize("form", ["multimodal", "text"])
+def test_batched_generation_equals_one_at_a_time(tiny_model, items, form):
+    model, processor = tiny_model
+    gen = [it for it in _unit(items, "retain", form, 3) if it.task == "gen"]
+    reqs = [Request(build_prompt(processor, it.question, image=it.image is not None),
+                    (image_for(it.image),) if it.image else ()) for it in gen]
+    batched = generate_texts(model, processor, reqs, batch_size=16, max_new_tokens=24)
+    single = generate_texts(model, processor, reqs, batch_size=1, max_new_tokens=24)
+    assert len(batched) == len(gen) >= 10
+    assert batched == single
+    # The model was trained on these: its answers are the ground truth (sanity of the decode path).
+    assert sum(b == it.answer for b, it in zip(batched, gen)) >= len(gen) * 0.8
+
+
+def test_resume_after_interruption_gives_the_same_answers(tiny_model, items, tmp_path, monkeypatch):
+    model, processor = tiny_model
+    unit = _unit(items, "forget", "text", 2)
+    cfg = EvalConfig(mc_scorer="likelihood", instructions=False, chunk_size=7, batch_size=4, max_new_tokens=16)
+    whole = evaluate_unit(model, processor, unit, tmp_path / "whole", cfg, progress=False)
+
+    import manu_core.evaluate as ev
+    real, calls = ev.generate_texts, {"n": 0}
+
+    def dies_on_third_call(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "generate_texts", dies_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_unit(model, processor, unit, tmp_path / "resumed", cfg, progress=False)
+    parts = sorted((tmp_path / "resumed" / "parts").glob("*.parquet"))
+    assert parts and not (tmp_path / "resumed" / "answers.parquet").exists()
+    assert not list((tmp_path / "resumed").rglob("*.tmp*"))  # nothing half-written left behind
+    monkeypatch.setattr(ev, "generate_texts", real)
+    resumed = evaluate_unit(model, processor, unit, tmp_path / "resumed", cfg, progress=False)
+    assert resumed.resumed_chunks == len(parts)
+    assert resumed.summaries == whole.summaries
+    a = pl.read_parquet(tmp_path / "whole" / "answers.parquet")
+    b = pl.read_parquet(tmp_path / "resumed" / "answers.parquet")
+    assert a.equals(b)
+    assert a.height == len(unit)
+    # A finished unit is only read again.
+    again = evaluate_unit(model, processor, unit, tmp_path / "whole", cfg, progress=False)
+    assert again.summaries == whole.summaries and again.resumed_chunks == -1
+
+
+def test_answers_are_readable_rows(tiny_model, items, tmp_path):
+    model, processor = tiny_model
+    unit = _unit(items, "celebrity", "multimodal", 1)
+    cfg = EvalConfig(mc_scorer="likelihood", instructions=False, max_new_tokens=24)
+    res = evaluate_unit(model, processor, unit, tmp_path, cfg, progress=False)
+    a = pl.read_parquet(tmp_path / "answers.parquet")
+    assert set(a["task"]) == {"mc", "cloze", "gen"}
+    assert {"question", "form", "prediction", "ground_truth", "score"} <= set(a.columns)
+    gen = a.filter(pl.col("task") == "gen")
+    assert gen["factuality"].min() >= 1 and gen["factuality"].max() <= 10
+    assert set(gen["judge"]) == {"offline-keyfact-overlap"}
+    mc = a.filter(pl.col("task") == "mc")
+    assert set(mc["scorer"]) == {"likelihood"} and mc["choice"].is_in(list("ABCD")).all()
+    # The trained model knows its celebrities: multiple choice and generation are near perfect.
+    by = {(s.task, s.metric): s for s in res.summaries}
+    assert by[("mc", "accuracy")].value >= 0.9
+    assert by[("gen", "rougeL_f1")].value >= 0.8
+    assert by[("gen", "factuality")].scorer == "offline-keyfact-overlap"
+    assert json.loads((tmp_path / "summary.json").read_text())[0]["set"] == "celebrity"
+
+
+def test_letter_scorer_with_few_shot_excludes_the_example_profile(tiny_model, items, tmp_path):
+    model, processor = tiny_model
+    unit = [it for it in _unit(items, "retain", "multimodal", 3) if it.task == "mc"]
+    cfg = EvalConfig(mc_scorer="letter", few_shot=True, letter_tokens=4)
+    evaluate_unit(model, processor, unit, tmp_path, cfg, progress=False)
+    a = pl.read_parquet(tmp_path / "answers.parquet")
+    assert a["profile_id"].n_unique() == 2  # one of three profiles became the examples
+    per_profile = {p: sum(it.profile_id == p for it in unit) for p in {it.profile_id for it in unit}}
+    assert a.height == len(unit) - per_profile[(set(per_profile) - set(a["profile_id"])).pop()]
+    assert set(a["scorer"]) == {"letter+few-shot"}
+
+
+def test_a_unit_folder_refuses_another_evaluation(tiny_model, items, tmp_path):
+    model, processor = tiny_model
+    unit = [it for it in _unit(items, "forget", "text", 1) if it.task == "mc"]
+    evaluate_unit(model, processor, unit, tmp_path, EvalConfig(mc_scorer="likelihood"), progress=False)
+    with pytest.raises(EvaluationError, match=r"differs in: config.*Delete the folder"):
+        evaluate_unit(model, processor, unit, tmp_path, EvalConfig(mc_scorer="letter"), progress=False)
+    with pytest.raises(EvaluationError, match="one \\(set, form\\)"):
+        evaluate_unit(model, processor, _unit(items, "forget", "text") + _unit(items, "retain", "text"),
+                      tmp_path / "x", progress=False)
+    with pytest.raises(EvaluationError, match="few_shot applies to the letter scorer"):
+        EvalConfig(mc_scorer="likelihood", few_shot=True)
+    with pytest.raises(EvaluationError, match="batch_size must be >= 1"):
+        EvalConfig(batch_size=0)
+
+
+def test_evaluate_all_units_and_report(tiny_model, items, tmp_path):
+    model, processor = tiny_model
+    capped = [it for it in cap_profiles(items, 1, seed=0) if it.task != "gen"]
+    assert {(s, f) for s, f in units_of(capped)} == {(s, f) for s in mdata.EVAL_SETS for f in mdata.FORMS}
+    assert all(len({it.profile_id for it in v}) == 1 for v in units_of(capped).values())
+    summaries = evaluate(model, processor, capped, tmp_path, EvalConfig(mc_scorer="likelihood", instructions=False,
+                                                                        max_new_tokens=16), progress=False)
+    report = format_report(summaries)
+    assert "| forget | mc | accuracy | likelihood |" in report
+    assert report.count("\n") == 1 + 4 * 2  # header + 4 sets x (mc, cloze)
+    assert read_answers(tmp_path).height == len(capped)
+    assert cap_profiles(items, 1, seed=0) == cap_profiles(items, 1, seed=0)
