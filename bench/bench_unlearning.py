@@ -32,7 +32,7 @@ from manu_core.prune import prune_units
 from manu_core.unlearn import random_selection
 
 SETS = ("forget", "retain", "celebrity")
-METRICS = ("mc_accuracy", "recall")
+METRICS = ("accuracy", "recall")  # multiple choice (likelihood), answer recall
 
 
 def scores(model, processor, items) -> dict[tuple[str, str, str], float]:

@@ -92,6 +92,90 @@ def importance(
 
 
 @app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="preset name (embedded) or a local model folder"),
+    out: Path = typer.Option(..., "--out", help="folder for answers (<set>-<form>/answers.parquet) and report.md"),
+    benchmark: Optional[Path] = typer.Option(None, "--benchmark", help="local MLLMU-Bench folder (hub parquet "
+                                             "layout); default: the embedded MLLMU-Bench-lite of the model's preset"),
+    forget: str = typer.Option("forget_5", help="forget split of the real benchmark (forget_5/10/15)"),
+    sets: str = typer.Option("forget,test,retain,celebrity", help="comma-separated sets"),
+    forms: str = typer.Option("multimodal,text", help="comma-separated forms"),
+    tasks: str = typer.Option("mc,cloze,gen", help="comma-separated tasks"),
+    mc_scorer: Optional[str] = typer.Option(None, help="letter | likelihood (default: likelihood for embedded "
+                                            "models, letter otherwise)"),
+    few_shot: bool = typer.Option(False, help="letter scorer: one profile's questions as examples"),
+    instructions: Optional[bool] = typer.Option(None, "--instructions/--bare", help="the benchmark's task "
+                                                "instructions (default: on, off for embedded models)"),
+    judge: str = typer.Option("offline", help="offline | openai:<base url>#<model> | hf:<local path>"),
+    max_profiles: int = typer.Option(0, help="at most N seeded profiles per set (0: all)"),
+    batch_size: int = typer.Option(16),
+    max_new_tokens: int = typer.Option(50),
+    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0),
+    verbose: bool = False,
+) -> None:
+    """Evaluate a model the MLLMU-Bench way (evaluation.md); resumes an interrupted run in --out."""
+    _setup_logging(verbose)
+    from manu_core.benchmark import BenchmarkError, load_mllmu_bench
+    from manu_core.data import DataError, EVAL_SETS, FORMS, eval_items
+    from manu_core.evaluate import TASKS, EvalConfig, EvaluationError, cap_profiles, format_report
+    from manu_core.evaluate import evaluate as run_evaluation
+    from manu_core.io import atomic_write_text
+    from manu_core.judge import JudgeError, make_judge
+    from manu_core.models import ModelError, load_model
+    from manu_core.portraits import image_for
+    from manu_core.presets import default_eval_settings, preset_dataset, preset_of, resolve_model
+
+    def pick(value: str, allowed: tuple[str, ...], what: str) -> set[str]:
+        chosen = {v.strip() for v in value.split(",") if v.strip()}
+        bad = chosen - set(allowed)
+        if bad or not chosen:
+            raise EvaluationError(f"--{what} takes a comma-separated subset of {','.join(allowed)}; got {value!r}.")
+        return chosen
+
+    try:
+        want_sets, want_forms, want_tasks = pick(sets, EVAL_SETS, "sets"), pick(forms, FORMS, "forms"), \
+            pick(tasks, TASKS, "tasks")
+        model_dir = resolve_model(model)
+        settings = default_eval_settings(model_dir)
+        if mc_scorer is not None:
+            settings["mc_scorer"] = mc_scorer
+        if instructions is not None:
+            settings["instructions"] = instructions
+        config = EvalConfig(**settings, few_shot=few_shot, judge=judge, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, seed=seed)
+        if benchmark is not None:
+            bench = load_mllmu_bench(benchmark, forget, seed=seed, sets=tuple(s for s in EVAL_SETS if s in want_sets))
+            items, images, source = bench.items, bench.image, f"MLLMU-Bench at {benchmark} ({forget})"
+        else:
+            preset = preset_of(model_dir)
+            if preset is None:
+                raise EvaluationError(f"{model_dir} is not an embedded model, so there is no embedded data for it; "
+                                      "pass --benchmark <local MLLMU-Bench folder>.")
+            items, images = eval_items(preset_dataset(preset)), image_for
+            source = f"embedded MLLMU-Bench-lite of preset {preset.name!r} (stand-in images and items)"
+        items = [it for it in items if it.set in want_sets and it.form in want_forms and it.task in want_tasks]
+        items = cap_profiles(items, max_profiles, seed)
+        the_judge = make_judge(judge, device=device)
+        net, processor = load_model(model_dir, device=device)
+        t0 = time.perf_counter()
+        summaries = run_evaluation(net, processor, items, out, config, images=images, device=device,
+                                   model_id=str(model_dir), judge=the_judge)
+    except (ModelError, DataError, BenchmarkError, EvaluationError, JudgeError) as e:
+        _fail(e)
+    report = "\n".join([
+        f"# Evaluation of `{model_dir}`", "",
+        f"Data: {source}. Multiple choice scorer: `{config.mc_scorer_name}`; prompts: "
+        f"{'the benchmark instructions' if config.instructions else 'bare questions'}; factuality judge: "
+        f"`{the_judge.name}`{' (deterministic, not an LLM)' if judge == 'offline' else ''}. {len(items)} questions, {time.perf_counter() - t0:.0f} s.", "",
+        format_report(summaries), "",
+    ])
+    atomic_write_text(out / "report.md", report)
+    typer.echo(report)
+    typer.echo(f"answers: {out}/<set>-<form>/answers.parquet; report: {out / 'report.md'}")
+
+
+@app.command()
 def demo(
     preset: str = typer.Option("lite", help="embedded preset"),
     alpha: Optional[float] = typer.Option(None, help="MANU pruning ratio (default: the preset's documented α)"),

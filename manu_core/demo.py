@@ -16,11 +16,11 @@ from pathlib import Path
 import polars as pl
 
 from manu_core import data as mdata
-from manu_core.evaluate import Summary, evaluate_basic
+from manu_core.evaluate import EvalConfig, Summary, _fmt, _fmt_delta, _table, evaluate
 from manu_core.importance import ImportanceParams
 from manu_core.io import atomic_write_json, atomic_write_text
 from manu_core.models import load_model
-from manu_core.presets import Preset, artifacts_dir, get_preset, preset_dataset, resolve_model
+from manu_core.presets import EMBEDDED_EVAL, Preset, artifacts_dir, get_preset, preset_dataset, resolve_model
 from manu_core.prune import save_pruned
 from manu_core.unlearn import manu_unlearn
 
@@ -39,26 +39,25 @@ def demo_items(ds: mdata.Dataset, preset: Preset, retain_profiles: int = 25) -> 
     """Forget, Test and Celebrity in full; Retain capped to `retain_profiles` seeded profiles."""
     retain = set(random.Random(f"demo-retain/{preset.seed}").sample(list(ds.split.retain_ids),
                                                                     min(retain_profiles, len(ds.split.retain_ids))))
-    return [it for it in mdata.eval_items(ds) if it.task in ("mc", "gen") and (it.set != "retain" or it.profile_id in retain)]
+    return [it for it in mdata.eval_items(ds) if it.set != "retain" or it.profile_id in retain]
 
 
 def comparison_table(before: list[Summary], after: list[Summary], label: str = "MANU") -> str:
-    """Markdown: one row per (set, metric), vanilla and unlearned per form, and the change."""
-    b = {(s.set, s.metric, s.form): s for s in before}
-    a = {(s.set, s.metric, s.form): s for s in after}
+    """Markdown: one row per (set, task, metric, scorer), vanilla and unlearned per form, and the change."""
+    b, a = _table(before), _table(after)
     lines = [
-        f"| set | metric (scorer) | vanilla image+text | {label} image+text | Δ | vanilla text | {label} text | Δ | n |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| set | task | metric (scorer) | vanilla image+text | {label} image+text | Δ | vanilla text | {label} text | Δ | n |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for set_ in SETS:
-        for metric in ("mc_accuracy", "recall"):
-            mm, tx = (set_, metric, "multimodal"), (set_, metric, "text")
-            if mm not in b:
-                continue
-            cells = []
-            for key in (mm, tx):
-                cells += [f"{b[key].value:.1%}", f"{a[key].value:.1%}", f"{(a[key].value - b[key].value) * 100:+.1f}"]
-            lines.append(f"| {set_} | {metric} ({b[mm].scorer}) | " + " | ".join(cells) + f" | {b[mm].n} |")
+    for key, forms in b.items():
+        set_, task, metric, scorer = key
+        cells = []
+        for form in ("multimodal", "text"):
+            x, y = forms.get(form), a.get(key, {}).get(form)
+            cells += [_fmt(metric, x.value) if x else "-", _fmt(metric, y.value) if y else "-",
+                      _fmt_delta(metric, y.value - x.value) if x and y else "-"]
+        n = "/".join(str(forms[f].n) for f in ("multimodal", "text") if f in forms)
+        lines.append(f"| {set_} | {task} | {metric} ({scorer}) | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)
 
 
@@ -74,10 +73,12 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
     log.info("run folder: %s", out)
 
     model, processor = load_model(model_dir)
-    before, _ = evaluate_basic(model, processor, items, progress=progress)
+    config = EvalConfig(**EMBEDDED_EVAL, max_new_tokens=32, seed=preset.seed)
+    before = evaluate(model, processor, items, out / "eval-vanilla", config, model_id=str(model_dir),
+                      progress=progress)
     res = manu_unlearn(model, processor, ds, out, params, seed=preset.seed, progress=progress)
     pruned_dir = save_pruned(model, processor, pl.read_parquet(res.importance), out / "model", report=res.report)
-    after, details = evaluate_basic(model, processor, items, progress=progress)
+    after = evaluate(model, processor, items, out / "eval-manu", config, model_id=str(pruned_dir), progress=progress)
 
     table = comparison_table(before, after)
     report = "\n".join([
@@ -86,8 +87,10 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
         f"Forget split {ds.split.name} ({len(ds.split.forget_ids)} profiles), α = {params.alpha:g} "
         f"(scope {params.scope}): {res.report.n_pruned} of {res.report.n_units} MLP units zeroed. "
         f"Vanilla model: `{model_dir}` ({preset.finetune.epochs} fine-tune epochs).",
-        "Scorers: `likelihood` = option with the highest mean log-probability; `contains-key-fact` = "
-        "greedy answer contains the ground-truth fact. Retain: 25 seeded profiles.",
+        "Scorers: `likelihood` = option with the highest mean log-probability (the tiny models cannot follow the "
+        "benchmark's letter instruction); `substring` = fill-in-the-blank rule; `rouge-score` = ROUGE-L F1 with "
+        "stemming; factuality by the deterministic offline judge `offline-keyfact-overlap` (not an LLM). Prompts "
+        "are the bare questions the tiny models were trained on. Retain: 25 seeded profiles.",
         "",
         table,
         "",
@@ -95,6 +98,7 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
         f"- activations (Parquet): `{res.activations}`",
         f"- importance table: `{res.importance}`",
         f"- pruned model + selection.parquet: `{pruned_dir}`",
+        f"- every answer (Parquet, per set and form): `{out / 'eval-vanilla'}`, `{out / 'eval-manu'}`",
         f"- results: `{out / 'results.json'}`",
         "",
         f"Wall time: {time.perf_counter() - t0:.0f} s.",
@@ -105,6 +109,5 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
         "vanilla": [asdict(s) for s in before], "manu": [asdict(s) for s in after],
     }
     atomic_write_json(out / "results.json", results)
-    atomic_write_json(out / "answers.json", details)
     atomic_write_text(out / "report.md", report + "\n")
     return DemoResult(out, report, results)

@@ -194,3 +194,22 @@ def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
             f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder.{hint}"
         )
     return path
+
+
+def preset_of(model_dir: str | Path) -> Preset | None:
+    """The preset an embedded model folder was trained from (its manu_preset.json), else None."""
+    meta = Path(model_dir) / "manu_preset.json"
+    if not meta.is_file():
+        return None
+    name = json.loads(meta.read_text())["preset"]["name"]
+    return PRESETS.get(name)
+
+
+# The tiny models learn bare question -> answer pairs and never see an instruction, a list of
+# options or a blank: they are evaluated with likelihood multiple choice and bare prompts (named in
+# every result). Real checkpoints get the benchmark's own prompts and the letter scorer.
+EMBEDDED_EVAL = {"mc_scorer": "likelihood", "instructions": False}
+
+
+def default_eval_settings(model_dir: str | Path) -> dict:
+    return dict(EMBEDDED_EVAL) if preset_of(model_dir) else {}

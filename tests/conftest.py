@@ -8,6 +8,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="manu-test-hf-datasets-")
 # Tests never write into the checkout's artifacts/: one folder per test session.
 os.environ["MANU_ARTIFACTS"] = tempfile.mkdtemp(prefix="manu-test-artifacts-")
 

@@ -134,3 +134,29 @@ def test_evaluate_all_units_and_report(tiny_model, items, tmp_path):
     assert report.count("\n") == 1 + 4 * 2  # header + 4 sets x (mc, cloze)
     assert read_answers(tmp_path).height == len(capped)
     assert cap_profiles(items, 1, seed=0) == cap_profiles(items, 1, seed=0)
+
+
+def test_cli_evaluate(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    args = ["evaluate", str(tiny_model_dir), "--out", str(tmp_path / "ev"), "--max-profiles", "1",
+            "--sets", "forget,retain", "--tasks", "mc,cloze"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "| forget | mc | accuracy | likelihood |" in out.output  # embedded model: likelihood by default
+    assert "bare questions" in out.output and "`offline-keyfact-overlap` (deterministic, not an LLM)" in out.output
+    assert (tmp_path / "ev" / "report.md").is_file()
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir() if p.is_dir()) == [
+        "forget-multimodal", "forget-text", "retain-multimodal", "retain-text"]
+    # The same folder with another scorer: refused, nothing overwritten.
+    again = runner.invoke(app, args + ["--mc-scorer", "letter"])
+    assert again.exit_code == 2 and "holds answers of another evaluation" in again.output
+    bad = runner.invoke(app, ["evaluate", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--sets", "forget,tset"])
+    assert bad.exit_code == 2 and "--sets takes a comma-separated subset of forget,test,retain,celebrity" in bad.output
+    real = tmp_path / "real-model"
+    real.mkdir()
+    bad = runner.invoke(app, ["evaluate", str(real), "--out", str(tmp_path / "y")])
+    assert bad.exit_code == 2 and "pass --benchmark" in bad.output

@@ -1,0 +1,68 @@
+"""The real MLLMU-Bench loader on a small fixture in the hub's parquet layout."""
+
+import shutil
+
+import pytest
+
+from manu_core.benchmark import BenchmarkError, load_mllmu_bench
+from manu_core.evaluate import EvalConfig, evaluate, format_report
+
+from . import mllmu_fixture as fx
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return fx.build(tmp_path_factory.mktemp("mllmu"))
+
+
+def test_loads_four_sets_two_forms_three_tasks(root):
+    b = load_mllmu_bench(root, "forget_5")
+    assert b.forget_ids == tuple(fx.FORGET)
+    by = {}
+    for it in b.items:
+        by.setdefault((it.set, it.form, it.task), []).append(it)
+    assert set(by) == {(s, f, t) for s in ("forget", "test", "retain", "celebrity")
+                       for f in ("multimodal", "text") for t in ("mc", "gen", "cloze")}
+    assert {it.profile_id for it in b.items if it.set == "test"} == set(fx.FORGET)
+    assert {it.profile_id for it in b.items if it.set == "retain"} == {"002", "003", "004"}
+    assert {it.profile_id for it in b.items if it.set == "celebrity"} == set(fx.CELEBS)
+    mc = by[("forget", "multimodal", "mc")][0]
+    assert mc.options == ("Riga", "City 001", "Oslo", "Lima") and mc.correct == 1
+    assert mc.source == "mllmu-bench" and mc.image == "mllmu:forget_5:001"
+    assert by[("forget", "text", "mc")][0].image is None
+    assert by[("test", "multimodal", "mc")][0].question.startswith("In which city")
+    cloze = by[("retain", "text", "cloze")][0]
+    assert cloze.question == "Person 002 was born in __." and cloze.answer == "City 002"
+    # Images decode, and a Test-set view is one of the transformed portraits, chosen by the seed.
+    img = b.image(by[("test", "multimodal", "gen")][0].image)
+    assert img.mode == "RGB" and img.size == fx.portrait("001").size
+    assert load_mllmu_bench(root, "forget_5").items == b.items
+
+
+def test_missing_config_and_column_are_named(root, tmp_path):
+    with pytest.raises(BenchmarkError, match="folder not found"):
+        load_mllmu_bench(tmp_path / "nope")
+    partial = tmp_path / "partial"
+    shutil.copytree(root, partial)
+    shutil.rmtree(partial / "Retain_Set")
+    with pytest.raises(BenchmarkError, match=r"config 'Retain_Set' is missing.*configs found: \['Full_Set', "):
+        load_mllmu_bench(partial)
+    assert load_mllmu_bench(partial, sets=("forget", "test", "retain")).items  # the other sets still load
+    fx.write_config(partial, "retain_95", [{**fx._row("002"), "image": {"bytes": fx._png("002"), "path": None}}],
+                    drop="Mask_Task")
+    with pytest.raises(BenchmarkError, match=r"config 'retain_95' .* lacks column\(s\) \['Mask_Task'\]"):
+        load_mllmu_bench(partial, sets=("retain",))
+    with pytest.raises(BenchmarkError, match="forget split must be one of"):
+        load_mllmu_bench(root, "forget_7")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluates_the_real_layout_end_to_end(root, tiny_model, tmp_path):
+    model, processor = tiny_model
+    b = load_mllmu_bench(root)
+    summaries = evaluate(model, processor, b.items, tmp_path, EvalConfig(mc_scorer="letter", max_new_tokens=8),
+                         images=b.image, progress=False)
+    report = format_report(summaries)
+    for set_ in ("forget", "test", "retain", "celebrity"):
+        assert f"| {set_} | mc | accuracy | letter |" in report
+    assert {s.n for s in summaries if s.set == "retain" and s.task == "mc"} == {3}
