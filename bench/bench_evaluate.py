@@ -53,7 +53,8 @@ def tiny_case(args):
              and it.set == "retain"]
     half = args.n // 2
     chosen = [it for it in items if it.form == "multimodal"][:half] + [it for it in items if it.form == "text"][:half]
-    reqs = [Request(build_prompt(processor, gen_prompt(it.question), image=it.image is not None),
+    reqs = [Request(build_prompt(processor, gen_prompt(it.question) if args.instructions else it.question,
+                                 image=it.image is not None),
                     (image_for(it.image),) if it.image else ()) for it in chosen]
     groups = [[r for r in reqs if r.images], [r for r in reqs if not r.images]]
 
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
+    ap.add_argument("--instructions", action="store_true", help="tiny shape: append the benchmark's generation "
+                    "instruction (the tiny models never saw it and ramble; default: bare questions, as they are evaluated)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

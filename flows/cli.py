@@ -108,7 +108,7 @@ def evaluate(
                                                 "instructions (default: on, off for embedded models)"),
     judge: str = typer.Option("offline", help="offline | openai:<base url>#<model> | hf:<local path>"),
     max_profiles: int = typer.Option(0, help="at most N seeded profiles per set (0: all)"),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(32, help="questions per generate call"),
     max_new_tokens: int = typer.Option(50),
     device: str = typer.Option("cpu"),
     seed: int = typer.Option(0),

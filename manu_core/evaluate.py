@@ -180,7 +180,7 @@ class EvalConfig:
     instructions: bool = True  # the benchmark's task instructions after the question (gen, cloze)
     max_new_tokens: int = 50  # generation and fill-in-the-blank
     letter_tokens: int = 8  # multiple choice (letter): enough for "Answer: B"
-    batch_size: int = 16
+    batch_size: int = 32
     chunk_size: int = 64  # questions per Parquet part: the unit of resumption
     judge: str = "offline"  # see judge.make_judge
     system: str | None = None

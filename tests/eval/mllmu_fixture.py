@@ -3,8 +3,6 @@
 import io
 from pathlib import Path
 
-from PIL import Image
-
 from manu_core.portraits import portrait
 
 FICTITIOUS = ["001", "002", "003", "004"]
