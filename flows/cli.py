@@ -176,6 +176,31 @@ def evaluate(
 
 
 @app.command()
+def run(
+    model: str = typer.Option("lite", "--model", "--preset", help="embedded preset or a local checkpoint folder"),
+    alpha: Optional[float] = typer.Option(None, help="MANU pruning ratio (default: the preset's documented α)"),
+    forget: Optional[str] = typer.Option(None, help="forget_5/10/15 or comma-separated profile ids"),
+    cap: str = typer.Option("retain=25", help="per-set profile caps for evaluation, e.g. retain=25,test=10"),
+    device: str = typer.Option("cpu"),
+    benchmark: Optional[Path] = typer.Option(None, help="local MLLMU-Bench folder for evaluation"),
+) -> None:
+    """The `manu` Prefect flow, once: cached tasks, UI artifacts, the results table at the end."""
+    from pydantic import ValidationError
+
+    from flows.pipeline import EvalSettings, RunConfig, manu
+
+    try:
+        caps = {k.strip(): int(v) for k, v in (kv.split("=") for kv in cap.split(",") if kv.strip())}
+        forget_value = None if forget is None else forget if forget.startswith("forget_") else forget.split(",")
+        config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device,
+                           benchmark=str(benchmark) if benchmark else None, eval=EvalSettings(max_profiles=caps))
+    except (ValueError, ValidationError) as e:
+        _fail(e)
+    report_dir = manu(config)
+    typer.echo(f"\nreport: {report_dir}/report.md")
+
+
+@app.command()
 def demo(
     preset: str = typer.Option("lite", help="embedded preset"),
     alpha: Optional[float] = typer.Option(None, help="MANU pruning ratio (default: the preset's documented α)"),

@@ -1,0 +1,336 @@
+"""The `manu` Prefect flow: one unlearning run, or a sweep, as a DAG of cached tasks.
+
+    prefect deployment run manu/smoke        # the embedded preset, small caps (prefect.yaml)
+    prefect deployment run manu/full-sweep   # forget_{5,10,15} x α {2,5,10%} x importance ablations
+    manu run [--preset lite] [--alpha 0.1]   # the same flow from the command line (make demo)
+
+Parameters are validated pydantic models (`RunConfig`, `SweepConfig`; the UI renders them as
+forms). A sweep reuses one extraction and one set of importance sums per forget split; every
+method is an entry of `METHODS`, so a baseline joins the sweep by adding one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional, Union
+
+import polars as pl
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR
+from manu_core.importance import WEIGHT_NAMES, ImportanceParams
+from tasks import stages
+
+DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
+
+
+class EvalSettings(BaseModel):
+    """How every (set, form) unit is evaluated (manu_core/evaluate.py, `EvalConfig`)."""
+
+    mc_scorer: Optional[Literal["letter", "likelihood"]] = Field(
+        None, description="None: likelihood for the embedded tiny models, letter for real checkpoints")
+    instructions: Optional[bool] = Field(None, description="None: bare questions for tiny models, else on")
+    few_shot: bool = False
+    judge: str = Field("offline", description="offline | openai:<base url>#<model> | hf:<local path>")
+    max_new_tokens: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1)
+    sets: list[str] = Field(default_factory=lambda: list(EVAL_SETS))
+    forms: list[str] = Field(default_factory=lambda: list(FORMS))
+    max_profiles: dict[str, int] = Field(default_factory=dict, description="per set: at most N seeded profiles")
+    seed: int = 0
+
+    @field_validator("sets")
+    @classmethod
+    def _sets(cls, v):
+        bad = [s for s in v if s not in EVAL_SETS]
+        if bad or not v:
+            raise ValueError(f"sets must be a non-empty subset of {list(EVAL_SETS)}; got {v}")
+        return v
+
+    @field_validator("forms")
+    @classmethod
+    def _forms(cls, v):
+        bad = [f for f in v if f not in FORMS]
+        if bad or not v:
+            raise ValueError(f"forms must be a non-empty subset of {list(FORMS)}; got {v}")
+        return v
+
+    @field_validator("max_profiles")
+    @classmethod
+    def _caps(cls, v):
+        bad = {k: n for k, n in v.items() if k not in EVAL_SETS or n < 0}
+        if bad:
+            raise ValueError(f"max_profiles takes {{set: N >= 0}} for sets {list(EVAL_SETS)}; got {bad}")
+        return v
+
+    def config_for(self, model_dir: str) -> dict:
+        """The EvalConfig fields for one model (automatic scorer and prompts resolved)."""
+        from manu_core.presets import default_eval_settings
+
+        auto = default_eval_settings(model_dir)
+        return {"mc_scorer": self.mc_scorer or auto.get("mc_scorer", "letter"),
+                "instructions": auto.get("instructions", True) if self.instructions is None else self.instructions,
+                "few_shot": self.few_shot, "judge": self.judge, "max_new_tokens": self.max_new_tokens,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+
+class RunConfig(BaseModel):
+    """One MANU run: model, data, importance and selection, evaluation."""
+
+    model: str = Field("lite", description="embedded preset (manu presets) or a local checkpoint folder")
+    forget: Optional[Union[str, list[str]]] = Field(
+        None, description="forget_5/10/15 or a list of profile ids; None: the preset's split (forget_5 for a checkpoint)")
+    alpha: Optional[float] = Field(None, description="pruning ratio α in (0, 1); None: the preset's documented α")
+    weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    eps: float = 1e-5
+    tau: float = 0.1
+    scope: Literal["global", "tower", "layer"] = "global"
+    aggregation: Literal["mean", "answer", "last"] = "mean"
+    extract_batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+    dtype: Optional[str] = None
+    benchmark: Optional[str] = Field(None, description="local MLLMU-Bench folder (hub parquet layout) for evaluation")
+    seed: int = 0
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="after")
+    def _check(self):
+        ImportanceParams(alpha=self.alpha if self.alpha is not None else 0.5, eps=self.eps, tau=self.tau,
+                         weights=self.weights, scope=self.scope)  # raises with the rule, the value and the fix
+        return self
+
+    def preset(self):
+        from manu_core.presets import PRESETS
+
+        return PRESETS.get(self.model)
+
+    def resolved_alpha(self) -> float:
+        p = self.preset()
+        return self.alpha if self.alpha is not None else (p.alpha if p else 0.05)
+
+    def data_spec(self, forget: Union[str, list[str], None] = None) -> dict:
+        p = self.preset()
+        forget = forget if forget is not None else self.forget
+        if forget is None:
+            forget = (list(p.forget) if not isinstance(p.forget, str) else p.forget) if p else "forget_5"
+        return {"forget": forget, "n_profiles": p.n_profiles if p else None,
+                "n_celebrities": p.n_celebrities if p else 50, "seed": p.seed if p else self.seed,
+                "benchmark": self.benchmark}
+
+
+class SweepConfig(BaseModel):
+    """A grid on one model: forget splits x methods x their variants (MANU: α x importance ablations)."""
+
+    forget_splits: list[Union[str, list[str]]] = Field(
+        default_factory=lambda: ["forget_5", "forget_10", "forget_15"], description="split names or lists of ids")
+    alphas: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1])
+    ablations: bool = Field(True, description="MANU with each importance function's weight zeroed in turn")
+    methods: list[str] = Field(default_factory=lambda: ["manu"])
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v):
+        bad = [m for m in v if m not in METHODS]
+        if bad or not v:
+            raise ValueError(f"methods must be a non-empty subset of {sorted(METHODS)}; got {v}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: how one variant turns the vanilla model into an unlearned one
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What one forget split's runs share: data, vanilla model, activations, importance sums."""
+
+    config: RunConfig
+    data: str
+    model_dir: str
+    activations: Optional[str] = None
+    sums: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    variants: Callable[[RunConfig, Optional[SweepConfig]], list[dict]]
+    unlearn: Callable[[Shared, dict], tuple[str, Optional[str]]]  # -> (unlearned model dir, importance dir)
+    needs_activations: bool = False
+
+
+def _manu_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
+    if sweep is None:
+        return [{"alpha": cfg.resolved_alpha(), "weights": cfg.weights}]
+    out = [{"alpha": a, "weights": dict(DEFAULT_WEIGHTS)} for a in sweep.alphas]
+    if sweep.ablations:
+        mid = sorted(sweep.alphas)[len(sweep.alphas) // 2]
+        out += [{"alpha": mid, "weights": {**DEFAULT_WEIGHTS, k: 0.0}} for k in WEIGHT_NAMES]
+    return out
+
+
+def _manu_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
+    c = shared.config
+    imp = stages.select(shared.sums, variant["alpha"], variant["weights"], eps=c.eps, tau=c.tau, scope=c.scope)
+    return stages.prune(shared.model_dir, imp), imp
+
+
+METHODS: dict[str, Method] = {"manu": Method("manu", _manu_variants, _manu_unlearn, needs_activations=True)}
+
+
+def variant_label(method: str, variant: dict) -> str:
+    dropped = [k for k, w in variant.get("weights", {}).items() if w == 0]
+    return f"{method} α={variant['alpha']:g}" + (f" without {'+'.join(dropped)}" if dropped else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# The flow
+
+
+def task_runner():
+    """Threads by default ($MANU_TASK_WORKERS, default 4); $MANU_TASK_RUNNER=dask for a local Dask
+    cluster, or dask://host:8786 for an existing scheduler (several GPUs or machines)."""
+    kind = os.environ.get("MANU_TASK_RUNNER", "threads")
+    if kind.startswith("dask"):
+        from prefect_dask import DaskTaskRunner
+
+        address = kind.split("://", 1)[1] if "://" in kind else None
+        return DaskTaskRunner(address=f"tcp://{address}" if address else None)
+    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("MANU_TASK_WORKERS", "4")))
+
+
+def _evaluate_all(model_dir: str, shared: "Shared", label: str) -> list:
+    """One evaluation task per (set, form), submitted at once; the vanilla model's settings apply to
+    every model of the run (an unlearned tiny model is evaluated as its vanilla model was)."""
+    cfg, data = shared.config, shared.data
+    settings = cfg.eval.config_for(shared.model_dir)
+    return [stages.evaluate.submit(model_dir, data, s, f, settings, cfg.eval.max_profiles.get(s, 0),
+                                   device=cfg.device, dtype=cfg.dtype, label=label, progress=False)
+            for s in cfg.eval.sets for f in cfg.eval.forms]
+
+
+def _results(futures: list) -> list[str]:
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+def _prepare(cfg: RunConfig, forget) -> Shared:
+    data = stages.prepare_data(cfg.data_spec(forget), profiles=str(MLLMU_DIR / "train_qa.jsonl"))
+    return Shared(cfg, data, stages.vanilla_model(cfg.model))
+
+
+def _with_activations(shared: Shared) -> Shared:
+    c = shared.config
+    acts = stages.extract(shared.model_dir, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
+                          device=c.device, dtype=c.dtype, seed=c.seed)
+    return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau))
+
+
+def _publish(report_dir: str, shared: Shared, unlearned: str, importance: Optional[str], slug: str) -> None:
+    log = get_run_logger()
+    rep = Path(report_dir)
+    create_markdown_artifact(key=f"{slug}-results", markdown=(rep / "report.md").read_text(),
+                             description="vanilla vs unlearned per set, task, metric and form")
+    if importance:
+        rows = pl.read_parquet(rep / "selected_per_layer.parquet").to_dicts()
+        create_table_artifact(key=f"{slug}-selected-neurons", table=rows,
+                              description="selected neurons per tower and layer")
+        create_link_artifact(key=f"{slug}-importance", link=(Path(importance) / "importance.parquet").as_uri(),
+                             description="importance table (Parquet, one row per neuron)")
+    if shared.activations:
+        create_link_artifact(key=f"{slug}-activations", link=(Path(shared.activations) / "activations").as_uri(),
+                             description="per-layer activations (Parquet; `manu inspect` it)")
+    create_link_artifact(key=f"{slug}-model", link=Path(unlearned).as_uri(), description="unlearned model")
+    log.info("report: %s | unlearned model: %s | importance: %s | activations: %s", rep / "report.md", unlearned,
+             importance, shared.activations)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> str:
+    cfg = shared.config
+    unlearned, imp = METHODS[method].unlearn(shared, variant)
+    units = _results(_evaluate_all(unlearned, shared, _slug(variant_label(method, variant))))
+    split = cfg.data_spec()["forget"]
+    split = split if isinstance(split, str) else f"{len(split)} ids"
+    title = f"{variant_label(method, variant)} on {cfg.model}, forget {split}"
+    rep = stages.report(vanilla_units, units, imp, title,
+                        run={"config": cfg.model_dump(), "method": method, "variant": variant})
+    _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{variant_label(method, variant)}"))
+    return rep
+
+
+@flow(name="manu", task_runner=task_runner(), log_prints=True)
+def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None) -> str:
+    """One MANU run (returns its report folder) or, with `sweep`, a grid (returns the sweep table)."""
+    log = get_run_logger()
+    splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
+    methods = ["manu"] if sweep is None else sweep.methods
+    rows, last = [], ""
+    for forget in splits:
+        cfg = config.model_copy(update={"forget": forget})
+        shared = _prepare(cfg, forget)
+        vanilla = _evaluate_all(shared.model_dir, shared, "vanilla")
+        if any(METHODS[m].needs_activations for m in methods):
+            shared = _with_activations(shared)
+        vanilla_units = _results(vanilla)
+        for method in methods:
+            for variant in METHODS[method].variants(cfg, sweep):
+                last = run_one(shared, method, variant, vanilla_units)
+                if sweep is not None:
+                    rows += _summary_rows(last, method, variant)
+    if sweep is None:
+        log.info("results: %s", Path(last) / "report.md")
+        print((Path(last) / "report.md").read_text())
+        return last
+    return _sweep_table(rows, config)
+
+
+def _summary_rows(report_dir: str, method: str, variant: dict) -> list[dict]:
+    import json
+
+    res = json.loads((Path(report_dir) / "results.json").read_text())
+    label = variant_label(method, variant)
+    forget = res["run"]["config"]["forget"]
+    forget = forget if isinstance(forget, str) else f"{len(forget)} ids"
+    out = []
+    for who in ("vanilla", "unlearned"):
+        for s in res[who]:
+            out.append({"forget": forget, "method": "vanilla" if who == "vanilla" else label, **s})
+    return out
+
+
+def _sweep_table(rows: list[dict], config: RunConfig) -> str:
+    from manu_core.io import atomic_file
+    from tasks.cache import pipeline_dir
+
+    df = pl.DataFrame(rows).unique(maintain_order=True)
+    wide = (df.pivot(on="form", index=["forget", "method", "set", "task", "metric", "scorer"], values="value")
+            .sort("forget", "set", "task", "metric", "method"))
+    out = pipeline_dir() / "sweeps" / _slug(f"{config.model}-{'-'.join(sorted(df['forget'].unique()))}")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "sweep.parquet") as tmp:
+        df.write_parquet(tmp)
+    lines = ["| forget | method | set | task | metric | image+text | text | average |", "|---|---|---|---|---|---|---|---|"]
+    for r in wide.iter_rows(named=True):
+        mm, tx = r.get("multimodal"), r.get("text")
+        avg = (mm + tx) / 2 if mm is not None and tx is not None else None
+        cells = [f"{v:.3f}" if v is not None else "-" for v in (mm, tx, avg)]
+        lines.append(f"| {r['forget']} | {r['method']} | {r['set']} | {r['task']} | {r['metric']} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines)
+    with atomic_file(out / "sweep.md") as tmp:
+        tmp.write_text(md + "\n")
+    create_markdown_artifact(key=_slug(f"sweep-{config.model}"), markdown="# Sweep\n\n" + md,
+                             description="every method and variant per forget split")
+    get_run_logger().info("sweep table: %s (%d rows)", out / "sweep.parquet", df.height)
+    return str(out)

@@ -1,0 +1,173 @@
+"""Content-addressed caching for the pipeline's Prefect tasks (prefect-notes.md, "Caching").
+
+A task's cache key is `<task>-<sha256>` of
+  - its parameters (JSON),
+  - the *content* of its path parameters: a folder written by another task is named by its
+    completion record (`_manu_done.json`, which holds every file's sha256); any other file or folder
+    (a model checkpoint, a profiles file) by the sha256 of its bytes, remembered per (path, size, mtime),
+  - the code it runs: every source file of `manu_core/` and `tasks/` (Prefect's TASK_SOURCE would
+    only see the task function itself).
+The task writes its outputs into `stage_dir()` = `<artifacts>/pipeline/<task>/<key>/`, atomically,
+and `finish()` writes the completion record last. Before Prefect looks up a cached record, the policy
+checks that record's outputs: when the completion record is missing, or a file it lists is gone or
+has another size, the stale cache record is deleted, so the task reruns instead of handing a
+dangling path downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+
+from manu_core.io import atomic_write_json
+from manu_core.presets import artifacts_dir
+
+log = logging.getLogger(__name__)
+DONE = "_manu_done.json"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pipeline_dir() -> Path:
+    return artifacts_dir() / "pipeline"
+
+
+def results_dir() -> Path:
+    """Where Prefect keeps the task results (the paths the tasks return): fixed, absolute."""
+    return Path(os.environ.get("MANU_PREFECT_RESULTS") or artifacts_dir() / "prefect-results").resolve()
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    h = hashlib.sha256()
+    for pkg in ("manu_core", "tasks"):
+        for f in sorted((REPO / pkg).glob("*.py")):
+            h.update(f"{pkg}/{f.name}".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        _FILE_DIGESTS[memo] = _sha256(path)
+    return _FILE_DIGESTS[memo]
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != DONE)
+
+
+def content_digest(path: str | Path) -> str:
+    """What a path argument contributes to a cache key (see the module docstring)."""
+    path = Path(path)
+    if (path / DONE).is_file():
+        return "done:" + hashlib.sha256((path / DONE).read_bytes()).hexdigest()
+    if path.is_file():
+        return "file:" + file_digest(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in _files(path):
+            h.update(str(f.relative_to(path)).encode() + b"\0" + file_digest(f).encode())
+        return "dir:" + h.hexdigest()
+    raise FileNotFoundError(f"{path} does not exist; a pipeline input must be an existing file or folder.")
+
+
+def finish(out_dir: str | Path, *, outputs: list[str | Path] | None = None, meta: dict | None = None) -> Path:
+    """Write the completion record of a task's output folder (last, atomically): every file under
+    `out_dir` and under `outputs` (folders elsewhere, e.g. a trained model) with size and sha256."""
+    out_dir = Path(out_dir)
+    roots = [out_dir] + [Path(p).resolve() for p in outputs or []]
+    files = []
+    for root in roots:
+        for f in ([root] if root.is_file() else _files(root)):
+            files.append({"path": str(f.relative_to(out_dir)) if root == out_dir else str(f),
+                          "size": f.stat().st_size, "sha256": file_digest(f)})
+    atomic_write_json(out_dir / DONE, {"files": files, "meta": meta or {}})
+    return out_dir
+
+
+def check_done(out_dir: str | Path) -> str | None:
+    """None when `out_dir` is complete, else why not."""
+    out_dir = Path(out_dir)
+    record = out_dir / DONE
+    if not record.is_file():
+        return f"{record} is missing"
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{record} is unreadable ({e})"
+    for f in files:
+        p = Path(f["path"]) if Path(f["path"]).is_absolute() else out_dir / f["path"]
+        if not p.is_file():
+            return f"{p} was deleted"
+        if p.stat().st_size != f["size"]:
+            return f"{p} has {p.stat().st_size} bytes, {f['size']} were written"
+    return None
+
+
+@dataclass
+class ManuCache(CachePolicy):
+    """Cache key = task name + parameters + content of `paths` parameters + project code."""
+
+    paths: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()  # parameters that do not change the output (progress bars, devices)
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        key = stage_key(task_ctx.task.name, inputs, paths=self.paths, ignore=self.ignore)
+        out = pipeline_dir() / task_ctx.task.name / key
+        record = results_dir() / key
+        if record.exists():
+            why = check_done(out)
+            if why:
+                log.warning("cached result of %s is stale (%s): recomputing", task_ctx.task.name, why)
+                record.unlink(missing_ok=True)
+        return key
+
+
+def stage_key(task_name: str, inputs: dict[str, Any], *, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> str:
+    h = hashlib.sha256(task_name.encode())
+    h.update(code_digest().encode())
+    for name in sorted(inputs):
+        if name in ignore:
+            continue
+        value = inputs[name]
+        if name in paths:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            digest = [content_digest(v) for v in values]
+            h.update(json.dumps([name, digest]).encode())
+        else:
+            h.update(json.dumps([name, value], sort_keys=True, default=str).encode())
+    return f"{task_name}-{h.hexdigest()[:20]}"
+
+
+def stage_dir() -> Path:
+    """The output folder of the running task: `<artifacts>/pipeline/<task>/<cache key>/`."""
+    from prefect.context import TaskRunContext
+    from prefect.transactions import get_transaction
+
+    txn, ctx = get_transaction(), TaskRunContext.get()
+    if txn is None or ctx is None or not txn.key:
+        raise RuntimeError("stage_dir() is for pipeline tasks running with the ManuCache policy")
+    return pipeline_dir() / ctx.task.name / txn.key

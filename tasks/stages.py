@@ -1,0 +1,257 @@
+"""The pipeline's Prefect tasks: thin wrappers over manu_core, paths in and paths out.
+
+    prepare_data -> vanilla_model -> extract -> importance_sums -> select -> prune -> evaluate (set x form) -> report
+
+Every task is cached by content (`tasks.cache.ManuCache`), writes into its own `stage_dir()` and
+returns that folder's path as a string. Tasks that run the model hold a device slot (`device_slot`):
+one task per GPU at a time by default ($MANU_DEVICE_SLOTS), so parallel evaluations queue for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import polars as pl
+from prefect import get_run_logger, task
+
+from manu_core import data as mdata
+from manu_core.io import atomic_dir, atomic_file, atomic_write_json
+from tasks.cache import ManuCache, finish, results_dir, stage_dir
+
+_RUN_IGNORE = ("progress",)
+
+
+def manu_task(*, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (), **kwargs):
+    """A Prefect task cached by content, with its result (a path) persisted under `results_dir()`."""
+    def deco(fn):
+        return task(fn, cache_policy=ManuCache(paths=paths, ignore=_RUN_IGNORE + ignore), persist_result=True,
+                    result_storage=results_dir(), cache_result_in_memory=False, **kwargs)
+    return deco
+
+
+def device_slots() -> int:
+    if os.environ.get("MANU_DEVICE_SLOTS"):
+        return max(1, int(os.environ["MANU_DEVICE_SLOTS"]))
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+_SLOTS = threading.BoundedSemaphore(device_slots())
+
+
+@contextmanager
+def device_slot():
+    """Hold one of this process's device slots (a GPU) while running a model."""
+    with _SLOTS:
+        yield
+
+
+_MODEL_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _cached_model(model_dir: str, device: str, dtype: str | None):
+    from manu_core.models import load_model
+
+    return load_model(model_dir, device=device, dtype=dtype)
+
+
+def load(model_dir: str, device: str, dtype: str | None):
+    """The model at `model_dir`, kept loaded for the next task that asks for the same one."""
+    with _MODEL_LOCK:
+        return _cached_model(str(model_dir), device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def dataset_of(spec: dict) -> mdata.Dataset:
+    return mdata.build_dataset(forget=spec["forget"] if isinstance(spec["forget"], str) else tuple(spec["forget"]),
+                               n_profiles=spec.get("n_profiles"), n_celebrities=spec.get("n_celebrities", 50),
+                               seed=spec.get("seed", 0))
+
+
+def _items_frame(items: list[mdata.EvalItem]) -> pl.DataFrame:
+    return pl.DataFrame([{**asdict(it), "options": list(it.options)} for it in items],
+                        schema_overrides={"options": pl.List(pl.String), "image": pl.String})
+
+
+def read_items(path: str | Path) -> list[mdata.EvalItem]:
+    return [mdata.EvalItem(**{**row, "options": tuple(row["options"] or ())})
+            for row in pl.read_parquet(path).iter_rows(named=True)]
+
+
+@manu_task(name="prepare_data", paths=("profiles",))
+def prepare_data(spec: dict, profiles: str) -> str:
+    """Split the profiles into forget/retain and each sample into its two forms (method.md, "Data
+    forms"): `streams.parquet` (what extraction reads), `eval_items.parquet` (what evaluation asks;
+    from the local MLLMU-Bench when `spec["benchmark"]` is set) and `split.json`."""
+    from manu_core.extract import build_streams
+
+    out = stage_dir()
+    ds = dataset_of(spec)
+    streams = build_streams(ds, retain_size=spec.get("retain_size", "match"), seed=spec.get("seed", 0))
+    if spec.get("benchmark"):
+        from manu_core.benchmark import load_mllmu_bench
+
+        items = load_mllmu_bench(spec["benchmark"], spec["forget"], seed=spec.get("seed", 0)).items
+    else:
+        items = mdata.eval_items(ds)
+    rows = [{"split": split, "form": form, **asdict(s)} for (split, form), ss in sorted(streams.items()) for s in ss]
+    with atomic_dir(out) as tmp:
+        pl.DataFrame(rows).write_parquet(tmp / "streams.parquet")
+        _items_frame(items).write_parquet(tmp / "eval_items.parquet")
+        atomic_write_json(tmp / "split.json", {
+            "spec": spec, "split": ds.split.name, "forget_ids": list(ds.split.forget_ids),
+            "retain_ids": list(ds.split.retain_ids), "celebrity_ids": [c.id for c in ds.celebrities],
+            "streams": {f"{k[0]}/{k[1]}": len(v) for k, v in sorted(streams.items())}, "n_eval_items": len(items),
+        })
+    get_run_logger().info("data: %s forget / %s retain profiles, streams %s -> %s", len(ds.split.forget_ids),
+                          len(ds.split.retain_ids), {f"{k[0]}/{k[1]}": len(v) for k, v in streams.items()}, out)
+    return str(finish(out))
+
+
+@manu_task(name="vanilla_model")
+def vanilla_model(model: str) -> str:
+    """An embedded preset's trained vanilla model (trained on first use), or a local checkpoint."""
+    from manu_core.presets import resolve_model
+
+    path = resolve_model(model)
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "model.json", {"model": model, "path": str(path)})
+    finish(out, outputs=[path])
+    get_run_logger().info("vanilla model: %s", path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# MANU
+
+
+@manu_task(name="extract", paths=("model_dir", "data_dir"), ignore=("device",))
+def extract(model_dir: str, data_dir: str, aggregation: str = "mean", batch_size: int = 32, device: str = "cpu",
+            dtype: str | None = None, seed: int = 0, progress: bool = True) -> str:
+    """Per-layer activations of the four streams, Parquet (manu_core/store.py)."""
+    from manu_core.extract import extract_activations
+
+    frame = pl.read_parquet(Path(data_dir) / "streams.parquet")
+    fields = [f for f in mdata.Sample.__dataclass_fields__]
+    streams: dict[tuple[str, str], list[mdata.Sample]] = {}
+    for row in frame.iter_rows(named=True):
+        streams.setdefault((row["split"], row["form"]), []).append(mdata.Sample(**{k: row[k] for k in fields}))
+    out = stage_dir()
+    with device_slot():
+        model, processor = load(model_dir, device, dtype)
+        acts = extract_activations(model, processor, streams, out / "activations", aggregation=aggregation,
+                                   batch_size=batch_size, device=device, seed=seed, progress=progress)
+    get_run_logger().info("activations (Parquet): %s", acts)
+    return str(finish(out))
+
+
+@manu_task(name="importance_sums", paths=("activations_dir",))
+def importance_sums(activations_dir: str, tau: float = 0.1) -> str:
+    """The five sums per neuron and stream (method.md, "Importance functions"), in Polars."""
+    from manu_core.importance import neuron_sums
+
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "sums.parquet") as tmp:
+        neuron_sums(Path(activations_dir) / "activations", tau).write_parquet(tmp, statistics=False)
+    return str(finish(out, meta={"tau": tau}))
+
+
+@manu_task(name="select", paths=("sums_dir",), task_run_name="select-alpha{alpha}")
+def select(sums_dir: str, alpha: float, weights: dict[str, float], eps: float = 1e-5, tau: float = 0.1,
+           scope: str = "global") -> str:
+    """Importances, score and the top-α selection: `importance.parquet`, one row per neuron."""
+    from manu_core.importance import ImportanceParams, importance_table, write_importance
+
+    params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=weights, scope=scope)
+    table = importance_table(pl.read_parquet(Path(sums_dir) / "sums.parquet"), params)
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    write_importance(table, out / "importance.parquet")
+    n = int(table["selected"].sum())
+    get_run_logger().info("selected %d of %d neurons (α=%s, scope=%s, weights=%s)", n, table.height, alpha, scope,
+                          weights)
+    return str(finish(out, meta={"n_selected": n, "n_units": table.height}))
+
+
+@manu_task(name="prune", paths=("model_dir", "importance_dir"))
+def prune(model_dir: str, importance_dir: str) -> str:
+    """Zero the selected neurons' weights and save the unlearned model with `selection.parquet`."""
+    from manu_core.models import load_model
+    from manu_core.prune import prune_units, save_pruned
+
+    table = pl.read_parquet(Path(importance_dir) / "importance.parquet")
+    model, processor = load_model(model_dir)  # a private copy: the cached vanilla model stays intact
+    report = prune_units(model, table)
+    out = stage_dir()
+    save_pruned(model, processor, table, out / "model", report=report)
+    get_run_logger().info("unlearned model: %s (%d of %d units zeroed)", out / "model", report.n_pruned,
+                          report.n_units)
+    return str(finish(out)) + "/model"
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and report
+
+
+@manu_task(name="evaluate", paths=("model_dir", "data_dir"), ignore=("device", "label"),
+           task_run_name="evaluate-{label}-{set_name}-{form}")
+def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: dict, max_profiles: int = 0,
+             device: str = "cpu", dtype: str | None = None, label: str = "model", progress: bool = True) -> str:
+    """One (set, form) unit of MLLMU-Bench (manu_core/evaluate.py): answers.parquet + summary.json."""
+    from manu_core.evaluate import EvalConfig, cap_profiles, evaluate_unit
+    from manu_core.judge import make_judge
+    from manu_core.portraits import image_for
+
+    items = [it for it in read_items(Path(data_dir) / "eval_items.parquet") if it.set == set_name and it.form == form]
+    items = cap_profiles(items, max_profiles, settings.get("seed", 0))
+    spec = json.loads((Path(data_dir) / "split.json").read_text())["spec"]
+    images = image_for
+    if spec.get("benchmark"):
+        from manu_core.benchmark import load_mllmu_bench
+
+        images = load_mllmu_bench(spec["benchmark"], spec["forget"], seed=spec.get("seed", 0), sets=(set_name,)).image
+    config = EvalConfig(**settings)
+    out = stage_dir()
+    with device_slot():
+        model, processor = load(model_dir, device, dtype)
+        evaluate_unit(model, processor, items, out / "unit", config, images=images, device=device,
+                      judge=make_judge(config.judge, device=device), model_id=model_dir, progress=progress)
+    return str(finish(out)) + "/unit"
+
+
+@manu_task(name="report", paths=("vanilla_units", "unlearned_units", "importance_dir"))
+def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str, title: str,
+           run: dict) -> str:
+    """The results table (vanilla vs unlearned per set, task and form), results.json and the
+    selected neurons per tower/layer."""
+    from manu_core.demo import comparison_table
+    from manu_core.evaluate import Summary
+
+    def summaries(units):
+        return [Summary(**s) for u in units for s in json.loads((Path(u) / "summary.json").read_text())]
+
+    before, after = summaries(vanilla_units), summaries(unlearned_units)
+    table = pl.read_parquet(Path(importance_dir) / "importance.parquet")
+    per_layer = (table.group_by("tower", "layer").agg(units=pl.len(), selected=pl.col("selected").sum())
+                 .sort("tower", "layer"))
+    out = stage_dir()
+    md = f"# {title}\n\n{comparison_table(before, after)}\n"
+    with atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text(md)
+        per_layer.write_parquet(tmp / "selected_per_layer.parquet")
+        atomic_write_json(tmp / "results.json", {"run": run, "vanilla": [asdict(s) for s in before],
+                                                 "unlearned": [asdict(s) for s in after]})
+    return str(finish(out))

@@ -1,0 +1,95 @@
+"""The `manu` flow on the embedded tiny preset: what reruns when what changes, and failures."""
+
+import pytest
+
+from flows.pipeline import EvalSettings, RunConfig, manu
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]
+
+CAPS = {"forget": 1, "test": 1, "retain": 1, "celebrity": 1}
+
+
+def config(**kw) -> RunConfig:
+    ev = kw.pop("eval", {})
+    return RunConfig(model="tiny", alpha=kw.pop("alpha", 0.05), extract_batch_size=16,
+                     eval=EvalSettings(max_new_tokens=8, max_profiles={**CAPS, **ev.pop("max_profiles", {})}, **ev),
+                     **kw)
+
+
+def run(cfg: RunConfig) -> tuple[str, dict[str, str]]:
+    """The flow's result and {task run name: state name}."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    state = manu(cfg, return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    names = {}
+    for r in runs:
+        base = r.name.rsplit("-", 1)[0] if not r.name.startswith(("evaluate-", "select-")) else r.name
+        names[base] = r.state.name
+    return state.result(), names
+
+
+def reran(states: dict[str, str]) -> set[str]:
+    return {n for n, s in states.items() if s != "Cached"}
+
+
+@pytest.fixture(scope="module")
+def first_run():
+    return run(config())
+
+
+def test_second_run_is_all_cached(first_run):
+    report, states = first_run
+    assert {"prepare_data", "vanilla_model", "extract", "importance_sums", "report"} <= set(states)
+    assert sum(n.startswith("evaluate-vanilla-") for n in states) == 8
+    again, states2 = run(config())
+    assert again == report
+    assert set(states2) == set(states) and reran(states2) == set(), states2
+
+
+def test_changing_alpha_reruns_selection_onward_only(first_run):
+    _, states = run(config(alpha=0.1))
+    assert reran(states) == {"select-alpha0.1", "prune", "report"} | {
+        n for n in states if n.startswith("evaluate-manu-0-1-")}
+    assert sum(n.startswith("evaluate-manu-0-1-") for n in states) == 8
+
+
+def test_changing_one_cap_reruns_that_evaluation_and_the_report(first_run):
+    _, states = run(config(eval={"max_profiles": {"test": 2}}))
+    assert reran(states) == {"report"} | {n for n in states if n.startswith("evaluate-") and "-test-" in n}
+    assert len(reran(states)) == 1 + 4  # vanilla and unlearned, two forms each
+
+
+def test_changing_the_forget_split_reruns_extraction_onward(first_run):
+    _, states = run(config(forget=["093", "279"]))
+    assert states["vanilla_model"] == "Cached"
+    assert reran(states) == set(states) - {"vanilla_model"}
+
+
+def test_deleted_activation_file_is_recomputed_not_a_crash(first_run):
+    from pathlib import Path
+
+    from tasks.cache import pipeline_dir
+
+    parts = sorted((pipeline_dir() / "extract").glob("*/activations/split=forget/**/*.parquet"))
+    assert parts
+    parts[0].unlink()
+    report, states = run(config())
+    assert states["extract"] == "Completed"  # the stale cached record was dropped
+    assert reran(states) == {"extract"}  # same bytes again: everything downstream stays cached
+    assert report == first_run[0]
+    assert Path(parts[0]).is_file()
+
+
+def test_invalid_config_is_refused_with_the_rule():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"alpha must be in \(0, 1\); got 1.5"):
+        RunConfig(model="tiny", alpha=1.5)
+    with pytest.raises(ValidationError, match="sets must be a non-empty subset"):
+        EvalSettings(sets=["forget", "tset"])
+    with pytest.raises(ValidationError, match="unknown weight|weight"):
+        RunConfig(weights={"abs": 1, "nope": 1})
