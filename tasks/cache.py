@@ -74,8 +74,13 @@ def file_digest(path: Path) -> str:
     return _FILE_DIGESTS[memo]
 
 
+def _is_temporary(p: Path, root: Path) -> bool:
+    """Left by a write that never finished (manu_core.io's `.name.XXXX.tmp` siblings)."""
+    return any(part.startswith(".") and part.endswith((".tmp", ".old")) for part in p.relative_to(root).parts)
+
+
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != DONE)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != DONE and not _is_temporary(p, root))
 
 
 def content_digest(path: str | Path) -> str:
@@ -163,11 +168,21 @@ def stage_key(task_name: str, inputs: dict[str, Any], *, paths: tuple[str, ...] 
 
 
 def stage_dir() -> Path:
-    """The output folder of the running task: `<artifacts>/pipeline/<task>/<cache key>/`."""
+    """The output folder of the running task: `<artifacts>/pipeline/<task>/<cache key>/`, created,
+    without what a killed earlier attempt left (its completion record and unfinished temporaries)."""
+    import shutil
+
     from prefect.context import TaskRunContext
     from prefect.transactions import get_transaction
 
     txn, ctx = get_transaction(), TaskRunContext.get()
     if txn is None or ctx is None or not txn.key:
         raise RuntimeError("stage_dir() is for pipeline tasks running with the ManuCache policy")
-    return pipeline_dir() / ctx.task.name / txn.key
+    out = pipeline_dir() / ctx.task.name / txn.key
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DONE).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if _is_temporary(p, out):
+            log.info("removing %s, left by an interrupted run", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return out

@@ -11,7 +11,8 @@ CAPS = {"forget": 1, "test": 1, "retain": 1, "celebrity": 1}
 
 def config(**kw) -> RunConfig:
     ev = kw.pop("eval", {})
-    return RunConfig(model="tiny", alpha=kw.pop("alpha", 0.05), extract_batch_size=16,
+    kw.setdefault("extract_batch_size", 16)
+    return RunConfig(model="tiny", alpha=kw.pop("alpha", 0.05),
                      eval=EvalSettings(max_new_tokens=8, max_profiles={**CAPS, **ev.pop("max_profiles", {})}, **ev),
                      **kw)
 
@@ -93,3 +94,52 @@ def test_invalid_config_is_refused_with_the_rule():
         EvalSettings(sets=["forget", "tset"])
     with pytest.raises(ValidationError, match="unknown weight|weight"):
         RunConfig(weights={"abs": 1, "nope": 1})
+
+
+def test_killed_extraction_reruns_to_the_same_results(tiny_model_dir, tmp_path):
+    """SIGKILL the flow's process while `extract` runs; the rerun reuses the finished tasks, cleans
+    the unfinished folder and ends with the results of an uninterrupted run (run here, in-process)."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tasks.cache import pipeline_dir
+
+    cfg = config(extract_batch_size=1)
+    reference, _ = run(cfg)
+    arts = tmp_path / "artifacts"
+    shutil.copytree(tiny_model_dir, arts / "models" / tiny_model_dir.name)
+    env = {**os.environ, "MANU_ARTIFACTS": str(arts), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MANU_PREFECT_RESULTS": ""}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, str(Path(__file__).with_name("run_flow.py")), cfg.model_dump_json()]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "extraction never started"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp"))  # the kill left it unfinished
+    out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    log = out.stdout + out.stderr
+    for name in ("prepare_data", "vanilla_model"):
+        assert f"Task run '{name}-" in log and any(f"'{name}-" in l and "Cached" in l for l in log.splitlines())
+    assert not list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp"))
+    report = Path([l for l in out.stdout.splitlines() if l.startswith("REPORT=")][-1][len("REPORT="):])
+    ref = json.loads((Path(reference) / "results.json").read_text())
+    got = json.loads((report / "results.json").read_text())
+    assert got["unlearned"] == ref["unlearned"] and got["vanilla"] == ref["vanilla"]
+    # Same cache keys (content-addressed), so the same folder names and the same bytes.
+    mine = sorted((arts / "pipeline" / "select").glob("*/importance.parquet"))
+    assert len(mine) == 1
+    theirs = pipeline_dir() / "select" / mine[0].parent.name / "importance.parquet"
+    assert mine[0].read_bytes() == theirs.read_bytes()
