@@ -1,0 +1,89 @@
+"""The product as a user runs it: a real `prefect server start`, a process work pool, `prefect
+deploy` from prefect.yaml, a worker, `prefect deployment run manu/smoke --watch`; then everything
+started here is stopped (SIGINT for the worker, which ignores SIGTERM for a long while)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, sig=signal.SIGINT, timeout=30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_UI_ENABLED": "false"}
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "worker")}
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                               "--analytics-off"], env=env, stdout=logs["server"], stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+
+        def cli(*args, timeout=180):
+            out = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            return out.stdout + out.stderr
+
+        cli("work-pool", "create", "manu-pool", "--type", "process")
+        deployed = cli("--no-prompt", "deploy", "--all")
+        assert "manu/smoke" in deployed and "manu/full-sweep" in deployed
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "manu-pool", "--limit", "1",
+                                   "--install-policy", "never"], env=env, cwd=REPO, stdout=logs["worker"],
+                                  stderr=subprocess.STDOUT)
+        watched = cli("deployment", "run", "manu/smoke", "--watch", timeout=900)
+        assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
+
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=10).json()
+        keys = {a["key"] for a in artifacts if a.get("key")}
+        assert any(k.endswith("-results") for k in keys), keys
+        assert any(k.endswith("-selected-neurons") for k in keys), keys
+        # Link artifacts are stored as markdown "[text](url)": each points at an existing output.
+        links = {a["key"]: a["data"] for a in artifacts if (a.get("key") or "").endswith(("-activations", "-importance", "-model"))}
+        assert len(links) == 3, links
+        for key, data in links.items():
+            url = data.rsplit("(", 1)[-1].rstrip(")")
+            assert url.startswith("file://") and Path(url.removeprefix("file://")).exists(), (key, data)
+    finally:
+        if worker is not None:
+            _stop(worker)  # SIGINT: a worker ignores SIGTERM for 20 s or more
+        _stop(server)
+        for f in logs.values():
+            f.close()
+    assert server.returncode is not None and (worker is None or worker.returncode is not None)
