@@ -1,0 +1,31 @@
+"""The sweep's fan-out on a Dask LocalCluster with 2 worker processes (prefect-dask)."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.pipeline import SweepConfig, manu
+
+from .test_flow import config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def test_sweep_on_a_dask_local_cluster(tiny_model_dir):
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                            "dashboard_address": None})
+    sweep = SweepConfig(forget_splits=[["093", "279", "303"]], alphas=[0.05, 0.1], ablations=False)
+    state = manu.with_options(task_runner=runner)(config(), sweep, return_state=True)
+    assert state.is_completed(), state
+    out = Path(state.result())
+    table = pl.read_parquet(out / "sweep.parquet")
+    assert set(table["method"]) == {"vanilla", "manu α=0.05", "manu α=0.1"}
+    assert set(table["set"]) == {"forget", "test", "retain", "celebrity"}
+    assert (out / "sweep.md").read_text().startswith("| forget | method |")
+    reports = sorted(Path(p).parent for p in (out.parent.parent / "report").glob("*/results.json"))
+    alphas = {json.loads((r / "results.json").read_text())["run"]["variant"]["alpha"] for r in reports}
+    assert {0.05, 0.1} <= alphas
