@@ -137,12 +137,13 @@ class ManuCache(CachePolicy):
 
     paths: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()  # parameters that do not change the output (progress bars, devices)
+    results: Path | None = None  # the task's result storage folder (default: results_dir())
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         key = stage_key(task_ctx.task.name, inputs, paths=self.paths, ignore=self.ignore)
         out = pipeline_dir() / task_ctx.task.name / key
-        record = results_dir() / key
+        record = (self.results or results_dir()) / key
         if record.exists():
             why = check_done(out)
             if why:

@@ -30,8 +30,9 @@ _RUN_IGNORE = ("progress",)
 def manu_task(*, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (), **kwargs):
     """A Prefect task cached by content, with its result (a path) persisted under `results_dir()`."""
     def deco(fn):
-        return task(fn, cache_policy=ManuCache(paths=paths, ignore=_RUN_IGNORE + ignore), persist_result=True,
-                    result_storage=results_dir(), cache_result_in_memory=False, **kwargs)
+        results = results_dir()
+        return task(fn, cache_policy=ManuCache(paths=paths, ignore=_RUN_IGNORE + ignore, results=results),
+                    persist_result=True, result_storage=results, cache_result_in_memory=False, **kwargs)
     return deco
 
 

@@ -2,7 +2,6 @@
 deploy` from prefect.yaml, a worker, `prefect deployment run manu/smoke --watch`; then everything
 started here is stopped (SIGINT for the worker, which ignores SIGTERM for a long while)."""
 
-import json
 import os
 import signal
 import socket

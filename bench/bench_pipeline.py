@@ -1,0 +1,145 @@
+"""Benchmark: the `manu` flow's caching, measured side by side in one run, against one Prefect server.
+
+    python bench/bench_pipeline.py                  # lite preset; ~15 min on 2 cores
+    python bench/bench_pipeline.py --model tiny     # the same on the tiny preset (~2 min)
+
+1. cold vs cached: `make demo`'s flow (RunConfig(model, eval caps retain=25)) in an empty pipeline
+   folder, then again unchanged. Target: cached <= 5% of cold. The vanilla model is trained
+   beforehand and is not part of "cold" (bench/bench_train.py measures training); interpreter start
+   and server start are outside both timings (one server for the whole script, as on a lab server).
+2. sweep vs separate runs: 3 α values as one sweep (one extraction, one set of importance sums) in an
+   empty pipeline folder, beside 3 single runs each in its own empty folder. Target: sweep <=
+   1.3 x (one run's extraction + importance) + the sweep's evaluations and pruning. Evaluation caps
+   --caps (default 10 profiles per set) keep it short.
+Per-task times come from the Prefect API (task runs' total run time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+ROOT = Path(tempfile.mkdtemp(prefix="manu-bench-"))
+os.environ["MANU_ARTIFACTS"] = str(ROOT)  # one folder for the whole script, set before the project is imported
+
+
+def fresh_artifacts(model_dir: Path) -> None:
+    """Empty pipeline and result folders; the trained vanilla model stays (so "cold" excludes training)."""
+    from tasks.cache import pipeline_dir, results_dir
+
+    shutil.rmtree(pipeline_dir(), ignore_errors=True)
+    shutil.rmtree(results_dir(), ignore_errors=True)
+    target = ROOT / "models" / model_dir.name
+    if not target.exists():
+        shutil.copytree(model_dir, target)
+
+
+REPO_ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def task_seconds(state) -> dict[str, float]:
+    """Wall seconds per stage: the union of its task runs' [start, end] intervals (parallel
+    evaluations, and time spent queueing for the device slot, are not counted twice)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id])))
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for r in runs:
+        if r.start_time is None or r.end_time is None:
+            continue
+        stage = next((s for s in ("prepare_data", "vanilla_model", "importance_sums") if r.name.startswith(s)),
+                     r.name.split("-")[0])
+        spans.setdefault(stage, []).append((r.start_time.timestamp(), r.end_time.timestamp()))
+    out = {}
+    for stage, iv in spans.items():
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(iv):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        out[stage] = total
+    return out
+
+
+def timed(flow, *args):
+    t0 = time.perf_counter()
+    state = flow(*args, return_state=True)
+    dt = time.perf_counter() - t0
+    assert state.is_completed(), state
+    return dt, state
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="lite")
+    ap.add_argument("--alphas", default="0.02,0.05,0.1")
+    ap.add_argument("--caps", type=int, default=10, help="part 2: profiles per set evaluated")
+    ap.add_argument("--skip", default="", help="'cached' or 'sweep' to skip a part")
+    args = ap.parse_args()
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from manu_core.presets import resolve_model
+
+    # The vanilla model comes from the checkout's artifacts/ (trained there on first use), outside every timing.
+    os.environ["MANU_ARTIFACTS"] = str(REPO_ARTIFACTS)
+    model_dir = resolve_model(args.model)
+    os.environ["MANU_ARTIFACTS"] = str(ROOT)
+    with prefect_test_harness(server_startup_timeout=120):
+        from flows.pipeline import EvalSettings, RunConfig, SweepConfig, manu
+
+        if "cached" not in args.skip:
+            fresh_artifacts(model_dir)
+            cfg = RunConfig(model=args.model, eval=EvalSettings(max_profiles={"retain": 25}))
+            cold, _ = timed(manu, cfg)
+            cached, state = timed(manu, cfg)
+            states = task_seconds(state)
+            print(f"1. {args.model}: make demo's flow")
+            print(f"   cold   {cold:8.1f} s")
+            print(f"   cached {cached:8.1f} s   ratio cached/cold = {cached / cold:.3f} (target <= 0.05); "
+                  f"task time on the cached run: {sum(states.values()):.2f} s")
+
+        if "sweep" not in args.skip:
+            alphas = [float(a) for a in args.alphas.split(",")]
+            caps = {s: args.caps for s in ("forget", "test", "retain", "celebrity")}
+            singles, per_task = [], []
+            for a in alphas:
+                fresh_artifacts(model_dir)
+                dt, state = timed(manu, RunConfig(model=args.model, alpha=a, eval=EvalSettings(max_profiles=caps)))
+                singles.append(dt)
+                per_task.append(task_seconds(state))
+            fresh_artifacts(model_dir)
+            base = RunConfig(model=args.model, eval=EvalSettings(max_profiles=caps))
+            forget = base.data_spec()["forget"]
+            sweep = SweepConfig(forget_splits=[forget], alphas=alphas, ablations=False)
+            t_sweep, state = timed(manu, base, sweep)
+            sweep_tasks = task_seconds(state)
+            one = per_task[0]
+            extract_imp = one.get("extract", 0) + one.get("importance_sums", 0)
+            evals = sweep_tasks.get("evaluate", 0.0)
+            budget = 1.3 * extract_imp + evals
+            print(f"2. {args.model}: sweep of α {alphas} vs {len(alphas)} separate cold runs (caps {args.caps}/set)")
+            print(f"   separate runs {sum(singles):8.1f} s  ({', '.join(f'{s:.1f}' for s in singles)})")
+            print(f"   one sweep     {t_sweep:8.1f} s  ratio sweep/separate = {t_sweep / sum(singles):.2f}")
+            print(f"   one run's extraction + importance {extract_imp:.1f} s (wall); the sweep's evaluations {evals:.1f} s "
+                  f"(wall, union of task runs); target sweep <= 1.3 x {extract_imp:.1f} + {evals:.1f} = {budget:.1f} s: "
+                  f"{'met' if t_sweep <= budget else 'NOT met'} ({t_sweep:.1f} s; the rest is data, selection, "
+                  f"pruning, report and Prefect overhead)")
+            print("   sweep task seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(sweep_tasks.items())))
+
+
+if __name__ == "__main__":
+    main()
