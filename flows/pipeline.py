@@ -80,6 +80,35 @@ class EvalSettings(BaseModel):
                 "batch_size": self.batch_size, "seed": self.seed}
 
 
+class BaselineSettings(BaseModel):
+    """Gradient baselines (manu_core/baselines.py). None: the benchmark's defaults on a real checkpoint
+    (LoRA, lr 2e-5, 1 epoch, batch 4), `EMBEDDED_BASELINE` on the tiny models."""
+
+    lr: Optional[float] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lora: Optional[bool] = None
+    forms: list[str] = Field(default_factory=lambda: ["multimodal"],
+                             description="forms the baselines train on (the benchmark: image + text only)")
+    beta: float = Field(0.4, gt=0, description="NPO's β (benchmark code 0.4, paper 0.9)")
+
+    def params_for(self, model_dir: str) -> dict:
+        from manu_core.presets import preset_of
+
+        preset = preset_of(model_dir)
+        base = {**EMBEDDED_BASELINE, "lr": preset.finetune.lr} if preset else {}
+        for k in ("lr", "epochs", "batch_size", "lora"):
+            if getattr(self, k) is not None:
+                base[k] = getattr(self, k)
+        return {**base, "forms": tuple(self.forms), "beta": self.beta}
+
+
+# The tiny models train fully (no LoRA). The benchmark unlearns at the learning rate its vanilla
+# model was fine-tuned with (2e-5); the same rule on a tiny model gives its preset's fine-tune lr
+# (1e-3): at 2e-5 or 1e-4 for one epoch a tiny model does not move. Not tuned on the evaluation sets.
+EMBEDDED_BASELINE = {"lora": False, "epochs": 1, "batch_size": 4}
+
+
 class RunConfig(BaseModel):
     """One MANU run: model, data, importance and selection, evaluation."""
 
@@ -98,6 +127,9 @@ class RunConfig(BaseModel):
     benchmark: Optional[str] = Field(None, description="local MLLMU-Bench folder (hub parquet layout) for evaluation")
     seed: int = 0
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    reference: Optional[str] = Field(None, description="NPO's reference model (fine-tuned on retain only); "
+                                     "None: trained here for an embedded preset")
 
     @model_validator(mode="after")
     def _check(self):
@@ -131,7 +163,8 @@ class SweepConfig(BaseModel):
         default_factory=lambda: ["forget_5", "forget_10", "forget_15"], description="split names or lists of ids")
     alphas: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1])
     ablations: bool = Field(True, description="MANU with each importance function's weight zeroed in turn")
-    methods: list[str] = Field(default_factory=lambda: ["manu"])
+    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS),
+                               description="manu, prompting, ga, grad_diff, kl, npo")
 
     @field_validator("methods")
     @classmethod
@@ -163,6 +196,7 @@ class Method:
     variants: Callable[[RunConfig, Optional[SweepConfig]], list[dict]]
     unlearn: Callable[[Shared, dict], tuple[str, Optional[str]]]  # -> (unlearned model dir, importance dir)
     needs_activations: bool = False
+    eval_overrides: Optional[dict] = None  # evaluation settings of this method (prompting: the system prompt)
 
 
 def _manu_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
@@ -181,10 +215,41 @@ def _manu_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
     return stages.prune(shared.model_dir, imp), imp
 
 
-METHODS: dict[str, Method] = {"manu": Method("manu", _manu_variants, _manu_unlearn, needs_activations=True)}
+def _single(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
+    return [{}]
+
+
+def _gradient(method: str) -> Callable[[Shared, dict], tuple[str, Optional[str]]]:
+    def unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
+        from manu_core.baselines import LOSSES
+
+        c = shared.config
+        ref = None
+        if LOSSES[method].frozen == "reference":
+            ref = c.reference or stages.reference_model(shared.model_dir, shared.data)
+        return stages.baseline(shared.model_dir, shared.data, method, c.baselines.params_for(shared.model_dir),
+                               reference_dir=ref, device=c.device), None
+    return unlearn
+
+
+def _prompting_system() -> dict:
+    from manu_core.baselines import PROMPTING_SYSTEM
+
+    return {"system": PROMPTING_SYSTEM}
+
+
+METHODS: dict[str, Method] = {
+    "manu": Method("manu", _manu_variants, _manu_unlearn, needs_activations=True),
+    "prompting": Method("prompting", _single, lambda shared, v: (shared.model_dir, None),
+                        eval_overrides=_prompting_system()),
+    **{m: Method(m, _single, _gradient(m)) for m in ("ga", "grad_diff", "kl", "npo")},
+}
+ALL_METHODS = ["manu", "prompting", "ga", "grad_diff", "kl", "npo"]
 
 
 def variant_label(method: str, variant: dict) -> str:
+    if "alpha" not in variant:
+        return method
     dropped = [k for k, w in variant.get("weights", {}).items() if w == 0]
     return f"{method} α={variant['alpha']:g}" + (f" without {'+'.join(dropped)}" if dropped else "")
 
@@ -205,11 +270,11 @@ def task_runner():
     return ThreadPoolTaskRunner(max_workers=int(os.environ.get("MANU_TASK_WORKERS", "4")))
 
 
-def _evaluate_all(model_dir: str, shared: "Shared", label: str) -> list:
+def _evaluate_all(model_dir: str, shared: "Shared", label: str, overrides: Optional[dict] = None) -> list:
     """One evaluation task per (set, form), submitted at once; the vanilla model's settings apply to
     every model of the run (an unlearned tiny model is evaluated as its vanilla model was)."""
     cfg, data = shared.config, shared.data
-    settings = cfg.eval.config_for(shared.model_dir)
+    settings = {**cfg.eval.config_for(shared.model_dir), **(overrides or {})}
     return [stages.evaluate.submit(model_dir, data, s, f, settings, cfg.eval.max_profiles.get(s, 0),
                                    device=cfg.device, dtype=cfg.dtype, label=label, progress=False)
             for s in cfg.eval.sets for f in cfg.eval.forms]
@@ -260,7 +325,8 @@ def _slug(text: str) -> str:
 def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> str:
     cfg = shared.config
     unlearned, imp = METHODS[method].unlearn(shared, variant)
-    units = _results(_evaluate_all(unlearned, shared, _slug(variant_label(method, variant))))
+    units = _results(_evaluate_all(unlearned, shared, _slug(variant_label(method, variant)),
+                                   METHODS[method].eval_overrides))
     split = cfg.data_spec()["forget"]
     split = split if isinstance(split, str) else f"{len(split)} ids"
     title = f"{variant_label(method, variant)} on {cfg.model}, forget {split}"
@@ -271,11 +337,14 @@ def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> 
 
 
 @flow(name="manu", task_runner=task_runner(), log_prints=True)
-def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None) -> str:
-    """One MANU run (returns its report folder) or, with `sweep`, a grid (returns the sweep table)."""
+def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, method: str = "manu") -> str:
+    """One run of `method` (MANU by default; returns its report folder) or, with `sweep`, a grid of
+    methods and variants (returns the sweep table)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
     log = get_run_logger()
     splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
-    methods = ["manu"] if sweep is None else sweep.methods
+    methods = [method] if sweep is None else sweep.methods
     rows, last = [], ""
     for forget in splits:
         cfg = config.model_copy(update={"forget": forget})

@@ -227,3 +227,29 @@ def unlearn_gradient(
     bar.close()
     trained.eval()
     return (merge_lora(trained) if cfg.lora else trained), curve
+
+
+# ----------------------------------------------------------------------------------------------
+# NPO's reference model on an embedded preset
+
+
+def train_reference(preset, vanilla_dir, forget_ids: Sequence[str], out, *, progress: bool = True):
+    """π_ref for NPO: the preset's own training recipe (celebrity base, then the fine-tune, with the
+    same tokenizer and seed) on the retain profiles only. Saved atomically into `out`."""
+    from manu_core import data as mdata
+    from manu_core.models import build_tiny_model, load_model, save_model
+    from manu_core.presets import preset_dataset
+    from manu_core.train import train_stage
+
+    torch.set_num_threads(preset.threads)
+    _, processor = load_model(vanilla_dir)
+    ds = preset_dataset(preset)
+    gone = set(forget_ids)
+    model = build_tiny_model(preset.spec, processor.tokenizer, seed=preset.seed)
+    celeb = [s for p in ds.celebrities for s in mdata.samples(p)]
+    retain = [s for p in ds.profiles if p.id not in gone for s in mdata.samples(p)]
+    curve = train_stage(model, processor, celeb, preset.base, seed=preset.seed, name="base", progress=progress)
+    curve += train_stage(model, processor, retain + (celeb if preset.rehearse_celebrities else []), preset.finetune,
+                         seed=preset.seed, name="reference", progress=progress)
+    save_model(model, processor, out)
+    return out, curve

@@ -159,7 +159,7 @@ def stage_key(task_name: str, inputs: dict[str, Any], *, paths: tuple[str, ...] 
         if name in ignore:
             continue
         value = inputs[name]
-        if name in paths:
+        if name in paths and value is not None:
             values = value if isinstance(value, (list, tuple)) else [value]
             digest = [content_digest(v) for v in values]
             h.update(json.dumps([name, digest]).encode())

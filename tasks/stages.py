@@ -234,7 +234,7 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
 
 
 @manu_task(name="report", paths=("vanilla_units", "unlearned_units", "importance_dir"))
-def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str, title: str,
+def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str | None, title: str,
            run: dict) -> str:
     """The results table (vanilla vs unlearned per set, task and form), results.json and the
     selected neurons per tower/layer."""
@@ -245,9 +245,12 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
         return [Summary(**s) for u in units for s in json.loads((Path(u) / "summary.json").read_text())]
 
     before, after = summaries(vanilla_units), summaries(unlearned_units)
-    table = pl.read_parquet(Path(importance_dir) / "importance.parquet")
-    per_layer = (table.group_by("tower", "layer").agg(units=pl.len(), selected=pl.col("selected").sum())
-                 .sort("tower", "layer"))
+    per_layer = pl.DataFrame(schema={"tower": pl.String, "layer": pl.Int64, "units": pl.UInt32,
+                                     "selected": pl.UInt32})
+    if importance_dir:  # a neuron-selecting method (MANU); the baselines change weights otherwise
+        table = pl.read_parquet(Path(importance_dir) / "importance.parquet")
+        per_layer = (table.group_by("tower", "layer").agg(units=pl.len(), selected=pl.col("selected").sum())
+                     .sort("tower", "layer"))
     out = stage_dir()
     md = f"# {title}\n\n{comparison_table(before, after)}\n"
     with atomic_dir(out) as tmp:
@@ -256,3 +259,56 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
         atomic_write_json(tmp / "results.json", {"run": run, "vanilla": [asdict(s) for s in before],
                                                  "unlearned": [asdict(s) for s in after]})
     return str(finish(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines (manu_core/baselines.py)
+
+
+def _split_samples(data_dir: str) -> tuple[list, list, dict]:
+    split = json.loads((Path(data_dir) / "split.json").read_text())
+    ds = dataset_of(split["spec"])
+    forget = [s for pid in split["forget_ids"] for s in mdata.samples(ds.profile(pid))]
+    retain = [s for pid in split["retain_ids"] for s in mdata.samples(ds.profile(pid))]
+    return forget, retain, split
+
+
+@manu_task(name="reference_model", paths=("model_dir", "data_dir"))
+def reference_model(model_dir: str, data_dir: str, progress: bool = True) -> str:
+    """NPO's π_ref on an embedded preset: its training recipe on the retain profiles only (once per
+    forget split, cached). A real checkpoint needs its reference passed in (RunConfig.reference)."""
+    from manu_core.baselines import BaselineError, train_reference
+    from manu_core.presets import preset_of
+
+    preset = preset_of(model_dir)
+    if preset is None:
+        raise BaselineError(f"{model_dir} is not an embedded preset, so no reference model can be trained here; "
+                            "pass config.reference = a checkpoint fine-tuned on the retain set only.")
+    split = json.loads((Path(data_dir) / "split.json").read_text())
+    out = stage_dir()
+    _, curve = train_reference(preset, model_dir, split["forget_ids"], out / "model", progress=progress)
+    atomic_write_json(out / "loss_curve.json", curve)
+    return str(finish(out)) + "/model"
+
+
+@manu_task(name="baseline", paths=("model_dir", "data_dir", "reference_dir"), ignore=("device",),
+           task_run_name="baseline-{method}")
+def baseline(model_dir: str, data_dir: str, method: str, params: dict, reference_dir: str | None = None,
+             device: str = "cpu", progress: bool = True) -> str:
+    """A gradient baseline's unlearned model (merged when trained with LoRA) and its loss curve."""
+    from manu_core.baselines import LOSSES, BaselineConfig, unlearn_gradient
+    from manu_core.models import load_model, save_model
+
+    cfg = BaselineConfig(method, **params)
+    forget, retain, _ = _split_samples(data_dir)
+    frozen = {"vanilla": model_dir, "reference": reference_dir}.get(LOSSES[method].frozen)
+    with device_slot():
+        model, processor = load_model(model_dir, device=device)  # a private copy to train
+        frozen_model = load_model(frozen, device=device)[0] if frozen else None
+        out_model, curve = unlearn_gradient(model, processor, forget, retain, cfg, frozen=frozen_model,
+                                            device=device, progress=progress)
+    out = stage_dir()
+    save_model(out_model, processor, out / "model")
+    atomic_write_json(out / "loss_curve.json", curve)
+    get_run_logger().info("%s: %d steps, final loss %.4f -> %s", method, len(curve), curve[-1]["loss"], out / "model")
+    return str(finish(out)) + "/model"

@@ -18,7 +18,7 @@ def test_sweep_on_a_dask_local_cluster(tiny_model_dir):
 
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    sweep = SweepConfig(forget_splits=[["093", "279", "303"]], alphas=[0.05, 0.1], ablations=False)
+    sweep = SweepConfig(forget_splits=[["093", "279", "303"]], alphas=[0.05, 0.1], ablations=False, methods=["manu"])
     state = manu.with_options(task_runner=runner)(config(), sweep, return_state=True)
     assert state.is_completed(), state
     out = Path(state.result())
