@@ -19,16 +19,20 @@ def config(**kw) -> RunConfig:
 
 def run(cfg: RunConfig) -> tuple[str, dict[str, str]]:
     """The flow's result and {task run name: state name}."""
+    return run_method(cfg, "manu")
+
+
+def run_method(cfg: RunConfig, method: str) -> tuple[str, dict[str, str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    state = manu(cfg, return_state=True)
+    state = manu(cfg, method=method, return_state=True)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     names = {}
     for r in runs:
-        base = r.name.rsplit("-", 1)[0] if not r.name.startswith(("evaluate-", "select-")) else r.name
+        base = r.name.rsplit("-", 1)[0] if not r.name.startswith(("evaluate-", "select-", "baseline-")) else r.name
         names[base] = r.state.name
     return state.result(), names
 
@@ -145,3 +149,21 @@ def test_killed_extraction_reruns_to_the_same_results(tiny_model_dir, tmp_path):
     assert len(mine) == 1
     theirs = pipeline_dir() / "select" / mine[0].parent.name / "importance.parquet"
     assert mine[0].read_bytes() == theirs.read_bytes()
+
+
+def test_baselines_are_methods_of_the_same_flow(first_run):
+    """Each baseline is a cached task producing a model folder; evaluation and report are shared."""
+    from pathlib import Path
+
+    _, ga = run_method(config(), "ga")
+    assert ga["baseline-ga"] == "Completed" and "extract" not in ga
+    assert all(s == "Cached" for n, s in ga.items() if n.startswith("evaluate-vanilla-"))
+    report, prompting = run_method(config(), "prompting")
+    assert not any(n.startswith("baseline") for n in prompting)
+    # The system prompt makes other evaluations than the vanilla model's (same weights).
+    assert sum(s == "Completed" for n, s in prompting.items() if n.startswith("evaluate-prompting-")) == 8
+    assert "| forget | gen |" in (Path(report) / "report.md").read_text()
+    _, npo = run_method(config(), "npo")
+    assert npo["reference_model"] == "Completed" and npo["baseline-npo"] == "Completed"
+    _, again = run_method(config(), "npo")
+    assert all(s == "Cached" for s in again.values())

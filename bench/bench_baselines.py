@@ -1,0 +1,103 @@
+"""Benchmark: each method's unlearning step, wall time and peak memory, on one model and split.
+
+    python bench/bench_baselines.py                 # lite preset, forget_5, every method
+    python bench/bench_baselines.py --model tiny
+
+Each method runs in its own process (so peak RSS is its own), after the model is loaded:
+  manu       extraction (4 streams) + importance (Polars) + pruning
+  ga, grad_diff, kl, npo   the gradient loop (manu_core/baselines.py) with the preset's baseline
+             settings (full training, lr = the preset's fine-tune lr, 1 epoch, batch 4, image+text)
+  prompting  nothing to compute (a system prompt at evaluation time)
+Printed: seconds of the step, peak RSS of the process and its growth over the loaded model. NPO's
+reference model (trained on the retain set only) is trained once before the timings, as the
+pipeline caches it per split; its training time is printed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+METHODS = ("manu", "ga", "grad_diff", "kl", "npo")
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def one(args) -> None:
+    import torch
+
+    from manu_core import data as mdata
+    from manu_core.models import load_model
+    from manu_core.presets import get_preset, preset_dataset, resolve_model
+
+    torch.set_num_threads(2)
+    preset = get_preset(args.model)
+    ds = preset_dataset(preset)
+    model, processor = load_model(resolve_model(args.model))
+    loaded = rss_mib()
+    t0 = time.perf_counter()
+    if args.one == "manu":
+        from manu_core.importance import ImportanceParams
+        from manu_core.unlearn import manu_unlearn
+
+        with tempfile.TemporaryDirectory() as work:
+            manu_unlearn(model, processor, ds, work, ImportanceParams(alpha=preset.alpha), progress=False)
+    else:
+        from manu_core.baselines import LOSSES, BaselineConfig, unlearn_gradient
+
+        forget = [s for pid in ds.split.forget_ids for s in mdata.samples(ds.profile(pid))]
+        retain = [s for pid in ds.split.retain_ids for s in mdata.samples(ds.profile(pid))]
+        frozen = {"vanilla": resolve_model(args.model), "reference": args.reference}.get(LOSSES[args.one].frozen)
+        frozen_model = load_model(frozen)[0] if frozen else None
+        cfg = BaselineConfig(args.one, lora=False, lr=preset.finetune.lr, epochs=1, batch_size=4)
+        unlearn_gradient(model, processor, forget, retain, cfg, frozen=frozen_model, progress=False)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"method": args.one, "seconds": round(dt, 2), "peak_rss_mib": round(rss_mib(), 1),
+                      "growth_mib": round(rss_mib() - loaded, 1)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="lite")
+    ap.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--reference", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return one(args)
+
+    from manu_core.baselines import train_reference
+    from manu_core.presets import get_preset, preset_dataset, resolve_model
+
+    preset = get_preset(args.model)
+    vanilla = resolve_model(args.model)
+    ref_dir = Path(tempfile.mkdtemp(prefix="manu-ref-")) / "model"
+    t0 = time.perf_counter()
+    train_reference(preset, vanilla, preset_dataset(preset).split.forget_ids, ref_dir, progress=False)
+    ref_seconds = time.perf_counter() - t0
+    rows = []
+    for m in METHODS:
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", m, "--reference", str(ref_dir)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    manu = next(r for r in rows if r["method"] == "manu")
+    print(f"model: {args.model} ({vanilla.name}), forget split of the preset, 2 threads, one process per method")
+    print(f"{'method':<10} {'seconds':>8} {'x MANU':>7} {'peak RSS MiB':>13} {'growth MiB':>11}")
+    for r in rows:
+        print(f"{r['method']:<10} {r['seconds']:8.2f} {r['seconds'] / manu['seconds']:7.2f} "
+              f"{r['peak_rss_mib']:13.1f} {r['growth_mib']:11.1f}")
+    print("prompting: no unlearning step (a system prompt at evaluation time)")
+    print(f"npo's reference model (retain only, trained once per split): {ref_seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
