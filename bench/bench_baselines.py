@@ -33,6 +33,22 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def reset_peak() -> bool:
+    """Linux: reset this process's peak RSS (VmHWM) so the step's own peak can be read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def step_peak_mib() -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def one(args) -> None:
     import torch
 
@@ -44,7 +60,12 @@ def one(args) -> None:
     preset = get_preset(args.model)
     ds = preset_dataset(preset)
     model, processor = load_model(resolve_model(args.model))
-    loaded = rss_mib()
+    import gc
+
+    gc.collect()
+    loaded = float(next(l.split()[1] for l in Path("/proc/self/status").read_text().splitlines()
+                        if l.startswith("VmRSS:"))) / 1024
+    can_reset = reset_peak()
     t0 = time.perf_counter()
     if args.one == "manu":
         from manu_core.importance import ImportanceParams
@@ -62,15 +83,16 @@ def one(args) -> None:
         cfg = BaselineConfig(args.one, lora=False, lr=preset.finetune.lr, epochs=1, batch_size=4)
         unlearn_gradient(model, processor, forget, retain, cfg, frozen=frozen_model, progress=False)
     dt = time.perf_counter() - t0
-    print(json.dumps({"method": args.one, "seconds": round(dt, 2), "peak_rss_mib": round(rss_mib(), 1),
-                      "growth_mib": round(rss_mib() - loaded, 1)}))
+    peak = step_peak_mib() if can_reset else rss_mib()
+    print(json.dumps({"method": args.one, "seconds": round(dt, 2), "peak_rss_mib": round(peak, 1),
+                      "growth_mib": round(peak - loaded, 1)}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="lite")
     ap.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
-    ap.add_argument("--reference", help=argparse.SUPPRESS)
+    ap.add_argument("--reference", help="NPO's reference model folder (default: trained here, timed apart)")
     args = ap.parse_args()
     if args.one:
         return one(args)
@@ -80,10 +102,12 @@ def main() -> None:
 
     preset = get_preset(args.model)
     vanilla = resolve_model(args.model)
-    ref_dir = Path(tempfile.mkdtemp(prefix="manu-ref-")) / "model"
-    t0 = time.perf_counter()
-    train_reference(preset, vanilla, preset_dataset(preset).split.forget_ids, ref_dir, progress=False)
-    ref_seconds = time.perf_counter() - t0
+    ref_seconds = None
+    ref_dir = Path(args.reference) if args.reference else Path(tempfile.mkdtemp(prefix="manu-ref-")) / "model"
+    if not args.reference:
+        t0 = time.perf_counter()
+        train_reference(preset, vanilla, preset_dataset(preset).split.forget_ids, ref_dir, progress=False)
+        ref_seconds = time.perf_counter() - t0
     rows = []
     for m in METHODS:
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", m, "--reference", str(ref_dir)],
@@ -91,12 +115,14 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     manu = next(r for r in rows if r["method"] == "manu")
     print(f"model: {args.model} ({vanilla.name}), forget split of the preset, 2 threads, one process per method")
+    print("peak RSS: the step's own peak (Linux VmHWM reset after loading); growth: over the loaded model's RSS")
     print(f"{'method':<10} {'seconds':>8} {'x MANU':>7} {'peak RSS MiB':>13} {'growth MiB':>11}")
     for r in rows:
         print(f"{r['method']:<10} {r['seconds']:8.2f} {r['seconds'] / manu['seconds']:7.2f} "
               f"{r['peak_rss_mib']:13.1f} {r['growth_mib']:11.1f}")
     print("prompting: no unlearning step (a system prompt at evaluation time)")
-    print(f"npo's reference model (retain only, trained once per split): {ref_seconds:.1f} s")
+    if ref_seconds is not None:
+        print(f"npo's reference model (retain only, trained once per split): {ref_seconds:.1f} s")
 
 
 if __name__ == "__main__":
