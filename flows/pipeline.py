@@ -11,7 +11,9 @@ method is an entry of `METHODS`, so a baseline joins the sweep by adding one.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
@@ -45,20 +47,12 @@ class EvalSettings(BaseModel):
     max_profiles: dict[str, int] = Field(default_factory=dict, description="per set: at most N seeded profiles")
     seed: int = 0
 
-    @field_validator("sets")
+    @field_validator("sets", "forms")
     @classmethod
-    def _sets(cls, v):
-        bad = [s for s in v if s not in EVAL_SETS]
-        if bad or not v:
-            raise ValueError(f"sets must be a non-empty subset of {list(EVAL_SETS)}; got {v}")
-        return v
-
-    @field_validator("forms")
-    @classmethod
-    def _forms(cls, v):
-        bad = [f for f in v if f not in FORMS]
-        if bad or not v:
-            raise ValueError(f"forms must be a non-empty subset of {list(FORMS)}; got {v}")
+    def _subset(cls, v, info):
+        allowed = EVAL_SETS if info.field_name == "sets" else FORMS
+        if not v or any(x not in allowed for x in v):
+            raise ValueError(f"{info.field_name} must be a non-empty subset of {list(allowed)}; got {v}")
         return v
 
     @field_validator("max_profiles")
@@ -317,8 +311,6 @@ def _publish(report_dir: str, shared: Shared, unlearned: str, importance: Option
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
@@ -366,8 +358,6 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
 
 
 def _summary_rows(report_dir: str, method: str, variant: dict) -> list[dict]:
-    import json
-
     res = json.loads((Path(report_dir) / "results.json").read_text())
     label = variant_label(method, variant)
     forget = res["run"]["config"]["forget"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from manu_core import data as mdata
-from manu_core.evaluate import EvalConfig, Summary, _fmt, _fmt_delta, _table, evaluate
+from manu_core.evaluate import EvalConfig, Summary, evaluate, fmt_delta, fmt_value, summary_table
 from manu_core.importance import ImportanceParams
 from manu_core.io import atomic_write_json, atomic_write_text
 from manu_core.models import load_model
@@ -44,7 +44,7 @@ def demo_items(ds: mdata.Dataset, preset: Preset, retain_profiles: int = 25) -> 
 
 def comparison_table(before: list[Summary], after: list[Summary], label: str = "MANU") -> str:
     """Markdown: one row per (set, task, metric, scorer), vanilla and unlearned per form, and the change."""
-    b, a = _table(before), _table(after)
+    b, a = summary_table(before), summary_table(after)
     lines = [
         f"| set | task | metric (scorer) | vanilla image+text | {label} image+text | Δ | vanilla text | {label} text | Δ | n |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -54,8 +54,8 @@ def comparison_table(before: list[Summary], after: list[Summary], label: str = "
         cells = []
         for form in ("multimodal", "text"):
             x, y = forms.get(form), a.get(key, {}).get(form)
-            cells += [_fmt(metric, x.value) if x else "-", _fmt(metric, y.value) if y else "-",
-                      _fmt_delta(metric, y.value - x.value) if x and y else "-"]
+            cells += [fmt_value(metric, x.value) if x else "-", fmt_value(metric, y.value) if y else "-",
+                      fmt_delta(metric, y.value - x.value) if x and y else "-"]
         n = "/".join(str(forms[f].n) for f in ("multimodal", "text") if f in forms)
         lines.append(f"| {set_} | {task} | {metric} ({scorer}) | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)

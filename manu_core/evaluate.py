@@ -466,15 +466,16 @@ def read_answers(out_dir: str | Path) -> pl.DataFrame:
 SET_ORDER = ("forget", "test", "retain", "celebrity")
 
 
-def _fmt(metric: str, v: float) -> str:
+def fmt_value(metric: str, v: float) -> str:
     return f"{v:.1%}" if metric in ("accuracy", "recall") else f"{v:.3f}" if metric == "rougeL_f1" else f"{v:.2f}"
 
 
-def _fmt_delta(metric: str, v: float) -> str:
+def fmt_delta(metric: str, v: float) -> str:
     return f"{v * 100:+.1f}" if metric in ("accuracy", "recall") else f"{v:+.3f}" if metric == "rougeL_f1" else f"{v:+.2f}"
 
 
-def _table(summaries: Sequence[Summary]) -> dict[tuple[str, str, str, str], dict[str, Summary]]:
+def summary_table(summaries: Sequence[Summary]) -> dict[tuple[str, str, str, str], dict[str, Summary]]:
+    """{(set, task, metric, scorer): {form: Summary}} in report order (sets, then tasks)."""
     table: dict[tuple[str, str, str, str], dict[str, Summary]] = defaultdict(dict)
     for s in summaries:
         table[(s.set, s.task, s.metric, s.scorer)][s.form] = s
@@ -484,31 +485,33 @@ def _table(summaries: Sequence[Summary]) -> dict[tuple[str, str, str, str], dict
                                                       kv[0][2])))
 
 
+def _report_rows(summaries: Sequence[Summary]) -> Iterable[tuple[tuple[str, str, str, str], list[str]]]:
+    """Per row key: image+text, text only, average, gap (image+text minus text) and n, formatted."""
+    for key, forms in summary_table(summaries).items():
+        metric = key[2]
+        mm, tx = forms.get("multimodal"), forms.get("text")
+        cells = [fmt_value(metric, x.value) if x else "-" for x in (mm, tx)]
+        cells.append(fmt_value(metric, (mm.value + tx.value) / 2) if mm and tx else "-")
+        cells.append(fmt_delta(metric, mm.value - tx.value) if mm and tx else "-")
+        cells.append("/".join(str(x.n) for x in (mm, tx) if x))
+        yield key, cells
+
+
 def format_report(summaries: Sequence[Summary]) -> str:
     """Markdown: one row per (set, task, metric, scorer); image+text, text only, their average and
     the gap (image+text minus text: the imbalance MANU addresses). Accuracy in %, gap in points."""
     lines = ["| set | task | metric | scorer | image+text | text only | average | gap | n |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (set_, task, metric, scorer), forms in _table(summaries).items():
-        mm, tx = forms.get("multimodal"), forms.get("text")
-        cells = [_fmt(metric, x.value) if x else "-" for x in (mm, tx)]
-        avg = _fmt(metric, (mm.value + tx.value) / 2) if mm and tx else "-"
-        gap = _fmt_delta(metric, mm.value - tx.value) if mm and tx else "-"
-        n = "/".join(str(x.n) for x in (mm, tx) if x)
-        lines.append(f"| {set_} | {task} | {metric} | {scorer} | {cells[0]} | {cells[1]} | {avg} | {gap} | {n} |")
+    for key, cells in _report_rows(summaries):
+        lines.append("| " + " | ".join([*key, *cells]) + " |")
     return "\n".join(lines)
 
 
 def format_summaries(summaries: Sequence[Summary]) -> str:
     """A plain-text table for logs: rows (set, metric), columns image+text / text / average / gap."""
     lines = [f"{'set':<10} {'metric':<12} {'scorer':<18} {'image+text':>10} {'text only':>10} {'average':>8} {'gap':>7}  n"]
-    for (set_, task, metric, scorer), forms in _table(summaries).items():
-        mm, tx = forms.get("multimodal"), forms.get("text")
-        vals = [f"{_fmt(metric, x.value):>10}" if x else f"{'-':>10}" for x in (mm, tx)]
-        avg = f"{_fmt(metric, (mm.value + tx.value) / 2):>8}" if mm and tx else f"{'-':>8}"
-        gap = f"{_fmt_delta(metric, mm.value - tx.value):>7}" if mm and tx else f"{'-':>7}"
-        n = "/".join(str(x.n) for x in (mm, tx) if x)
-        lines.append(f"{set_:<10} {metric:<12} {scorer:<18} {vals[0]} {vals[1]} {avg} {gap}  {n}")
+    for (set_, _, metric, scorer), (mm, tx, avg, gap, n) in _report_rows(summaries):
+        lines.append(f"{set_:<10} {metric:<12} {scorer:<18} {mm:>10} {tx:>10} {avg:>8} {gap:>7}  {n}")
     return "\n".join(lines)
 
 
