@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
@@ -27,7 +28,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR
 from manu_core.importance import WEIGHT_NAMES, ImportanceParams
-from tasks import stages
+from tasks import reporting, stages
 
 DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
 
@@ -124,6 +125,7 @@ class RunConfig(BaseModel):
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
     reference: Optional[str] = Field(None, description="NPO's reference model (fine-tuned on retain only); "
                                      "None: trained here for an embedded preset")
+    lens_samples: int = Field(32, ge=0, description="logit lens (report Fig. 2): QA pairs per (split, form); 0 = all")
 
     @model_validator(mode="after")
     def _check(self):
@@ -291,6 +293,22 @@ def _with_activations(shared: Shared) -> Shared:
     return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau))
 
 
+def _lens(model_dir: str, shared: Shared, label: str, system: Optional[str] = None):
+    c = shared.config
+    return stages.logit_lens.submit(model_dir, shared.data, max_samples=c.lens_samples, system=system, seed=c.seed,
+                                    device=c.device, dtype=c.dtype, label=label, progress=False)
+
+
+def _publish_report(report_dir: str, key: str, description: str) -> None:
+    """The figures task's report as a Prefect markdown artifact (figures embedded) plus a link."""
+    from manu_core.report import artifact_markdown
+
+    create_markdown_artifact(key=key, markdown=artifact_markdown(report_dir), description=description)
+    create_link_artifact(key=f"{key}-html", link=(Path(report_dir) / "report.html").as_uri(),
+                         description="the same report as one self-contained HTML file")
+    get_run_logger().info("report with figures: %s", Path(report_dir) / "report.html")
+
+
 def _publish(report_dir: str, shared: Shared, unlearned: str, importance: Optional[str], slug: str) -> None:
     log = get_run_logger()
     rep = Path(report_dir)
@@ -314,18 +332,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
-def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> str:
+def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> tuple[str, str]:
+    """Unlearn, evaluate and report one variant: (report folder, logit-lens folder)."""
     cfg = shared.config
     unlearned, imp = METHODS[method].unlearn(shared, variant)
-    units = _results(_evaluate_all(unlearned, shared, _slug(variant_label(method, variant)),
-                                   METHODS[method].eval_overrides))
+    label = variant_label(method, variant)
+    overrides = METHODS[method].eval_overrides or {}
+    lens = _lens(unlearned, shared, _slug(label), overrides.get("system"))
+    units = _results(_evaluate_all(unlearned, shared, _slug(label), overrides))
     split = cfg.data_spec()["forget"]
     split = split if isinstance(split, str) else f"{len(split)} ids"
-    title = f"{variant_label(method, variant)} on {cfg.model}, forget {split}"
-    rep = stages.report(vanilla_units, units, imp, title,
-                        run={"config": cfg.model_dump(), "method": method, "variant": variant})
-    _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{variant_label(method, variant)}"))
-    return rep
+    title = f"{label} on {cfg.model}, forget {split}"
+    run = {"config": cfg.model_dump(), "method": method, "variant": variant, "label": label, "model": unlearned,
+           "vanilla_model": shared.model_dir, "data": shared.data, "activations": shared.activations,
+           "system": overrides.get("system")}
+    rep = stages.report(vanilla_units, units, imp, title, run=run)
+    _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{label}"))
+    return rep, lens.result()
 
 
 @flow(name="manu", task_runner=task_runner(), log_prints=True)
@@ -337,43 +360,49 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
     log = get_run_logger()
     splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
     methods = [method] if sweep is None else sweep.methods
-    rows, last = [], ""
+    reports, lenses, last = [], [], ""
     for forget in splits:
         cfg = config.model_copy(update={"forget": forget})
         shared = _prepare(cfg, forget)
         vanilla = _evaluate_all(shared.model_dir, shared, "vanilla")
+        vanilla_lens = _lens(shared.model_dir, shared, "vanilla")
         if any(METHODS[m].needs_activations for m in methods):
             shared = _with_activations(shared)
         vanilla_units = _results(vanilla)
+        lenses.append(vanilla_lens.result())
         for method in methods:
             for variant in METHODS[method].variants(cfg, sweep):
-                last = run_one(shared, method, variant, vanilla_units)
-                if sweep is not None:
-                    rows += _summary_rows(last, method, variant)
+                last, lens = run_one(shared, method, variant, vanilla_units)
+                reports.append(last)
+                lenses.append(lens)
+    alpha = _chosen_alpha(config, sweep)
     if sweep is None:
-        log.info("results: %s", Path(last) / "report.md")
+        title = json.loads((Path(last) / "results.json").read_text())["run"]["label"]
+        figs = reporting.figures(reports, lenses, f"{title} on {config.model}", chosen_alpha=alpha)
+        _publish_report(figs, _slug(f"report-{config.model}-{title}"), "tables and figures of this run")
+        log.info("results: %s | report with figures: %s", Path(last) / "report.md", Path(figs) / "report.html")
         print((Path(last) / "report.md").read_text())
         return last
-    return _sweep_table(rows, config)
-
-
-def _summary_rows(report_dir: str, method: str, variant: dict) -> list[dict]:
-    res = json.loads((Path(report_dir) / "results.json").read_text())
-    label = variant_label(method, variant)
-    forget = res["run"]["config"]["forget"]
-    forget = forget if isinstance(forget, str) else f"{len(forget)} ids"
-    out = []
-    for who in ("vanilla", "unlearned"):
-        for s in res[who]:
-            out.append({"forget": forget, "method": "vanilla" if who == "vanilla" else label, **s})
+    figs = reporting.figures(reports, lenses, f"Sweep on {config.model}", chosen_alpha=alpha)
+    out = _sweep_table(config, figs)
+    _publish_report(str(Path(out) / "report"), _slug(f"sweep-report-{config.model}"), "tables and figures of the sweep")
     return out
 
 
-def _sweep_table(rows: list[dict], config: RunConfig) -> str:
-    from manu_core.io import atomic_file
+def _chosen_alpha(config: RunConfig, sweep: Optional[SweepConfig]) -> Optional[float]:
+    """The α whose selected neurons the report draws: the run's; in a sweep the configured α when the
+    sweep has it, else the middle one (the one the ablations use)."""
+    alpha = config.resolved_alpha()
+    if sweep is None or not sweep.alphas or alpha in sweep.alphas:
+        return alpha
+    return sorted(sweep.alphas)[len(sweep.alphas) // 2]
+
+
+def _sweep_table(config: RunConfig, figures_dir: str) -> str:
+    from manu_core.io import atomic_dir, atomic_file
     from tasks.cache import pipeline_dir
 
-    df = pl.DataFrame(rows).unique(maintain_order=True)
+    df = pl.read_parquet(Path(figures_dir) / "results.parquet")
     wide = (df.pivot(on="form", index=["forget", "method", "set", "task", "metric", "scorer"], values="value")
             .sort("forget", "set", "task", "metric", "method"))
     out = pipeline_dir() / "sweeps" / _slug(f"{config.model}-{'-'.join(sorted(df['forget'].unique()))}")
@@ -391,5 +420,10 @@ def _sweep_table(rows: list[dict], config: RunConfig) -> str:
         tmp.write_text(md + "\n")
     create_markdown_artifact(key=_slug(f"sweep-{config.model}"), markdown="# Sweep\n\n" + md,
                              description="every method and variant per forget split")
+    # the report beside the table: report.md, report.html and figures/, copied from the figures task
+    with atomic_dir(out / "report") as tmp:
+        for name in ("report.md", "report.html", "results.parquet"):
+            shutil.copy2(Path(figures_dir) / name, tmp / name)
+        shutil.copytree(Path(figures_dir) / "figures", tmp / "figures")
     get_run_logger().info("sweep table: %s (%d rows)", out / "sweep.parquet", df.height)
     return str(out)

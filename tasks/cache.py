@@ -6,7 +6,9 @@ A task's cache key is `<task>-<sha256>` of
     completion record (`_manu_done.json`, which holds every file's sha256); any other file or folder
     (a model checkpoint, a profiles file) by the sha256 of its bytes, remembered per (path, size, mtime),
   - the code it runs: every source file of `manu_core/` and `tasks/` (Prefect's TASK_SOURCE would
-    only see the task function itself).
+    only see the task function itself), except the presentation modules (`PRESENTATION`: figures
+    and report layout), which only the report tasks that draw them hash: restyling a figure
+    redraws the figures, it does not rerun extraction, training or evaluation.
 The task writes its outputs into `stage_dir()` = `<artifacts>/pipeline/<task>/<key>/`, atomically,
 and `finish()` writes the completion record last. Before Prefect looks up a cached record, the policy
 checks that record's outputs: when the completion record is missing, or a file it lists is gone or
@@ -45,11 +47,17 @@ def results_dir() -> Path:
     return Path(os.environ.get("MANU_PREFECT_RESULTS") or artifacts_dir() / "prefect-results").resolve()
 
 
-@lru_cache(maxsize=1)
-def code_digest() -> str:
+PRESENTATION = ("manu_core/figures.py", "manu_core/report.py", "tasks/reporting.py")
+
+
+@lru_cache(maxsize=2)
+def code_digest(presentation: bool = False) -> str:
+    """sha256 of the project's sources; the `PRESENTATION` modules only when `presentation`."""
     h = hashlib.sha256()
     for pkg in ("manu_core", "tasks"):
         for f in sorted((REPO / pkg).glob("*.py")):
+            if not presentation and f"{pkg}/{f.name}" in PRESENTATION:
+                continue
             h.update(f"{pkg}/{f.name}".encode())
             h.update(f.read_bytes())
     return h.hexdigest()
@@ -138,10 +146,12 @@ class ManuCache(CachePolicy):
     paths: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()  # parameters that do not change the output (progress bars, devices)
     results: Path | None = None  # the task's result storage folder (default: results_dir())
+    presentation: bool = False  # the task draws figures/reports: its key also hashes PRESENTATION
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        key = stage_key(task_ctx.task.name, inputs, paths=self.paths, ignore=self.ignore)
+        key = stage_key(task_ctx.task.name, inputs, paths=self.paths, ignore=self.ignore,
+                        presentation=self.presentation)
         out = pipeline_dir() / task_ctx.task.name / key
         record = (self.results or results_dir()) / key
         if record.exists():
@@ -152,9 +162,10 @@ class ManuCache(CachePolicy):
         return key
 
 
-def stage_key(task_name: str, inputs: dict[str, Any], *, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> str:
+def stage_key(task_name: str, inputs: dict[str, Any], *, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
+              presentation: bool = False) -> str:
     h = hashlib.sha256(task_name.encode())
-    h.update(code_digest().encode())
+    h.update(code_digest(presentation).encode())
     for name in sorted(inputs):
         if name in ignore:
             continue

@@ -1,6 +1,8 @@
 """The pipeline's Prefect tasks: thin wrappers over manu_core, paths in and paths out.
 
     prepare_data -> vanilla_model -> extract -> importance_sums -> select -> prune -> evaluate (set x form) -> report
+                                                                                  -> logit_lens (per model)
+    (tasks/reporting.py: figures, the run/sweep report drawn from the reports and logit lenses)
 
 Every task is cached by content (`tasks.cache.ManuCache`), writes into its own `stage_dir()` and
 returns that folder's path as a string. Tasks that run the model hold a device slot (`device_slot`):
@@ -27,11 +29,13 @@ from tasks.cache import ManuCache, finish, results_dir, stage_dir
 _RUN_IGNORE = ("progress",)
 
 
-def manu_task(*, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (), **kwargs):
-    """A Prefect task cached by content, with its result (a path) persisted under `results_dir()`."""
+def manu_task(*, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (), presentation: bool = False, **kwargs):
+    """A Prefect task cached by content, with its result (a path) persisted under `results_dir()`.
+    `presentation`: the task draws figures or reports (its key hashes tasks.cache.PRESENTATION too)."""
     def deco(fn):
         results = results_dir()
-        return task(fn, cache_policy=ManuCache(paths=paths, ignore=_RUN_IGNORE + ignore, results=results),
+        policy = ManuCache(paths=paths, ignore=_RUN_IGNORE + ignore, results=results, presentation=presentation)
+        return task(fn, cache_policy=policy,
                     persist_result=True, result_storage=results, cache_result_in_memory=False, **kwargs)
     return deco
 
@@ -90,6 +94,15 @@ def read_items(path: str | Path) -> list[mdata.EvalItem]:
             for row in pl.read_parquet(path).iter_rows(named=True)]
 
 
+def read_streams(data_dir: str | Path) -> dict[tuple[str, str], list[mdata.Sample]]:
+    """The four (split, form) streams `prepare_data` wrote."""
+    fields = list(mdata.Sample.__dataclass_fields__)
+    streams: dict[tuple[str, str], list[mdata.Sample]] = {}
+    for row in pl.read_parquet(Path(data_dir) / "streams.parquet").iter_rows(named=True):
+        streams.setdefault((row["split"], row["form"]), []).append(mdata.Sample(**{k: row[k] for k in fields}))
+    return streams
+
+
 @manu_task(name="prepare_data", paths=("profiles",))
 def prepare_data(spec: dict, profiles: str) -> str:
     """Split the profiles into forget/retain and each sample into its two forms (method.md, "Data
@@ -144,11 +157,7 @@ def extract(model_dir: str, data_dir: str, aggregation: str = "mean", batch_size
     """Per-layer activations of the four streams, Parquet (manu_core/store.py)."""
     from manu_core.extract import extract_activations
 
-    frame = pl.read_parquet(Path(data_dir) / "streams.parquet")
-    fields = [f for f in mdata.Sample.__dataclass_fields__]
-    streams: dict[tuple[str, str], list[mdata.Sample]] = {}
-    for row in frame.iter_rows(named=True):
-        streams.setdefault((row["split"], row["form"]), []).append(mdata.Sample(**{k: row[k] for k in fields}))
+    streams = read_streams(data_dir)
     out = stage_dir()
     with device_slot():
         model, processor = load(model_dir, device, dtype)
@@ -258,6 +267,27 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
         per_layer.write_parquet(tmp / "selected_per_layer.parquet")
         atomic_write_json(tmp / "results.json", {"run": run, "vanilla": [asdict(s) for s in before],
                                                  "unlearned": [asdict(s) for s in after]})
+    return str(finish(out))
+
+
+@manu_task(name="logit_lens", paths=("model_dir", "data_dir"), ignore=("device", "label"),
+           task_run_name="logit-lens-{label}")
+def logit_lens(model_dir: str, data_dir: str, max_samples: int = 32, system: str | None = None, seed: int = 0,
+               device: str = "cpu", dtype: str | None = None, label: str = "model", progress: bool = True) -> str:
+    """Knowledge across layers (manu_core/lens.py) on at most `max_samples` seeded QA pairs of each
+    (split, form) stream: `lens.parquet` (split, form, layer, prob, samples) and `lens.json`."""
+    from manu_core.lens import lens_table
+
+    streams = read_streams(data_dir)
+    out = stage_dir()
+    with device_slot():
+        model, processor = load(model_dir, device, dtype)
+        table = lens_table(model, processor, streams, max_samples=max_samples, seed=seed, device=device,
+                           system=system, progress=progress)
+    with atomic_dir(out) as tmp:
+        table.write_parquet(tmp / "lens.parquet")
+        atomic_write_json(tmp / "lens.json", {"model_dir": model_dir, "data_dir": data_dir, "system": system,
+                                              "max_samples": max_samples, "seed": seed})
     return str(finish(out))
 
 

@@ -55,3 +55,15 @@ def test_stage_key_covers_parameters_paths_and_code(tmp_path):
     f.write_text("y")
     assert k != stage_key("t", {"p": str(f), "alpha": 0.1}, paths=("p",))
     assert len(code_digest()) == 64
+
+
+def test_presentation_code_is_hashed_only_by_the_report_tasks(tmp_path):
+    """Restyling a figure must not rerun extraction or evaluation: the figure/report modules are
+    left out of every other task's code digest (and each listed file exists, so a rename can't
+    silently put one back)."""
+    from tasks.cache import PRESENTATION, REPO
+
+    assert all((REPO / p).is_file() for p in PRESENTATION)
+    assert code_digest(False) != code_digest(True)
+    inputs = {"alpha": 0.1}
+    assert stage_key("t", inputs) == stage_key("t", inputs, presentation=False) != stage_key("t", inputs, presentation=True)

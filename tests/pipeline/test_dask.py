@@ -29,3 +29,8 @@ def test_sweep_on_a_dask_local_cluster(tiny_model_dir):
     reports = sorted(Path(p).parent for p in (out.parent.parent / "report").glob("*/results.json"))
     alphas = {json.loads((r / "results.json").read_text())["run"]["variant"]["alpha"] for r in reports}
     assert {0.05, 0.1} <= alphas
+    # the sweep's report: tables (Table 1, Table 2 for the two α) and every figure, beside the table
+    md = (out / "report" / "report.md").read_text()
+    assert "**Table 2: MANU at each pruning ratio α" in md and "Table 7" not in md
+    assert len(list((out / "report" / "figures").glob("3-ids-*.png"))) == 5
+    assert (out / "report" / "report.html").stat().st_size > 10_000

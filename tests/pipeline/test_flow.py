@@ -32,7 +32,7 @@ def run_method(cfg: RunConfig, method: str) -> tuple[str, dict[str, str]]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     names = {}
     for r in runs:
-        base = r.name.rsplit("-", 1)[0] if not r.name.startswith(("evaluate-", "select-", "baseline-")) else r.name
+        base = r.name.rsplit("-", 1)[0] if not r.name.startswith(("evaluate-", "select-", "baseline-", "logit-lens-")) else r.name
         names[base] = r.state.name
     return state.result(), names
 
@@ -55,17 +55,36 @@ def test_second_run_is_all_cached(first_run):
     assert set(states2) == set(states) and reran(states2) == set(), states2
 
 
+def test_run_report_has_every_figure_and_the_tables(first_run):
+    import json
+    from pathlib import Path
+
+    from tasks.cache import pipeline_dir
+
+    report, states = first_run
+    assert {"logit-lens-vanilla", "logit-lens-manu-0-05", "figures"} <= set(states)
+    label = json.loads((Path(report) / "results.json").read_text())["run"]["label"]
+    [figs] = [d for d in (pipeline_dir() / "figures").iterdir()
+              if (d / "report.md").is_file() and f"# {label} on tiny" in (d / "report.md").read_text()]
+    names = sorted(p.name for p in (figs / "figures").glob("*.png"))
+    assert names == [f"3-ids-{n}.png" for n in ("fig2-logit-lens", "fig4-form-bars", "fig5-tradeoff",
+                                                 "fig6-activations", "selected-neurons")]
+    md, page = (figs / "report.md").read_text(), (figs / "report.html").read_text()
+    assert "Table 1 (image+text)" in md and "![3-ids-fig2-logit-lens](figures/3-ids-fig2-logit-lens.png)" in md and "(figures/3-ids-fig5-tradeoff.png)" in md
+    assert page.count("data:image/png;base64,") == 5 and "<table>" in page
+
+
 def test_changing_alpha_reruns_selection_onward_only(first_run):
     _, states = run(config(alpha=0.07))  # an α no other test uses
-    assert reran(states) == {"select-alpha0.07", "prune", "report"} | {
+    assert reran(states) == {"select-alpha0.07", "prune", "report", "logit-lens-manu-0-07", "figures"} | {
         n for n in states if n.startswith("evaluate-manu-0-07-")}
     assert sum(n.startswith("evaluate-manu-0-07-") for n in states) == 8
 
 
 def test_changing_one_cap_reruns_that_evaluation_and_the_report(first_run):
     _, states = run(config(eval={"max_profiles": {"test": 2}}))
-    assert reran(states) == {"report"} | {n for n in states if n.startswith("evaluate-") and "-test-" in n}
-    assert len(reran(states)) == 1 + 4  # vanilla and unlearned, two forms each
+    assert reran(states) == {"report", "figures"} | {n for n in states if n.startswith("evaluate-") and "-test-" in n}
+    assert len(reran(states)) == 2 + 4  # vanilla and unlearned, two forms each
 
 
 def test_changing_the_forget_split_reruns_extraction_onward(first_run):

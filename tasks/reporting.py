@@ -1,0 +1,96 @@
+"""The report task: figures, tables and the self-contained report of a run or a sweep.
+
+    figures(reports=[...report task folders...], lenses=[...logit_lens task folders...], title, chosen_alpha)
+
+reads each run's `results.json` (whose `run` names its method, variant, models, data and
+activations), matches each logit lens to its run by (model, data, system prompt), and calls
+`manu_core.report.build_report`. Cached like every stage; its key also hashes the presentation
+modules (tasks.cache.PRESENTATION), so restyling a figure redraws only the figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from prefect import get_run_logger
+
+from manu_core.io import atomic_file
+from tasks.cache import finish, stage_dir
+from tasks.stages import manu_task
+
+
+def _forget_name(forget) -> str:
+    return forget if isinstance(forget, str) else f"{len(forget)} ids"
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per vanilla and unlearned summary of a run's results.json (manu_core.report.RESULTS_SCHEMA)."""
+    run = results["run"]
+    variant = run.get("variant") or {}
+    dropped = [k for k, w in (variant.get("weights") or {}).items() if w == 0]
+    forget = _forget_name(run["config"]["forget"])
+    rows = [{"forget": forget, "method": "vanilla", "family": "vanilla", **s} for s in results["vanilla"]]
+    rows += [{"forget": forget, "method": run.get("label", run["method"]), "family": run["method"],
+              "alpha": variant.get("alpha"), "without": "+".join(dropped) or None, **s} for s in results["unlearned"]]
+    return rows
+
+
+def _notes(runs: list[dict], results: pl.DataFrame) -> str:
+    cfg = runs[0]["config"]
+    ev = cfg.get("eval", {})
+    scorers = ", ".join(f"`{s}`" for s in sorted(set(results["scorer"].drop_nulls().to_list())))
+    caps = ev.get("max_profiles") or {}
+    lines = [f"Model `{cfg['model']}`; methods evaluated on MLLMU-Bench's four sets, each asked with the image "
+             f"(image+text) and with the name in the question (text only). Scorers: {scorers}.",
+             "Accuracy and ROUGE-L are in %, factuality on the judge's 1-10 scale. "
+             + (f"Evaluation capped at {', '.join(f'{n} {s} profiles' for s, n in sorted(caps.items()))} (seeded)."
+                if caps else "Every profile of every set evaluated.")]
+    if "offline-keyfact-overlap" in results["scorer"].to_list() or ev.get("judge", "offline") == "offline":
+        lines.append("Factuality comes from the offline key-fact overlap judge, not an LLM.")
+    return "\n\n".join(lines)
+
+
+@manu_task(name="figures", paths=("reports", "lenses"), presentation=True)
+def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: float | None = None) -> str:
+    """The figures (figures/*.png), report.md and report.html of the given runs (one section per
+    forget split)."""
+    from manu_core.report import build_report, results_frame
+
+    runs, rows, activations, selected = [], [], {}, {}
+    for rep in reports:
+        res = json.loads((Path(rep) / "results.json").read_text())
+        run, forget = res["run"], _forget_name(res["run"]["config"]["forget"])
+        runs.append(run)
+        rows += summary_rows(res)
+        if run.get("activations"):
+            activations[forget] = str(Path(run["activations"]) / "activations")
+        variant = run.get("variant") or {}
+        full = all(w != 0 for w in (variant.get("weights") or {}).values())
+        if run["method"] == "manu" and full and (chosen_alpha is None or variant.get("alpha") == chosen_alpha):
+            selected[forget] = pl.read_parquet(Path(rep) / "selected_per_layer.parquet")
+    results = results_frame(rows).unique(maintain_order=True)
+
+    frames = []
+    for lens_dir in lenses:
+        meta = json.loads((Path(lens_dir) / "lens.json").read_text())
+        table = pl.read_parquet(Path(lens_dir) / "lens.parquet")
+        for run in runs:
+            forget = _forget_name(run["config"]["forget"])
+            if run.get("data") != meta["data_dir"] or run.get("system") != meta["system"]:
+                continue
+            if meta["model_dir"] == run.get("vanilla_model") and meta["system"] is None:
+                frames.append(table.with_columns(forget=pl.lit(forget), method=pl.lit("vanilla")))
+            if meta["model_dir"] == run.get("model"):
+                frames.append(table.with_columns(forget=pl.lit(forget), method=pl.lit(run.get("label", run["method"]))))
+    lens = pl.concat(frames).unique(subset=["forget", "method", "split", "form", "layer"], maintain_order=True) \
+        if frames else None
+
+    out = stage_dir()
+    paths = build_report(out, title, results, lens=lens, activations=activations, selected=selected,
+                         chosen_alpha=chosen_alpha, notes=_notes(runs, results))
+    with atomic_file(out / "results.parquet") as tmp:
+        results.write_parquet(tmp)
+    get_run_logger().info("report: %s (%d figures)", out / "report.html", len(paths) - 2)
+    return str(finish(out))
