@@ -50,12 +50,9 @@ REPO_ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 def task_seconds(state) -> dict[str, float]:
     """Wall seconds per stage: the union of its task runs' [start, end] intervals (parallel
     evaluations, and time spent queueing for the device slot, are not counted twice)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from flows.pipeline import settled_task_runs
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
-            any_=[state.state_details.flow_run_id])))
+    runs = settled_task_runs(state)
     spans: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
         if r.start_time is None or r.end_time is None:

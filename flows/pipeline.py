@@ -427,3 +427,23 @@ def _sweep_table(config: RunConfig, figures_dir: str) -> str:
         shutil.copytree(Path(figures_dir) / "figures", tmp / "figures")
     get_run_logger().info("sweep table: %s (%d rows)", out / "sweep.parquet", df.height)
     return str(out)
+
+
+def settled_task_runs(flow_state, timeout: float = 120.0) -> list:
+    """The task runs the API server recorded for a finished flow run (its returned state), once each
+    has a final state. Task-run states and names reach the server as events a moment after the
+    flow returns (longer on a loaded machine), so reading them at once can see `Running` or a
+    default name. Returns what is recorded after `timeout` seconds either way."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=flow_runs)
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)

@@ -260,17 +260,28 @@ def plot_activations(activations: str | Path, path: str | Path, *, layers_per_to
 
 def plot_selected(per_layer: pl.DataFrame, path: str | Path, *, title: str = "") -> Path:
     """Selected neurons per tower and layer (bars) with each layer's share of its units."""
+    return save_figure(selected_figure(per_layer, title=title), path)
+
+
+def selected_figure(per_layer: pl.DataFrame, *, title: str = "") -> Figure:
+    """The figure plot_selected saves: one bar panel per tower."""
     _need(per_layer, ("tower", "layer", "units", "selected"), "plot_selected")
     towers = _ordered(per_layer["tower"].to_list())
     fig = Figure(figsize=(3.2 * len(towers) + 0.6, 3.0), layout="constrained")
     axes = fig.subplots(1, len(towers), squeeze=False)[0]
     for ax, tower in zip(axes, towers):
         t = per_layer.filter(pl.col("tower") == tower).sort("layer")
-        ax.bar(t["layer"].to_list(), t["selected"].to_list(), color="#8172b3")
+        layers = t["layer"].to_list()
+        ax.bar(layers, t["selected"].to_list(), color="#8172b3")
+        ax.set_xticks(layers)  # layer ids are integers: no fractional ticks
+        ax.set_ylim(bottom=0, top=max(1, int(t["selected"].max() or 0)) * 1.1)
         total, units = int(t["selected"].sum()), int(t["units"].sum())
+        if total == 0:
+            ax.text(0.5, 0.5, "none selected", transform=ax.transAxes, ha="center", va="center",
+                    fontsize=8, color="0.4")
         ax.set_title(f"{tower}: {total} of {units} units ({100 * total / max(units, 1):.2f}%)", fontsize=8)
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylabel("selected neurons", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title or "Selected neurons per tower and layer", fontsize=10)
-    return save_figure(fig, path)
+    return fig

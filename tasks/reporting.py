@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 from prefect import get_run_logger
 
-from manu_core.io import atomic_file
+from manu_core.io import atomic_file, atomic_write_json
 from tasks.cache import finish, stage_dir
 from tasks.stages import manu_task
 
@@ -92,5 +92,7 @@ def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: flo
                          chosen_alpha=chosen_alpha, notes=_notes(runs, results))
     with atomic_file(out / "results.parquet") as tmp:
         results.write_parquet(tmp)
+    atomic_write_json(out / "sources.json", {"title": title, "chosen_alpha": chosen_alpha,
+                                             "reports": list(reports), "lenses": list(lenses)})
     get_run_logger().info("report: %s (%d figures)", out / "report.html", len(paths) - 2)
     return str(finish(out))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.pipeline import EvalSettings, RunConfig, manu
+from flows.pipeline import EvalSettings, RunConfig, manu, settled_task_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]
 
@@ -23,13 +23,9 @@ def run(cfg: RunConfig) -> tuple[str, dict[str, str]]:
 
 
 def run_method(cfg: RunConfig, method: str) -> tuple[str, dict[str, str]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     state = manu(cfg, method=method, return_state=True)
     assert state.is_completed(), state
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    runs = settled_task_runs(state)
     names = {}
     for r in runs:
         base = r.name.rsplit("-", 1)[0] if not r.name.startswith(("evaluate-", "select-", "baseline-", "logit-lens-")) else r.name
@@ -64,8 +60,10 @@ def test_run_report_has_every_figure_and_the_tables(first_run):
     report, states = first_run
     assert {"logit-lens-vanilla", "logit-lens-manu-0-05", "figures"} <= set(states)
     label = json.loads((Path(report) / "results.json").read_text())["run"]["label"]
-    [figs] = [d for d in (pipeline_dir() / "figures").iterdir()
-              if (d / "report.md").is_file() and f"# {label} on tiny" in (d / "report.md").read_text()]
+    # sources.json names the runs a report was drawn from; other tests' runs share this one's title
+    [figs] = [d for d in (pipeline_dir() / "figures").iterdir() if (d / "sources.json").is_file()
+              and json.loads((d / "sources.json").read_text())["reports"] == [report]]
+    assert f"# {label} on tiny" in (figs / "report.md").read_text()
     names = sorted(p.name for p in (figs / "figures").glob("*.png"))
     assert names == [f"3-ids-{n}.png" for n in ("fig2-logit-lens", "fig4-form-bars", "fig5-tradeoff",
                                                  "fig6-activations", "selected-neurons")]

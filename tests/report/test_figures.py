@@ -108,6 +108,15 @@ def test_renders_without_a_display(tmp_path):
     assert out.stdout.strip() == "False" and (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_selected_panel_of_a_tower_with_nothing_selected_says_so(tmp_path):
+    none = PER_LAYER.with_columns(selected=pl.when(pl.col("tower") == "vision").then(0).otherwise(pl.col("selected")))
+    language, vision = F.selected_figure(none).axes
+    assert [t.get_text() for t in vision.texts] == ["none selected"] and vision.get_ylim()[0] == 0
+    assert list(vision.get_xticks()) == [0, 1] and list(language.get_xticks()) == [0, 1, 2]  # integer layer ids
+    assert len(language.texts) == 0 and "0 of 128 units" in vision.get_title()
+    assert pixels(F.plot_selected(none, tmp_path / "none.png")).std() > 0
+
+
 def test_pick_layers_spreads_first_to_last():
     assert F.pick_layers(list(range(32)), 3) == [0, 16, 31]
     assert F.pick_layers([0, 1], 3) == [0, 1]
