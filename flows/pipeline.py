@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
@@ -22,6 +23,8 @@ from typing import Callable, Literal, Optional, Union
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -434,11 +437,6 @@ def settled_task_runs(flow_state, timeout: float = 120.0) -> list:
     has a final state. Task-run states and names reach the server as events a moment after the
     flow returns (longer on a loaded machine), so reading them at once can see `Running` or a
     default name. Returns what is recorded after `timeout` seconds either way."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
