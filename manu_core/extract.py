@@ -63,6 +63,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites
 from manu_core.data import Dataset, Sample, samples as profile_samples
 from manu_core.io import atomic_dir, atomic_write_json
 from manu_core.prompts import encode_samples, model_inputs
-from manu_core.store import FORMS, SPLITS, write_partition
+from manu_core.store import FORMS, SPLITS, TOKEN_STATS, TOKEN_TAU, write_partition
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,9 @@ class ActivationRecorder:
     Sites are ordered language first, then vision; the device buffer holds their sums side by side.
     """
 
-    def __init__(self, model, sites: Sequence[MlpSite], aggregation: str):
+    def __init__(self, model, sites: Sequence[MlpSite], aggregation: str, token_stats: bool = False):
         _check_aggregation(aggregation)
+        self.token_stats = token_stats
         order = {t: i for i, t in enumerate(TOWERS)}
         self.sites = tuple(sorted(sites, key=lambda s: (order[s.tower], s.layer)))
         if len({(s.tower, s.layer) for s in self.sites}) != len(self.sites):
@@ -183,6 +185,8 @@ class ActivationRecorder:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self._cache: dict = {}
         self._out: torch.Tensor | None = None  # (B, units) float32 sums, on the first hook's device
+        self._tok: torch.Tensor | None = None  # (B, 4, units) float32 token statistics (store.TOKEN_STATS)
+        self._max: dict[MlpSite, torch.Tensor] = {}  # largest counted |a_t| per site in this batch (device scalars)
         self._fired = [False] * len(self.sites)
         self._lang = self._vis = None
         if self.n_language:
@@ -215,7 +219,19 @@ class ActivationRecorder:
     def _buffer(self, device: torch.device) -> torch.Tensor:
         if self._out is None:
             self._out = torch.empty(self._batch_size, self.width, dtype=torch.float32, device=device)
+            if self.token_stats:
+                self._tok = torch.empty(self._batch_size, len(TOKEN_STATS), self.width, dtype=torch.float32,
+                                        device=device)
         return self._out
+
+    def _stats(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., 5d): the activation followed by the token statistics' summands
+        (|a|, a², a > 0, |a| > TOKEN_TAU), in float32, so one matmul with the position weights sums all five."""
+        if not self.token_stats:
+            return x
+        x = x.float()
+        a = x.abs()
+        return torch.cat([x, a, x * x, (x > 0).float(), (a > TOKEN_TAU).float()], dim=-1)
 
     def _cached(self, key, make):
         if key not in self._cache:
@@ -230,8 +246,11 @@ class ActivationRecorder:
                 f"language MLP input has shape {tuple(x.shape)} but the batch is {tuple(mask.shape)} (B, T); "
                 "padding-free / packed batches are not supported: run the model with an attention mask."
             )
-        w = self._cached(("lang", x.device, x.dtype), lambda: mask.to(x.device, x.dtype).unsqueeze(1))  # (B, 1, T)
-        return _matmul_f32(w, x).squeeze(1)  # (B, 1, T) @ (B, T, d) -> (B, d)
+        y = self._stats(x)
+        w = self._cached(("lang", y.device, y.dtype), lambda: mask.to(y.device, y.dtype).unsqueeze(1))  # (B, 1, T)
+        if self.token_stats:
+            self._last_max = (x.abs() * w.transpose(1, 2)).amax().float()  # counted positions only
+        return _matmul_f32(w, y).squeeze(1)  # (B, 1, T) @ (B, T, d) -> (B, d) (with token stats: 5d)
 
     def _vision(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N_images, S, d) or (P, d) -> (B, d) float32 sums over each sample's image positions
@@ -250,13 +269,17 @@ class ActivationRecorder:
 
         def weights():
             if pos is None:
-                return torch.ones(n, 1, x.shape[1], dtype=x.dtype, device=x.device)  # (N, 1, S)
-            w = pos.to(x.device, x.dtype)
+                return torch.ones(n, 1, x.shape[1], dtype=y.dtype, device=x.device)  # (N, 1, S)
+            w = pos.to(x.device, y.dtype)
             return w.unsqueeze(1) if x.dim() == 3 else w  # (N, 1, S) or (N, P)
 
-        w = self._cached(("vis", x.device, x.dtype), weights)
+        y = self._stats(x)
+        w = self._cached(("vis", y.device, y.dtype), weights)
         a = self._cached(("assign", x.device), lambda: assign.to(x.device))  # (B, N)
-        per_image = _matmul_f32(w, x).reshape(n, -1)  # (N, d)
+        if self.token_stats:
+            self._last_max = (x.abs() * (w.transpose(-1, -2) if x.dim() == 3 else w.T.sum(1, keepdim=True).clamp(max=1))
+                              ).amax().float()
+        per_image = _matmul_f32(w, y).reshape(n, -1)  # (N, d) (with token stats: 5d)
         return a @ per_image  # (B, d)
 
     def hook(self, i: int):
@@ -277,7 +300,13 @@ class ActivationRecorder:
                 )
             self._fired[i] = True
             out = self._buffer(args[0].device)
-            out[:, a:b] = reduce(args[0]).to(out.device, non_blocking=True)
+            r = reduce(args[0]).to(out.device, non_blocking=True)
+            if not self.token_stats:
+                out[:, a:b] = r
+                return
+            out[:, a:b] = r[:, : b - a]
+            self._tok[:, :, a:b] = r[:, b - a :].reshape(r.shape[0], len(TOKEN_STATS), b - a)
+            self._max[site] = self._last_max.to(out.device)
 
         return pre_hook
 
@@ -295,15 +324,24 @@ class ActivationRecorder:
             out[:, :nl] /= self._lang[1].to(out.device)
         if nl < self.width:
             out[:, nl:] /= self._vis[3].to(out.device)
+        if self.token_stats:  # token counts per tower before `out` is divided into means
+            self.last_tokens = {"language": None if self._lang is None else self._lang[1].flatten().cpu().numpy(),
+                                "vision": None if self._vis is None else self._vis[3].flatten().cpu().numpy()}
+            tok = self._tok.cpu().numpy()
+            self.last_token_stats = {s: {k: tok[:, j, a:b] for j, k in enumerate(TOKEN_STATS)}
+                                     for s, (a, b) in self.offsets.items()}
+            maxima = torch.stack([self._max[s] for s in self.sites]).cpu().tolist()
+            self.last_max_abs = dict(zip(self.sites, maxima))
         host = out.cpu().numpy()  # the one device -> host copy per batch: (B, units)
         self._batch_size = None
         return {s: host[:, a:b] for s, (a, b) in self.offsets.items()}
 
 
 @contextmanager
-def activation_hooks(model, sites: Sequence[MlpSite], aggregation: str = "mean") -> Iterator[ActivationRecorder]:
+def activation_hooks(model, sites: Sequence[MlpSite], aggregation: str = "mean",
+                     token_stats: bool = False) -> Iterator[ActivationRecorder]:
     """Forward pre-hooks on every site's down_proj / fc2, removed on exit (also after an error)."""
-    recorder = ActivationRecorder(model, sites, aggregation)
+    recorder = ActivationRecorder(model, sites, aggregation, token_stats)
     handles = []
     try:
         for i, site in enumerate(recorder.sites):
@@ -351,12 +389,14 @@ def iter_stream(
     progress: bool = True,
     desc: str = "extract",
     prefetch: bool | None = None,
-) -> Iterator[tuple[list[Sample], dict[MlpSite, np.ndarray]]]:
+    token_stats: bool = False,
+) -> Iterator[tuple]:
     """Per batch: (its samples, site -> (B, width) activations). Vision sites are dropped for a
     text-only stream. The model runs where it is, in its dtype, in eval mode. `prefetch` encodes the
     next batch in a thread during the forward (default: on when the model is on an accelerator,
     where the GPU would otherwise wait for tokenising and image processing; off on CPU, where both
-    compete for the same cores)."""
+    compete for the same cores). With `token_stats`, each batch also yields its `BatchTokens` (the
+    store's token statistics: position counts, per-unit token sums, largest |a_t| per site)."""
     _check_aggregation(aggregation, with_answers)
     if batch_size < 1:
         raise ExtractionError(f"batch_size must be >= 1; got {batch_size}.")
@@ -379,14 +419,28 @@ def iter_stream(
     prefetch = device.type != "cpu" if prefetch is None else prefetch
     encoded = _encoded(processor, batches, prefetch, with_answers=with_answers, padding_side=padding_side)
     try:
-        with activation_hooks(model, sites, aggregation) as rec, torch.inference_mode():
+        with activation_hooks(model, sites, aggregation, token_stats) as rec, torch.inference_mode():
             for chunk, enc in tqdm(encoded, total=len(batches), desc=desc, disable=not progress, unit="batch"):
                 rec.set_batch(enc, device)
                 backbone(**model_inputs(enc, device), use_cache=False)
-                yield chunk, rec.collect()
+                acts = rec.collect()
+                if not token_stats:
+                    yield chunk, acts
+                    continue
+                yield chunk, acts, BatchTokens(rec.last_tokens, rec.last_token_stats, rec.last_max_abs)
     finally:
         encoded.close()
         model.train(was_training)
+
+
+@dataclass(frozen=True)
+class BatchTokens:
+    """One batch's token statistics (store.py): positions counted per sample for each tower, the per-unit
+    token sums of each site ({abs, sq, pos, active} -> (B, width)), the largest counted |a_t| per site."""
+
+    tokens: dict[str, np.ndarray | None]  # tower -> (B,) positions per sample
+    stats: dict[MlpSite, dict[str, np.ndarray]]
+    max_abs: dict[MlpSite, float]
 
 
 def extract_stream(model, processor, samples: Sequence[Sample], **kwargs) -> dict[MlpSite, np.ndarray]:
@@ -457,6 +511,7 @@ def extract_activations(
     part_rows: int | None = None,
     progress: bool = True,
     prefetch: bool | None = None,
+    token_stats: bool = True,
 ) -> Path:
     """Extract every live site over the four streams into the activation store at `root`.
 
@@ -466,6 +521,8 @@ def extract_activations(
     with a device map is never moved). Activations are stored as float32 whatever the dtype. Parts hold `part_rows` samples
     (default: about 256 MiB of activations per chunk, so host memory stays bounded on a 7B model).
     `root` appears only once complete (see the module docstring); an existing `root` is replaced.
+    `token_stats` (default on) also stores each sample's token statistics (store.py), which the
+    `released` and `selective` scoring modes read; off, the store holds the per-sample means only.
     """
     _check_aggregation(aggregation, with_answers)
     if isinstance(dtype, str):
@@ -511,9 +568,10 @@ def extract_activations(
             it = iter_stream(
                 model, processor, ss, sites=sites, aggregation=aggregation, batch_size=batch_size,
                 with_answers=with_answers, progress=progress, desc=f"extract {split}/{form}", prefetch=prefetch,
+                token_stats=token_stats,
             )
-            for i, (chunk, acts) in enumerate(it, 1):
-                rows.append((chunk, acts))
+            for i, batch in enumerate(it, 1):
+                rows.append(batch)
                 if i * batch_size % rows_per_part == 0 or i * batch_size >= len(ss):
                     _write_part(tmp, split, form, rows, part)
                     part, rows = part + 1, []
@@ -523,9 +581,15 @@ def extract_activations(
 
 
 def _write_part(root: Path, split: str, form: str, rows: list, part: int) -> None:
-    samples = [s for chunk, _ in rows for s in chunk]
+    """rows: (samples, site -> (B, width)[, BatchTokens]) per batch."""
+    samples = [s for r in rows for s in r[0]]
     sids, pids = [s.sample_id for s in samples], [s.profile_id for s in samples]
     for site in rows[0][1]:
-        acts = np.concatenate([a[site] for _, a in rows])  # (n, width) float32
+        acts = np.concatenate([r[1][site] for r in rows])  # (n, width) float32
+        tok = {}
+        if len(rows[0]) == 3:
+            tok = dict(tokens=np.concatenate([r[2].tokens[site.tower] for r in rows]).round().astype(np.int64),
+                       token_stats={k: np.concatenate([r[2].stats[site][k] for r in rows]) for k in TOKEN_STATS},
+                       max_abs=max(r[2].max_abs[site] for r in rows))
         write_partition(root, split=split, form=form, tower=site.tower, layer=site.layer,
-                        sample_ids=sids, profile_ids=pids, activations=acts, part=part)
+                        sample_ids=sids, profile_ids=pids, activations=acts, part=part, **tok)

@@ -48,6 +48,8 @@ import pyarrow.parquet as pq
 from manu_core.store import (
     FORMS,
     SPLITS,
+    TOKEN_COLUMNS,
+    TOKEN_STATS,
     TOWERS,
     ActivationStoreError,
     PartFile,
@@ -64,9 +66,14 @@ WEIGHT_NAMES = ("abs", "freq", "var", "rms")
 SCOPES = ("global", "tower", "layer")
 NEURON = ("tower", "layer", "unit")
 SUM_COLUMNS = ("count", "sum_abs", "sum", "sum_sq", "count_active")
+# Token-level sums over every counted position of a stream (store.py's token statistics; null when the
+# store has none): N, Σa, Σ|a|, Σa², #(a > 0), #(|a| > store.TOKEN_TAU); max_abs per partition.
+TOKEN_SUMS = ("tokens", "tok_sum", "tok_abs", "tok_sq", "tok_pos", "tok_active")
 SUMS_SCHEMA = {
     "split": pl.String, "form": pl.String, "tower": pl.String, "layer": pl.Int64, "unit": pl.Int64,
     "count": pl.Int64, "sum_abs": pl.Float64, "sum": pl.Float64, "sum_sq": pl.Float64, "count_active": pl.Int64,
+    "tokens": pl.Int64, "tok_sum": pl.Float64, "tok_abs": pl.Float64, "tok_sq": pl.Float64, "tok_pos": pl.Float64,
+    "tok_active": pl.Float64, "max_abs": pl.Float64,
 }
 OUTPUT_COLUMNS = (
     *NEURON,
@@ -130,26 +137,91 @@ def _number(name: str, value: object) -> float:
 
 
 @dataclass(frozen=True)
+class ModeSpec:
+    """A scoring mode's defaults and options (docs/method.md, "Scoring modes")."""
+
+    name: str
+    summary: str
+    eps: float
+    weights: dict[str, float]
+    scope: str
+    scopes: tuple[str, ...]  # scopes the mode supports
+    options: dict[str, object]  # option name -> default
+    token_stats: bool  # reads the store's token statistics
+
+
+MODE_SPECS: dict[str, ModeSpec] = {
+    "paper": ModeSpec("paper", "the paper's four contrasts between the forms, score I(D_f)/(I(D_r)+ε)", 1e-5,
+                      {k: 1.0 for k in WEIGHT_NAMES}, "global", SCOPES, {}, False),
+    "released": ModeSpec("released", "the authors' released code: per-tower statistics over tokens, "
+                         "Σ w·(F/(R+ε) − 1), top p% per tower", 1e-5,
+                         {"abs": 2.0, "freq": 0.0, "var": 2.0, "rms": 2.0}, "tower", ("tower",),
+                         {"pool_layers": False, "clamp": None}, True),
+    "selective": ModeSpec("selective", "selective pruning (Pochinkov & Schoots 2024): one token statistic's "
+                          "forget/retain ratio, top fraction over all layers", 1e-3,
+                          {k: 1.0 for k in WEIGHT_NAMES}, "global", SCOPES, {"statistic": "abs"}, True),
+}
+SELECTIVE_STATISTICS = ("abs", "freq", "std", "rms")
+
+
+def mode_defaults(mode: str) -> dict:
+    """eps, weights and scope of a scoring mode (what None means in ImportanceParams)."""
+    if mode not in MODE_SPECS:
+        raise ValueError(_unknown("scoring mode", str(mode), tuple(MODE_SPECS)))
+    spec = MODE_SPECS[mode]
+    return {"eps": spec.eps, "weights": dict(spec.weights), "scope": spec.scope}
+
+
+def _check_options(spec: ModeSpec, options: Mapping[str, object]) -> dict:
+    out = dict(spec.options)
+    for k, v in options.items():
+        if k not in spec.options:
+            avail = tuple(spec.options) or ("(none)",)
+            raise ValueError(f"{_unknown(f'option of scoring mode {spec.name!r}', str(k), avail)}")
+        out[k] = v
+    if spec.name == "released":
+        if not isinstance(out["pool_layers"], bool):
+            raise ValueError(f"released option pool_layers must be true or false; got {out['pool_layers']!r}.")
+        if out["clamp"] is not None and (_number("released option clamp", out["clamp"]) <= 0):
+            raise ValueError(f"released option clamp must be > 0 (the released code uses 1000) or None; "
+                             f"got {out['clamp']!r}.")
+    if spec.name == "selective" and out["statistic"] not in SELECTIVE_STATISTICS:
+        raise ValueError(_unknown("selective statistic", str(out["statistic"]), SELECTIVE_STATISTICS))
+    return out
+
+
+@dataclass(frozen=True)
 class ImportanceParams:
-    """Importance and selection settings; `weights` also accepts a mapping or 'abs=1,freq=0,...'."""
+    """Scoring and selection settings. `mode` picks the scoring (MODE_SPECS: paper, released,
+    selective); eps, weights and scope left None take that mode's defaults; `options` are the mode's
+    own (released: pool_layers, clamp; selective: statistic). `weights` also accepts a mapping or
+    'abs=1,freq=0,...'."""
 
     alpha: float = 0.05  # pruning ratio: top α of the neurons in each scope group (paper: 0.02, 0.05, 0.1)
-    eps: float = 1e-5  # ε in the ratios and the score (method.md)
-    tau: float = 0.1  # activation threshold of the frequency count (authors' released code)
-    weights: Weights | Mapping[str, float] | str = field(default_factory=Weights)  # a Weights after init
-    scope: str = "global"  # global (both towers together, the paper), tower, or layer
+    eps: float | None = None  # ε in the ratios and the score (paper 1e-5, selective 1e-3)
+    tau: float = 0.1  # activation threshold of the paper's frequency count (authors' released code)
+    weights: Weights | Mapping[str, float] | str | None = None  # a Weights after init
+    scope: str | None = None  # global (both towers together), tower, or layer
+    mode: str = "paper"
+    options: Mapping[str, object] | tuple | None = None  # after init: sorted (name, value) pairs, every option
+
+    def option(self, name: str):
+        return dict(self.options)[name]  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
+        defaults = mode_defaults(self.mode)
+        spec = MODE_SPECS[self.mode]
         alpha = _number("alpha", self.alpha)
         if not 0 < alpha < 1:
             raise ValueError(
                 f"alpha must be in (0, 1); got {self.alpha}. Give a fraction, e.g. 0.05 for the paper's 5%."
             )
-        for name in ("eps", "tau"):
-            if _number(name, getattr(self, name)) < 0:
-                default = getattr(type(self), name)
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}. The default is {default}.")
-        w = self.weights
+        eps = defaults["eps"] if self.eps is None else self.eps
+        for name, value in (("eps", eps), ("tau", self.tau)):
+            if _number(name, value) < 0:
+                default = defaults["eps"] if name == "eps" else 0.1
+                raise ValueError(f"{name} must be >= 0; got {value}. The default is {default}.")
+        w = defaults["weights"] if self.weights is None else self.weights
         if isinstance(w, str):
             w = Weights(**parse_weights(w))
         elif isinstance(w, Mapping):
@@ -168,12 +240,19 @@ class ImportanceParams:
             raise ValueError(
                 "weights are all 0; at least one of abs, freq, var, rms must be > 0 (0 drops one function)."
             )
-        if self.scope not in SCOPES:
-            raise ValueError(_unknown("scope", str(self.scope), SCOPES))
+        scope = defaults["scope"] if self.scope is None else self.scope
+        if scope not in SCOPES:
+            raise ValueError(_unknown("scope", str(scope), SCOPES))
+        if scope not in spec.scopes:
+            raise ValueError(f"scoring mode {self.mode!r} selects per {' or '.join(spec.scopes)} (its code does); "
+                             f"got scope={scope!r}. Leave scope unset for the mode's default.")
         object.__setattr__(self, "alpha", alpha)
-        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "eps", float(eps))
         object.__setattr__(self, "tau", float(self.tau))
         object.__setattr__(self, "weights", Weights(**{k: float(v) for k, v in w.as_dict().items()}))
+        object.__setattr__(self, "scope", scope)
+        given = dict(self.options or {})  # a mapping, or the pairs of an ImportanceParams already built
+        object.__setattr__(self, "options", tuple(sorted(_check_options(spec, given).items())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,28 +288,34 @@ def _jobs(p: PartitionInfo, max_rows: int) -> list[list[_Slice]]:
     return [j for j in jobs if j]
 
 
-def _batches(job: list[_Slice], max_rows: int):
-    """Yield (slices, activation Series) of at most `max_rows` rows (more only if one row group is bigger).
+def _batches(job: list[_Slice], max_rows: int, columns: list[str]):
+    """Yield (slices, {column: Series}) of at most `max_rows` rows (more only if one row group is bigger).
 
     pyarrow reads (twice as fast as Polars' reader here, see the module docstring), Polars computes:
-    `pl.from_arrow` hands the column over without a copy.
+    `pl.from_arrow` hands each column over without a copy.
     """
     if len(job) == 1 and job[0].rows > max_rows:
         s = job[0]
         f = pq.ParquetFile(s.part.path)
         offset = s.offset
-        for batch in f.iter_batches(batch_size=max_rows, row_groups=[s.row_group], columns=["activation"]):
-            yield [_Slice(s.part, s.row_group, offset, batch.num_rows)], pl.from_arrow(batch.column(0))
+        for batch in f.iter_batches(batch_size=max_rows, row_groups=[s.row_group], columns=columns):
+            cols = {c: pl.from_arrow(batch.column(i)) for i, c in enumerate(columns)}
+            yield [_Slice(s.part, s.row_group, offset, batch.num_rows)], cols
             offset += batch.num_rows
         return
-    chunks = []
+    chunks: dict[str, list] = {c: [] for c in columns}
     for path in dict.fromkeys(s.part.path for s in job):  # files in job order
         groups = [s.row_group for s in job if s.part.path == path]
-        chunks.extend(pq.ParquetFile(path).read_row_groups(groups, columns=["activation"]).column(0).chunks)
-    if all(c.type == chunks[0].type for c in chunks):
-        yield job, pl.from_arrow(chunks[0] if len(chunks) == 1 else pa.chunked_array(chunks).combine_chunks())
-    else:  # files of one partition written with different list types: lists here, checked in _chunk_sums
-        yield job, pl.concat([pl.from_arrow(c).cast(pl.List(pl.Float32)) for c in chunks], rechunk=True)
+        table = pq.ParquetFile(path).read_row_groups(groups, columns=columns)
+        for c in columns:
+            chunks[c].extend(table.column(c).chunks)
+    out = {}
+    for c, cs in chunks.items():
+        if all(x.type == cs[0].type for x in cs):
+            out[c] = pl.from_arrow(cs[0] if len(cs) == 1 else pa.chunked_array(cs).combine_chunks())
+        else:  # files of one partition written with different list types: lists here, checked in _chunk_sums
+            out[c] = pl.concat([pl.from_arrow(x).cast(pl.List(pl.Float32)) for x in cs], rechunk=True)
+    yield job, out
 
 
 def _diagnose(s: _Slice, width: int) -> ActivationStoreError | None:
@@ -280,21 +365,29 @@ def _transpose_index(n: int, width: int, cache: dict) -> pl.Series:
     return index
 
 
-def _chunk_sums(slices: list[_Slice], act: pl.Series, width: int, tau: float, cache: dict) -> pl.DataFrame:
-    """The five sums per unit over the rows of one chunk: a (width, 6) frame. `act`: (n,) lists of width floats."""
-    n = len(act)
+def _flat(slices: list[_Slice], act: pl.Series, width: int) -> pl.Series:
+    """(n,) lists of `width` floats -> (n·width,) row-major values, every length and null checked."""
     if act.dtype != pl.Array(pl.Float32, width):  # list<float32> from another tool: check every length
         lens = act.list.len()
         if lens.null_count() or lens.min() != width or lens.max() != width:
             raise _first_error(slices, width)
         act = act.cast(pl.Array(pl.Float32, width))
-    flat = act.explode()  # (n·width,) row-major
+    flat = act.explode()
     if flat.null_count():  # nulls would be skipped by the sums below
         raise _first_error(slices, width)
+    return flat
+
+
+def _chunk_sums(slices: list[_Slice], cols: dict[str, pl.Series], width: int, tau: float, cache: dict) -> pl.DataFrame:
+    """The sums per unit over the rows of one chunk: a (width, ·) frame. `cols`: the chunk's activation
+    column ((n,) lists of width floats) and, when the store has them, its token statistics columns."""
+    act = cols["activation"]
+    n = len(act)
     # Transpose to unit-major, Float64 (sums in float64), then one row of n values per unit.
-    z = flat.gather(_transpose_index(n, width, cache)).cast(pl.Float64).to_frame("z")
+    index = _transpose_index(n, width, cache)
+    z = _flat(slices, act, width).gather(index).cast(pl.Float64).to_frame("z")
     per_unit = lambda e: e.reshape((width, n))  # (width,) arrays of n
-    out = z.with_columns(a=pl.col("z").abs()).select(
+    sums = dict(
         unit=pl.int_range(width, dtype=pl.Int64),
         count=pl.lit(n, dtype=pl.Int64),
         sum_abs=per_unit(pl.col("a")).arr.sum(),
@@ -302,22 +395,35 @@ def _chunk_sums(slices: list[_Slice], act: pl.Series, width: int, tau: float, ca
         sum_sq=per_unit(pl.col("z")).arr.dot(per_unit(pl.col("z"))),  # no z² temporary
         count_active=per_unit(pl.col("a") > tau).arr.sum().cast(pl.Int64),
     )
+    if "tokens" in cols:  # token statistics: Σa = Σ z·tokens, the other sums as stored
+        tokens = cols["tokens"].cast(pl.Float64)
+        z = z.with_columns(
+            t=pl.lit(tokens).gather(pl.int_range(n * width, dtype=index.dtype) // width).gather(index),
+            **{f"tok_{k}": _flat(slices, cols[f"token_{k}"], width).gather(index).cast(pl.Float64)
+               for k in TOKEN_STATS},
+        )
+        sums.update(
+            tokens=pl.lit(int(tokens.sum()), dtype=pl.Int64),
+            tok_sum=per_unit(pl.col("z")).arr.dot(per_unit(pl.col("t"))),
+            **{f"tok_{k}": per_unit(pl.col(f"tok_{k}")).arr.sum() for k in TOKEN_STATS},
+        )
+    out = z.with_columns(a=pl.col("z").abs()).select(**sums)
     # A NaN or inf anywhere makes its unit's Σz² non-finite (z² of a finite float32 cannot overflow
     # float64): one cheap check, and only then a search for the file and row.
-    if not out["sum_sq"].is_finite().all():
+    if not out["sum_sq"].is_finite().all() or ("tok_sq" in out.columns and not out["tok_sq"].is_finite().all()):
         raise _first_error(slices, width)
     return out
 
 
-def _job_sums(job: list[_Slice], width: int, tau: float, cache: dict) -> pl.DataFrame:
-    max_rows = max(1, CHUNK_VALUES // width)
-    frames = [_chunk_sums(slices, act, width, tau, cache) for slices, act in _batches(job, max_rows)]
+def _job_sums(job: list[_Slice], width: int, tau: float, cache: dict, columns: list[str]) -> pl.DataFrame:
+    max_rows = max(1, CHUNK_VALUES // (width * len(columns)))
+    frames = [_chunk_sums(slices, cols, width, tau, cache) for slices, cols in _batches(job, max_rows, columns)]
     return functools.reduce(_add, frames)
 
 
 def _add(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
     """Sums of two chunks of the same units (same order)."""
-    return a.with_columns(a[c] + b[c] for c in SUM_COLUMNS)
+    return a.with_columns(a[c] + b[c] for c in (*SUM_COLUMNS, *TOKEN_SUMS) if c in a.columns)
 
 
 def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
@@ -349,16 +455,21 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
         raise ValueError(f"tau must be >= 0; got {tau}. The default is 0.1.")
     summary = inspect_activations(root)
     check_complete(summary)
-    jobs = [(p, j) for p in summary.partitions for j in _jobs(p, max(1, CHUNK_VALUES // p.width))]
+    tokens = all(p.token_stats for p in summary.partitions)
+    columns = ["activation", *TOKEN_COLUMNS] if tokens else ["activation"]
+    rows = lambda p: max(1, CHUNK_VALUES // (p.width * len(columns)))
+    jobs = [(p, j) for p in summary.partitions for j in _jobs(p, rows(p))]
     log.info("Summing %d partitions (%d chunks) under %s", len(summary.partitions), len(jobs), summary.root)
     cache: dict = {}
-    run = lambda job: _job_sums(job[1], job[0].width, tau, cache)
+    run = lambda job: _job_sums(job[1], job[0].width, tau, cache, columns)
     frames, total, current = [], None, None
 
     def finish() -> None:  # one partition's sums, with its key columns
         split, form, tower, layer = current.stream  # type: ignore[union-attr]
-        key = dict(split=pl.lit(split), form=pl.lit(form), tower=pl.lit(tower), layer=pl.lit(layer, pl.Int64))
-        frames.append(total.with_columns(**key).select(list(SUMS_SCHEMA)))  # type: ignore[union-attr]
+        key = dict(split=pl.lit(split), form=pl.lit(form), tower=pl.lit(tower), layer=pl.lit(layer, pl.Int64),
+                   max_abs=pl.lit(current.max_abs if tokens else None, pl.Float64))  # type: ignore[union-attr]
+        missing = {c: pl.lit(None, SUMS_SCHEMA[c]) for c in TOKEN_SUMS if c not in total.columns}  # type: ignore
+        frames.append(total.with_columns(**key, **missing).select(list(SUMS_SCHEMA)))  # type: ignore[union-attr]
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = _ordered_map(pool, run, jobs, ahead=2 * max(1, threads))  # partitions' jobs are consecutive
@@ -405,12 +516,17 @@ def _form_stats(sums: pl.DataFrame, split: str, form: str) -> pl.LazyFrame:
     )
 
 
-def _check_sums(sums: pl.DataFrame) -> None:
-    missing = [c for c in SUMS_SCHEMA if c not in sums.columns]
+def _check_sums(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
+    """Validate a sums table for `params.mode`; returns it with the schema's types (token columns
+    added as nulls when absent)."""
+    need = [c for c in SUMS_SCHEMA if c not in TOKEN_SUMS and c != "max_abs"]
+    missing = [c for c in need if c not in sums.columns]
     if missing:
         raise ValueError(
             f"sums table lacks column(s) {', '.join(missing)}; expected {', '.join(SUMS_SCHEMA)} (from neuron_sums)."
         )
+    sums = sums.with_columns(pl.lit(None, SUMS_SCHEMA[c]).alias(c) for c in SUMS_SCHEMA if c not in sums.columns)
+    sums = sums.cast({k: v for k, v in SUMS_SCHEMA.items()})  # type: ignore[arg-type]
     for col, values in (("split", SPLITS), ("form", FORMS), ("tower", TOWERS)):
         bad = sums.filter(~pl.col(col).is_in(values))
         if len(bad):
@@ -423,15 +539,32 @@ def _check_sums(sums: pl.DataFrame) -> None:
             f"sums table: {len(dup)} duplicate (split, form, tower, layer, unit) rows, e.g. {dup.row(0)[:-1]}; "
             "sum them first."
         )
+    if MODE_SPECS[params.mode].token_stats and sums["tokens"].null_count():
+        raise ActivationStoreError(
+            f"scoring mode {params.mode!r} needs the store's token statistics (per-token sums), and these "
+            "activations have none (extracted with token_stats=False, or by an older manu). Rerun the extraction "
+            "(token statistics are on by default), or use mode 'paper'."
+        )
+    return sums
 
 
-def importance_table(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
-    """Importances per split, score and selection: one row per neuron, sorted by (tower, layer, unit).
+def _check_holes(df: pl.DataFrame, split: str, column_of: dict[str, str]) -> None:
+    """Every neuron has the statistics its tower needs ({form: a column that is null when missing})."""
+    for tower in df["tower"].unique().sort():
+        for f in (f for s, f in required_streams(tower) if s == split):
+            if f not in column_of:
+                continue
+            hole = df.filter((pl.col("tower") == tower) & pl.col(column_of[f]).is_null())
+            if len(hole):
+                layer, unit = hole.sort(["layer", "unit"]).select("layer", "unit").row(0)
+                raise ValueError(
+                    f"sums table has no {split}/{f} row for {tower} layer {layer} unit {unit} (present in "
+                    "other streams); every neuron needs both splits and both forms (vision: multimodal only)."
+                )
 
-    Columns: tower, layer, unit, forget_{abs,freq,var,rms,importance}, retain_{...}, score, rank, selected.
-    """
-    _check_sums(sums)
-    sums = sums.cast({k: v for k, v in SUMS_SCHEMA.items()})  # type: ignore[arg-type]
+
+def _paper_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
+    """method.md, "Importance functions" (Section 3.1) and the score S = I(D_f) / (I(D_r) + ε)."""
     eps, w = params.eps, params.weights.as_dict()
     neurons = sums.select(NEURON).unique().lazy()
     per_split = []
@@ -444,19 +577,11 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFra
         vision = pl.col("tower") == "vision"
         lf = lf.with_columns(pl.when(vision).then(pl.col(c).fill_null(0.0)).otherwise(pl.col(c)).alias(c) for c in text)
         df = lf.collect()
-        for tower in df["tower"].unique().sort():
-            for f in (f for s, f in required_streams(tower) if s == split):
-                hole = df.filter((pl.col("tower") == tower) & pl.col(f"A_{f}").is_null())
-                if len(hole):
-                    layer, unit = hole.sort(["layer", "unit"]).row(0)[1:3]
-                    raise ValueError(
-                        f"sums table has no {split}/{f} row for {tower} layer {layer} unit {unit} (present in "
-                        "other streams); every neuron needs both splits and both forms (vision: multimodal only)."
-                    )
+        _check_holes(df, split, {f: f"A_{f}" for f in FORMS})
         a_m, a_t = pl.col("A_multimodal"), pl.col("A_text")
         n_m, n_t = pl.col("N_multimodal"), pl.col("N_text")
         q_m, q_t = pl.col("Q_multimodal"), pl.col("Q_text")
-        imp = {  # method.md, "Importance functions" (Section 3.1)
+        imp = {
             "abs": _ratio((a_m - a_t).abs(), a_m + a_t + eps),
             "freq": _ratio((n_m - n_t).abs(), n_m + n_t + eps),
             "var": (pl.col("V_multimodal") + pl.col("V_text")).sqrt(),
@@ -469,15 +594,156 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFra
             .with_columns(combined.alias(f"{split}_importance"))
         )
     table = per_split[0].join(per_split[1], on=list(NEURON), how="inner")
-    # Score (method.md, "Score and selection"): S = I(D_f) / (I(D_r) + ε).
-    table = table.with_columns(score=_ratio(pl.col("forget_importance"), pl.col("retain_importance") + eps)).collect()
-    return _select(table, params)
+    return table.with_columns(score=_ratio(pl.col("forget_importance"), pl.col("retain_importance") + eps)).collect()
 
 
-def _select(table: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
-    """rank: 1-based, descending score, ties by (tower, layer, unit); selected: rank <= ⌊α·N⌋ per scope group."""
+def _token_stats(df: pl.LazyFrame, freq_column: str) -> pl.LazyFrame:
+    """Per-token statistics from token sums: mean |a|, share of tokens counted by `freq_column`, the
+    unbiased standard deviation over tokens (torch's .std(); 0 for a single token) and the RMS."""
+    n = pl.col("tokens").cast(pl.Float64)
+    var = ((pl.col("tok_sq") - pl.col("tok_sum") ** 2 / n) / (n - 1)).clip(lower_bound=0.0)
+    return df.with_columns(
+        s_abs=pl.col("tok_abs") / n,
+        s_freq=pl.col(freq_column) / n,
+        s_var=pl.when(n > 1).then(var.sqrt()).otherwise(0.0),
+        s_rms=(pl.col("tok_sq") / n).sqrt(),
+    )
+
+
+def _check_clamp(sums: pl.DataFrame, clamp: float | None) -> None:
+    """The released code clamps activations to ±clamp first; the store keeps per-sample token sums,
+    not tokens, so a clamp is reproduced exactly only when it changes nothing (max |a| <= clamp)."""
+    if clamp is None:
+        return
+    over = sums.filter(pl.col("max_abs").is_null() | (pl.col("max_abs") > clamp))
+    if len(over):
+        r = over.row(0, named=True)
+        seen = "was not recorded" if r["max_abs"] is None else f"reaches {r['max_abs']:g}"
+        raise ValueError(
+            f"released option clamp={clamp:g} cannot be reproduced exactly: |a| in {r['split']}/{r['form']} "
+            f"{r['tower']} layer {r['layer']} {seen}, and the store keeps per-sample token sums, not the tokens. "
+            "Drop the clamp option (exact when no |a| exceeds it), or re-extract with a manu that records max_abs."
+        )
+
+
+_SUM_KEYS = ("tokens", "tok_sum", "tok_abs", "tok_sq", "tok_pos", "tok_active")
+
+
+def _pooled(sums: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    return sums.group_by(by, maintain_order=True).agg(*(pl.col(c).sum() for c in _SUM_KEYS))
+
+
+def _released_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
+    """The authors' released code (docs/method.md, "Scoring modes"): vision units on the image+text
+    form, language units on the text form; per-token statistics per split; score Σ_k w_k (F_k/(R_k+ε) − 1).
+    With pool_layers, a tower's layers are pooled per unit index and the score lands on its last three layers."""
+    eps, w, opts = params.eps, params.weights.as_dict(), dict(params.options)
+    form_of = pl.when(pl.col("tower") == "vision").then(pl.lit("multimodal")).otherwise(pl.lit("text"))
+    used = sums.filter(pl.col("form") == form_of)
+    _check_clamp(used, opts["clamp"])
+    neurons = sums.select(NEURON).unique()
+    key = list(NEURON)
+    if opts["pool_layers"]:
+        widths = used.group_by("tower", "layer").agg(pl.len()).group_by("tower").agg(pl.col("len").n_unique())
+        if (widths["len"] > 1).any():
+            raise ValueError("released option pool_layers needs every layer of a tower to have the same width.")
+        used = _pooled(used, ["split", "tower", "unit"])
+        key = ["tower", "unit"]
+    frames = {}
+    for split in SPLITS:
+        df = _token_stats(used.lazy().filter(pl.col("split") == split), "tok_active")
+        frames[split] = df.select(*key, **{f"{split}_{k}": pl.col(f"s_{k}") for k in WEIGHT_NAMES})
+    table = frames["forget"].join(frames["retain"], on=key, how="inner").collect()
+    score = pl.sum_horizontal([w[k] * (pl.col(f"forget_{k}") / (pl.col(f"retain_{k}") + eps) - 1) for k in WEIGHT_NAMES])
+    table = table.with_columns(
+        *(pl.sum_horizontal([w[k] * pl.col(f"{s}_{k}") for k in WEIGHT_NAMES]).alias(f"{s}_importance")
+          for s in SPLITS),
+        score=score,
+    )
+    if opts["pool_layers"]:
+        last3 = neurons.select("tower", "layer").unique().sort("tower", "layer").group_by(
+            "tower", maintain_order=True).tail(3)
+        table = neurons.join(last3, on=["tower", "layer"], how="inner").join(table, on=["tower", "unit"], how="left")
+        table = neurons.join(table, on=list(NEURON), how="left")  # other layers: no score, never selected
+    else:
+        table = neurons.join(table, on=list(NEURON), how="left")
+        _check_holes(table, "forget", {"multimodal": "score"})
+    return table
+
+
+def _selective_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
+    """Selective pruning (Pochinkov & Schoots 2024): per split, one statistic over every counted token of
+    both forms (vision: image+text only); score F/(R+ε). The frequency statistic counts a > 0."""
+    eps, stat = params.eps, params.option("statistic")
+    stat = "var" if stat == "std" else stat
+    pooled = _pooled(sums, ["split", *NEURON])
+    frames = {}
+    for split in SPLITS:
+        df = _token_stats(pooled.lazy().filter(pl.col("split") == split), "tok_pos")
+        frames[split] = df.select(*NEURON, **{f"{split}_{k}": pl.col(f"s_{k}") for k in WEIGHT_NAMES},
+                                  **{f"{split}_importance": pl.col(f"s_{stat}")})
+    table = frames["forget"].join(frames["retain"], on=list(NEURON), how="inner")
+    return table.with_columns(score=_ratio(pl.col("forget_importance"), pl.col("retain_importance") + eps)).collect()
+
+
+SCORERS = {"paper": _paper_scores, "released": _released_scores, "selective": _selective_scores}
+
+
+def importance_table(sums: pl.DataFrame, params: ImportanceParams, *, already: pl.DataFrame | None = None
+                     ) -> pl.DataFrame:
+    """Per-split statistics, score and selection under `params.mode`: one row per neuron, sorted by
+    (tower, layer, unit).
+
+    Columns: tower, layer, unit, forget_{abs,freq,var,rms,importance}, retain_{...}, score, rank, selected.
+    paper: the four importance functions and their weighted sum I; released and selective: the split's
+    token statistics (mean |a|, share active, std, rms) and, as importance, their weighted sum (released)
+    or the statistic scored (selective). A neuron without a score (released with pool_layers: layers
+    other than the last three) has null score and rank and is never selected.
+
+    `already`: a previous importance table (iterative pruning): its selected neurons stay selected and
+    are left out of the ranking, and ⌊α·N⌋ more are selected among the others.
+    """
+    sums = _check_sums(sums, params)
+    table = SCORERS[params.mode](sums, params)
+    previous = None
+    if already is not None:
+        if params.mode == "released":
+            raise ValueError("iterative selection (already=...) is for the 'selective' and 'paper' modes; the "
+                             "released code selects once per tower.")
+        previous = already.filter(pl.col("selected")).select(*NEURON, prev=pl.lit(True))
+    if params.mode == "released":
+        return _select_threshold(table, params)
+    return _select(table, params, previous)
+
+
+def _select_threshold(table: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
+    """The released code's selection: per tower, k = ⌊α·N⌋ of the scored neurons, threshold = the k-th
+    largest score, selected = score >= threshold (ties at the threshold all selected)."""
+    alpha = Fraction(repr(params.alpha))
+    order = table.sort(["tower", "score", *NEURON], descending=[False, True, False, False, False], nulls_last=True)
+    order = order.with_columns(
+        rank=pl.when(pl.col("score").is_not_null()).then(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("tower"))
+    )
+    parts = []
+    for _, grp in order.group_by("tower", maintain_order=True):
+        scored = grp.filter(pl.col("score").is_not_null())
+        k = math.floor(alpha * scored.height)
+        sel = (pl.col("score") >= scored["score"][k - 1]).fill_null(False) if k > 0 else pl.lit(False)
+        parts.append(grp.with_columns(selected=sel))
+    return pl.concat(parts).sort(list(NEURON)).select(OUTPUT_COLUMNS)
+
+
+def _select(table: pl.DataFrame, params: ImportanceParams, previous: pl.DataFrame | None = None) -> pl.DataFrame:
+    """rank: 1-based, descending score, ties by (tower, layer, unit); selected: rank <= ⌊α·N⌋ per scope group.
+    With `previous` (prev = True rows), those stay selected, are ranked after every other neuron, and
+    ⌊α·N⌋ others are selected (N counts every neuron of the group)."""
     group = {"global": [], "tower": ["tower"], "layer": ["tower", "layer"]}[params.scope]
-    order = table.sort([*group, "score", *NEURON], descending=[False] * len(group) + [True, False, False, False])
+    if previous is not None:
+        table = table.join(previous, on=list(NEURON), how="left").with_columns(pl.col("prev").fill_null(False))
+    else:
+        table = table.with_columns(prev=pl.lit(False))
+    order = table.sort([*group, "prev", "score", *NEURON],
+                       descending=[False] * len(group) + [False, True, False, False, False], nulls_last=True)
     rank = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
     order = order.with_columns(rank=rank.over(group) if group else rank)
     # k = ⌊α·N⌋ in exact arithmetic on α as written (0.29·100 is 28.999... in binary, k must be 29).
@@ -488,7 +754,8 @@ def _select(table: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
         order = order.join(k, on=group, how="left")
     else:
         order = order.with_columns(k=pl.lit(math.floor(alpha * len(order)), dtype=pl.Int64))
-    out = order.with_columns(selected=pl.col("rank") <= pl.col("k")).drop("k")
+    new = (pl.col("rank") <= pl.col("k")) & ~pl.col("prev") & pl.col("score").is_not_null()
+    out = order.with_columns(selected=new | pl.col("prev")).drop("k", "prev")
     return out.sort(list(NEURON)).select(OUTPUT_COLUMNS)
 
 

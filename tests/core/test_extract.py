@@ -120,6 +120,47 @@ def test_matches_direct_computation_for_every_aggregation(ds, models, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_token_statistics_match_the_full_activations(ds, models, arch):
+    """Per-sample token sums (store.py: Σ|a|, Σa², #(a>0), #(|a|>0.1), position counts, max |a|)
+    against the full (B, T, d) tensors, over the counted positions only (right padding present)."""
+    model, proc = models[arch]
+    sites = mlp_sites(model)
+    ss = form_samples(ds, "multimodal", 5)
+    enc = encode_samples(proc, ss)
+    caps = capture(model, sites, enc)
+    attn = enc["attention_mask"].bool()
+    assert not attn.all(), "the batch should have padding"
+    [(chunk, acts, tok)] = list(mextract.iter_stream(model, proc, ss, batch_size=5, progress=False, token_stats=True))
+    assert tok.tokens["language"].tolist() == attn.sum(1).tolist()
+    for s in sites:
+        x = caps[s].double()
+        rows = [x[b] for b in range(len(ss))] if s.tower == "vision" else [x[b][attn[b]] for b in range(len(ss))]
+        if s.tower == "vision":
+            assert tok.tokens["vision"].tolist() == [r.shape[0] for r in rows]
+        ref = {"abs": [r.abs().sum(0) for r in rows], "sq": [(r * r).sum(0) for r in rows],
+               "pos": [(r > 0).sum(0).double() for r in rows], "active": [(r.abs() > 0.1).sum(0).double() for r in rows]}
+        for k, v in ref.items():
+            np.testing.assert_allclose(tok.stats[s][k], torch.stack(v).numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{k} {s.name}")
+        np.testing.assert_allclose(acts[s] * np.asarray(tok.tokens[s.tower])[:, None],
+                                   torch.stack([r.sum(0) for r in rows]).numpy(), rtol=1e-5, atol=1e-5)
+        assert tok.max_abs[s] == pytest.approx(max(float(r.abs().max()) for r in rows), rel=1e-6)
+
+
+def test_store_holds_token_statistics_and_means_only_without_them(tmp_path, streams, models):
+    model, proc = models["llava"]
+    with_tok = extract_activations(model, proc, streams, tmp_path / "tok", batch_size=4, progress=False)
+    without = extract_activations(model, proc, streams, tmp_path / "plain", batch_size=4, progress=False,
+                                  token_stats=False)
+    a, b = inspect_activations(with_tok), inspect_activations(without)
+    assert all(p.token_stats and p.max_abs is not None for p in a.partitions)
+    assert not any(p.token_stats or p.max_abs is not None for p in b.partitions)
+    for p, q in zip(a.partitions, b.partitions):  # the means do not depend on the extra statistics
+        x = pl.read_parquet(p.parts[0].path)
+        assert x["activation"].equals(pl.read_parquet(q.parts[0].path)["activation"])
+        assert (x["tokens"] >= 1).all() and x["token_pos"].arr.max().max() <= x["tokens"].max()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padding_does_not_change_a_sample(ds, models, arch, side):
     model, proc = models[arch]

@@ -139,7 +139,8 @@ def test_polars_sums_equal_torch(tmp_path, monkeypatch, chunk_values):
     data = random_store(tmp_path, np.random.default_rng(1))
     tau = 0.15
     sums = neuron_sums(tmp_path, tau)
-    assert sums.columns == ["split", "form", "tower", "layer", "unit", "count", "sum_abs", "sum", "sum_sq", "count_active"]
+    assert sums.columns[:10] == ["split", "form", "tower", "layer", "unit", "count", "sum_abs", "sum", "sum_sq", "count_active"]
+    assert sums.select(importance.TOKEN_SUMS).null_count().row(0) == (sums.height,) * 6  # a store without token statistics
     assert len(sums) == sum(x.shape[1] for x in data.values())  # no vision/text rows
     assert sums.schema == pl.Schema(importance.SUMS_SCHEMA)
     assert sums.equals(sums.sort(["split", "form", "tower", "layer", "unit"]))
