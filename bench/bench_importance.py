@@ -2,15 +2,22 @@
 
 Default shape: language 32 layers x 11,008 units in 4 streams (forget/retain x multimodal/text),
 vision 23 layers x 4,096 units in the 2 multimodal streams, 1,500 samples per stream (~9.6 GB of
-float32). Times `manu_core.importance.compute_importance` and a numpy reference (pyarrow reads the
-same files, numpy computes the sums and the formulas) each in its own subprocess, so their peak RSS
-do not mix, checks that they agree, and prints time, peak memory and the polars/numpy ratio.
+float32 activations; the token statistics, on by default, add one small totals file per part).
+
+In one subprocess, times `manu_core.importance.neuron_sums` once (every sum, the token sums too when
+the store has them), then `importance_table` for each scoring mode: paper, released, released with
+pool_layers, selective (one-shot). Each mode's cost is "sums + table" (what `compute_importance` runs),
+compared with the 60 s target. A numpy reference (pyarrow reads the activation column, numpy computes
+the sums and the paper formulas) runs in its own subprocess, so peak RSS do not mix, and must agree
+with the paper mode. Prints time, peak RSS (per step and overall) and the polars/numpy ratio.
 
     python bench/bench_importance.py                       # full size (target: <= 60 s on 2 cores)
     python bench/bench_importance.py --samples 200 --lang-layers 2 --lang-units 512 --vision-layers 2 --vision-units 256
+    python bench/bench_importance.py --no-token-stats      # the store without token statistics (paper mode only)
     python bench/bench_importance.py --formulations        # also time alternative Polars formulations
 
-The synthetic folder is generated once (seeded) under --root and reused while its manifest matches.
+The synthetic folder is generated once (seeded) under --root and reused while its manifest matches
+(shape, seed and --token-stats: changing any regenerates it).
 """
 
 from __future__ import annotations
@@ -43,8 +50,16 @@ def streams(tower: str) -> list[tuple[str, str]]:
 
 
 def generate(args: argparse.Namespace, root: Path) -> None:
-    """Seeded synthetic activations: per-unit offset and scale, a form shift on some units, a forget shift on others."""
-    config = {k: getattr(args, k) for k in ("samples", "lang_layers", "lang_units", "vision_layers", "vision_units", "part_rows", "seed")}
+    """Seeded synthetic activations: per-unit offset and scale, a form shift on some units, a forget shift on others.
+
+    With --token-stats, each sample also gets a token count (uniform 40..600) and token sums drawn as if
+    its tokens were a_t ~ N(z, s_u²) with a per-unit token spread s_u = 1.5..4 x the unit's scale:
+    Σ|a| ≈ T·sqrt(z² + 0.64 s²), Σa² = T·(z² + s²) (so (Σ|a|)² <= T·Σa²), #(a > 0) = T·clip(0.5 + 0.4 z/s),
+    #(|a| > 0.1) = T·(1 − exp(−(z² + s²)/0.02)), counts rounded and <= T. Plausible, not exact; the
+    activations themselves are the same as without token statistics (separate random streams).
+    """
+    config = {k: getattr(args, k) for k in ("samples", "lang_layers", "lang_units", "vision_layers", "vision_units", "part_rows", "seed",
+                                            "token_stats")}
     manifest = root / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) == config:  # written last: generation finished
         try:
@@ -66,8 +81,11 @@ def generate(args: argparse.Namespace, root: Path) -> None:
             sigma = rng.uniform(0.02, 0.2, units).astype(np.float32)
             form_shift = (rng.random(units) < 0.1) * rng.normal(0, 0.1, units).astype(np.float32)
             forget_shift = (rng.random(units) < 0.02) * rng.normal(0, 0.2, units).astype(np.float32)
+            tok_sigma = (sigma * np.random.default_rng([args.seed, ti, layer, 99]).uniform(1.5, 4.0, units)).astype(np.float32)
+            tok_var = tok_sigma * tok_sigma
             for si, (split, form) in enumerate(streams(tower)):
                 srng = np.random.default_rng([args.seed, ti, layer, 1 + si])
+                trng = np.random.default_rng([args.seed, ti, layer, 1 + si, 7])  # token counts: x stays as without them
                 shift = mu + (form_shift if form == "text" else 0) + (forget_shift if split == "forget" else 0)
                 for part, start in enumerate(range(0, args.samples, args.part_rows)):
                     n = min(args.part_rows, args.samples - start)
@@ -75,21 +93,83 @@ def generate(args: argparse.Namespace, root: Path) -> None:
                     x *= sigma
                     x += shift
                     ids = [f"{split}-{form}-{i:05d}" for i in range(start, start + n)]
+                    extra = token_stats(trng, x, tok_sigma, tok_var) if args.token_stats else {}
                     write_partition(root, split=split, form=form, tower=tower, layer=layer, sample_ids=ids,
-                                    profile_ids=[f"p{i // 15:04d}" for i in range(start, start + n)], activations=x, part=part)
+                                    profile_ids=[f"p{i // 15:04d}" for i in range(start, start + n)], activations=x, part=part,
+                                    **extra)
         print(f"  generated {tower}: {layers} layers x {units} units ({time.perf_counter() - t0:.0f} s)", flush=True)
     manifest.write_text(json.dumps(config))
+
+
+def token_stats(rng: np.random.Generator, x: np.ndarray, tok_sigma: np.ndarray, tok_var: np.ndarray) -> dict:
+    """write_partition's tokens, token_stats and max_abs for per-sample means x (n, units); see generate."""
+    n = len(x)
+    tokens = rng.integers(40, 601, n)
+    t = tokens.astype(np.float32)[:, None]
+    z2 = x * x
+    m2 = z2 + tok_var  # mean a² over the tokens
+    stats = {
+        "abs": np.sqrt(z2 + np.float32(0.64) * tok_var) * t,
+        "sq": m2 * t,
+        "pos": np.rint(np.clip(np.float32(0.5) + np.float32(0.4) * x / tok_sigma, 0.02, 0.98) * t),
+        "active": np.rint(-np.expm1(m2 / np.float32(-0.02)) * t),
+    }
+    max_abs = float(np.abs(x).max() + 4 * tok_sigma.max())
+    return {"tokens": tokens, "token_stats": stats, "max_abs": max_abs}
 
 
 # ----------------------------------------------------------------------------------------------
 # The two measured runs (each in its own subprocess)
 
 
-def run_polars(root: Path, alpha: float, out: Path) -> None:
-    from manu_core.importance import ImportanceParams, compute_importance
+MODES = [  # (label, mode, options): the importance_table calls timed after one neuron_sums
+    ("paper", "paper", {}),
+    ("released", "released", {}),
+    ("released pool_layers", "released", {"pool_layers": True}),
+    ("selective (one-shot)", "selective", {}),
+]
 
-    df = compute_importance(root, ImportanceParams(alpha=alpha))
-    df.select("tower", "layer", "unit", "score", "selected").write_parquet(out)
+
+def _hwm_mib() -> float:
+    """This process's peak RSS (VmHWM) since its exec or the last _reset_hwm."""
+    kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux: '5' > /proc/self/clear_refs), so each step gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_polars(root: Path, alpha: float, out: Path) -> dict:
+    """neuron_sums once, then importance_table per mode; writes the paper table to `out`; returns timings."""
+    from manu_core.importance import ImportanceParams, importance_table, neuron_sums
+
+    steps: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    sums = neuron_sums(root, ImportanceParams(alpha=alpha).tau)
+    steps["sums"] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _hwm_mib()}
+    has_tokens = sums["tokens"].null_count() == 0
+    steps["sums"]["token_stats"] = bool(has_tokens)
+    steps["sums"]["rows"] = len(sums)
+    for label, mode, options in MODES:
+        if mode != "paper" and not has_tokens:
+            continue  # released and selective need the token statistics
+        params = ImportanceParams(alpha=alpha, mode=mode, options=options)
+        reset = _reset_hwm()
+        t = time.perf_counter()
+        df = importance_table(sums, params)
+        seconds = time.perf_counter() - t
+        steps[label] = {"seconds": seconds, "peak_rss_mib": _hwm_mib() if reset else None,
+                        "selected": int(df["selected"].sum()), "scored": int(df["score"].is_not_null().sum())}
+        if mode == "paper":
+            df.select("tower", "layer", "unit", "score", "selected").write_parquet(out)
+        del df
+    return steps
 
 
 def numpy_reference(root: Path, alpha: float, eps: float = 1e-5, tau: float = 0.1) -> dict[str, np.ndarray]:
@@ -135,16 +215,19 @@ def numpy_reference(root: Path, alpha: float, eps: float = 1e-5, tau: float = 0.
 def child(args: argparse.Namespace) -> None:
     root, out = Path(args.root), Path(args.out)
     t0 = time.perf_counter()
+    steps = None
     if args.child == "polars":
-        run_polars(root, args.alpha, out)
+        steps = run_polars(root, args.alpha, out)
+        # The overall peak: the largest of the per-step peaks (VmHWM is reset before each mode).
+        peak_mib = max(s["peak_rss_mib"] or 0 for s in steps.values())
+        peak_mib = max(peak_mib, _hwm_mib())
     else:
         ref = numpy_reference(root, args.alpha)
         np.savez(out, **ref)
+        # VmHWM: this process's peak RSS since its exec (ru_maxrss would also count the parent at fork time).
+        peak_mib = _hwm_mib()
     seconds = time.perf_counter() - t0
-    # VmHWM: this process's peak RSS since its exec (ru_maxrss would also count the parent at fork time).
-    hwm_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-    peak_mib = hwm_kib / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_mib}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_mib, "steps": steps}))
 
 
 def measure(kind: str, args: argparse.Namespace, out: Path) -> dict:
@@ -210,7 +293,7 @@ def formulations(root: Path, tau: float = 0.1) -> None:
     def manu_core_chunked():  # what manu_core.importance runs: the above per chunk of <= CHUNK_VALUES values
         rows = max(1, importance.CHUNK_VALUES // w)
         cache: dict = {}
-        parts = [importance._chunk_sums([], act.slice(i, rows), w, tau, cache) for i in range(0, n, rows)]
+        parts = [importance._chunk_sums([], {"activation": act.slice(i, rows)}, w, tau, cache) for i in range(0, n, rows)]
         total = functools.reduce(importance._add, parts)
         return total.select("sum_abs", "sum", "sum_sq", "count_active")
 
@@ -243,6 +326,8 @@ def main() -> None:
     p.add_argument("--part-rows", type=int, default=500, help="rows per part file (extraction writes per batch chunk)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--token-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate the store with token statistics (needed by the released and selective modes)")
     p.add_argument("--formulations", action="store_true", help="also time alternative Polars formulations")
     p.add_argument("--delete", action="store_true", help="delete the generated folder at the end")
     p.add_argument("--child", choices=["polars", "numpy"], help=argparse.SUPPRESS)
@@ -270,14 +355,33 @@ def main() -> None:
     score_diff = float(diff.max())
     rel_diff = float((diff / np.maximum(np.abs(exp["score"]), 1e-300)).max())
     same = bool((got["selected"].to_numpy() == exp["selected"]).all())
-    print(f"\nneurons {len(got):,}, selected {int(got['selected'].sum()):,} (alpha {args.alpha})")
-    print(f"{'':8s} {'time':>9s} {'peak RSS':>10s}")
-    print(f"{'polars':8s} {pol['seconds']:8.1f}s {pol['peak_rss_mib']:7.0f} MiB")
-    print(f"{'numpy':8s} {ref['seconds']:8.1f}s {ref['peak_rss_mib']:7.0f} MiB")
-    print(f"ratio polars/numpy: time {pol['seconds'] / ref['seconds']:.2f}, peak RSS {pol['peak_rss_mib'] / ref['peak_rss_mib']:.2f}")
-    print(f"agreement: max |score diff| {score_diff:.2e} (relative {rel_diff:.1e}), identical selection: {same}")
-    ok = pol["seconds"] <= TARGET_S and same and rel_diff < 1e-9
-    print(f"target <= {TARGET_S:.0f} s with agreement: {'PASS' if ok else 'FAIL'}")
+    steps = pol["steps"]
+    sums = steps.pop("sums")
+    mib = lambda v: "      -" if v is None else f"{v:7.0f}"
+    print(f"\nneurons {len(got):,} (sums table {sums['rows']:,} rows), alpha {args.alpha}, "
+          f"token statistics in the store: {sums['token_stats']}")
+    if not sums["token_stats"]:
+        print("released and selective need token statistics: not timed (run without --no-token-stats)")
+    print(f"\n{'step':24s} {'time':>9s} {'sums+table':>11s} {'/ target':>9s} {'':5s} {'peak RSS':>11s} {'selected':>10s}")
+    print(f"{'neuron_sums (all sums)':24s} {sums['seconds']:8.2f}s {'':>11s} {'':>9s} {'':5s} {mib(sums['peak_rss_mib'])} MiB")
+    all_fast = True
+    for label, s in steps.items():
+        total = sums["seconds"] + s["seconds"]
+        fast = total <= TARGET_S
+        all_fast &= fast
+        print(f"{label:24s} {s['seconds']:8.2f}s {total:10.1f}s {total / TARGET_S:9.2f} {'PASS' if fast else 'FAIL':5s} "
+              f"{mib(s['peak_rss_mib'])} MiB {s['selected']:>10,}")
+    print(f"{'numpy reference (paper)':24s} {ref['seconds']:8.2f}s {'':>11s} {'':>9s} {'':5s} {mib(ref['peak_rss_mib'])} MiB")
+    print(f"peak RSS of the polars process (sums + every mode): {pol['peak_rss_mib']:.0f} MiB; numpy: {ref['peak_rss_mib']:.0f} MiB "
+          "(per-mode peaks: VmHWM reset before each importance_table, so they include the sums table held)")
+    paper = sums["seconds"] + steps["paper"]["seconds"]
+    print(f"ratio polars (sums + paper table) / numpy: time {paper / ref['seconds']:.2f}, "
+          f"peak RSS {pol['peak_rss_mib'] / ref['peak_rss_mib']:.2f}"
+          + (" (polars also reads the parts' token totals files; numpy reads the activation column only)"
+             if sums["token_stats"] else ""))
+    print(f"agreement (paper mode): max |score diff| {score_diff:.2e} (relative {rel_diff:.1e}), identical selection: {same}")
+    ok = all_fast and same and rel_diff < 1e-9
+    print(f"target <= {TARGET_S:.0f} s (sums + table) for every mode, with agreement: {'PASS' if ok else 'FAIL'}")
     if args.delete:
         shutil.rmtree(root)
         print(f"deleted {root}")

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,8 +49,7 @@ import pyarrow.parquet as pq
 from manu_core.store import (
     FORMS,
     SPLITS,
-    TOKEN_COLUMNS,
-    TOKEN_STATS,
+    TOKEN_TOTALS,
     TOWERS,
     ActivationStoreError,
     PartFile,
@@ -288,34 +288,28 @@ def _jobs(p: PartitionInfo, max_rows: int) -> list[list[_Slice]]:
     return [j for j in jobs if j]
 
 
-def _batches(job: list[_Slice], max_rows: int, columns: list[str]):
-    """Yield (slices, {column: Series}) of at most `max_rows` rows (more only if one row group is bigger).
+def _batches(job: list[_Slice], max_rows: int):
+    """Yield (slices, activation Series) of at most `max_rows` rows (more only if one row group is bigger).
 
     pyarrow reads (twice as fast as Polars' reader here, see the module docstring), Polars computes:
-    `pl.from_arrow` hands each column over without a copy.
+    `pl.from_arrow` hands the column over without a copy.
     """
     if len(job) == 1 and job[0].rows > max_rows:
         s = job[0]
         f = pq.ParquetFile(s.part.path)
         offset = s.offset
-        for batch in f.iter_batches(batch_size=max_rows, row_groups=[s.row_group], columns=columns):
-            cols = {c: pl.from_arrow(batch.column(i)) for i, c in enumerate(columns)}
-            yield [_Slice(s.part, s.row_group, offset, batch.num_rows)], cols
+        for batch in f.iter_batches(batch_size=max_rows, row_groups=[s.row_group], columns=["activation"]):
+            yield [_Slice(s.part, s.row_group, offset, batch.num_rows)], pl.from_arrow(batch.column(0))
             offset += batch.num_rows
         return
-    chunks: dict[str, list] = {c: [] for c in columns}
+    chunks = []
     for path in dict.fromkeys(s.part.path for s in job):  # files in job order
         groups = [s.row_group for s in job if s.part.path == path]
-        table = pq.ParquetFile(path).read_row_groups(groups, columns=columns)
-        for c in columns:
-            chunks[c].extend(table.column(c).chunks)
-    out = {}
-    for c, cs in chunks.items():
-        if all(x.type == cs[0].type for x in cs):
-            out[c] = pl.from_arrow(cs[0] if len(cs) == 1 else pa.chunked_array(cs).combine_chunks())
-        else:  # files of one partition written with different list types: lists here, checked in _chunk_sums
-            out[c] = pl.concat([pl.from_arrow(x).cast(pl.List(pl.Float32)) for x in cs], rechunk=True)
-    yield job, out
+        chunks.extend(pq.ParquetFile(path).read_row_groups(groups, columns=["activation"]).column(0).chunks)
+    if all(c.type == chunks[0].type for c in chunks):
+        yield job, pl.from_arrow(chunks[0] if len(chunks) == 1 else pa.chunked_array(chunks).combine_chunks())
+    else:  # files of one partition written with different list types: lists here, checked in _chunk_sums
+        yield job, pl.concat([pl.from_arrow(c).cast(pl.List(pl.Float32)) for c in chunks], rechunk=True)
 
 
 def _diagnose(s: _Slice, width: int) -> ActivationStoreError | None:
@@ -378,10 +372,8 @@ def _flat(slices: list[_Slice], act: pl.Series, width: int) -> pl.Series:
     return flat
 
 
-def _chunk_sums(slices: list[_Slice], cols: dict[str, pl.Series], width: int, tau: float, cache: dict) -> pl.DataFrame:
-    """The sums per unit over the rows of one chunk: a (width, ·) frame. `cols`: the chunk's activation
-    column ((n,) lists of width floats) and, when the store has them, its token statistics columns."""
-    act = cols["activation"]
+def _chunk_sums(slices: list[_Slice], act: pl.Series, width: int, tau: float, cache: dict) -> pl.DataFrame:
+    """The five sums per unit over the rows of one chunk: a (width, 6) frame. `act`: (n,) lists of width floats."""
     n = len(act)
     # Transpose to unit-major, Float64 (sums in float64), then one row of n values per unit.
     index = _transpose_index(n, width, cache)
@@ -395,35 +387,44 @@ def _chunk_sums(slices: list[_Slice], cols: dict[str, pl.Series], width: int, ta
         sum_sq=per_unit(pl.col("z")).arr.dot(per_unit(pl.col("z"))),  # no z² temporary
         count_active=per_unit(pl.col("a") > tau).arr.sum().cast(pl.Int64),
     )
-    if "tokens" in cols:  # token statistics: Σa = Σ z·tokens, the other sums as stored
-        tokens = cols["tokens"].cast(pl.Float64)
-        z = z.with_columns(
-            t=pl.lit(tokens).gather(pl.int_range(n * width, dtype=index.dtype) // width).gather(index),
-            **{f"tok_{k}": _flat(slices, cols[f"token_{k}"], width).gather(index).cast(pl.Float64)
-               for k in TOKEN_STATS},
-        )
-        sums.update(
-            tokens=pl.lit(int(tokens.sum()), dtype=pl.Int64),
-            tok_sum=per_unit(pl.col("z")).arr.dot(per_unit(pl.col("t"))),
-            **{f"tok_{k}": per_unit(pl.col(f"tok_{k}")).arr.sum() for k in TOKEN_STATS},
-        )
     out = z.with_columns(a=pl.col("z").abs()).select(**sums)
     # A NaN or inf anywhere makes its unit's Σz² non-finite (z² of a finite float32 cannot overflow
     # float64): one cheap check, and only then a search for the file and row.
-    if not out["sum_sq"].is_finite().all() or ("tok_sq" in out.columns and not out["tok_sq"].is_finite().all()):
+    if not out["sum_sq"].is_finite().all():
         raise _first_error(slices, width)
     return out
 
 
-def _job_sums(job: list[_Slice], width: int, tau: float, cache: dict, columns: list[str]) -> pl.DataFrame:
-    max_rows = max(1, CHUNK_VALUES // (width * len(columns)))
-    frames = [_chunk_sums(slices, cols, width, tau, cache) for slices, cols in _batches(job, max_rows, columns)]
+def _job_sums(job: list[_Slice], width: int, tau: float, cache: dict) -> pl.DataFrame:
+    max_rows = max(1, CHUNK_VALUES // width)
+    frames = [_chunk_sums(slices, act, width, tau, cache) for slices, act in _batches(job, max_rows)]
     return functools.reduce(_add, frames)
 
 
 def _add(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
     """Sums of two chunks of the same units (same order)."""
-    return a.with_columns(a[c] + b[c] for c in (*SUM_COLUMNS, *TOKEN_SUMS) if c in a.columns)
+    return a.with_columns(a[c] + b[c] for c in SUM_COLUMNS)
+
+
+def _token_totals(p: PartitionInfo) -> pl.DataFrame:
+    """A partition's token totals per unit (store.py): the one-row totals files of its parts, added up."""
+    frames = []
+    for f in p.parts:
+        try:
+            t = pl.read_parquet(f.tokens)
+        except Exception as e:  # a truncated or foreign file: name it
+            raise ActivationStoreError(f"{f.tokens}: not a readable token totals file ({e}). Rerun the extraction.") from e
+        if t.height != 1 or t["samples"][0] != f.rows or any(t[c].dtype != pl.Array(pl.Float64, p.width)
+                                                              for c in TOKEN_TOTALS):
+            raise ActivationStoreError(
+                f"{f.tokens}: expected one row of totals for the {f.rows} samples and {p.width} units of "
+                f"{f.path.name}; got {t.height} row(s). Rerun the extraction for this partition."
+            )
+        frames.append(t)
+    t = pl.concat(frames)  # one row per part; sum the parts' totals unit by unit
+    return pl.DataFrame({"unit": np.arange(p.width, dtype=np.int64),
+                         **{c.replace("token_", "tok_"): t[c].to_numpy().sum(0) for c in TOKEN_TOTALS}}).with_columns(
+        tokens=pl.lit(int(t["tokens"].sum()), pl.Int64), max_abs=pl.lit(float(t["max_abs"].max()), pl.Float64))
 
 
 def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
@@ -455,21 +456,22 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
         raise ValueError(f"tau must be >= 0; got {tau}. The default is 0.1.")
     summary = inspect_activations(root)
     check_complete(summary)
-    tokens = all(p.token_stats for p in summary.partitions)
-    columns = ["activation", *TOKEN_COLUMNS] if tokens else ["activation"]
-    rows = lambda p: max(1, CHUNK_VALUES // (p.width * len(columns)))
-    jobs = [(p, j) for p in summary.partitions for j in _jobs(p, rows(p))]
+    tokens = all(p.token_stats for p in summary.partitions)  # else the token columns are null
+    jobs = [(p, j) for p in summary.partitions for j in _jobs(p, max(1, CHUNK_VALUES // p.width))]
     log.info("Summing %d partitions (%d chunks) under %s", len(summary.partitions), len(jobs), summary.root)
     cache: dict = {}
-    run = lambda job: _job_sums(job[1], job[0].width, tau, cache, columns)
+    run = lambda job: _job_sums(job[1], job[0].width, tau, cache)
     frames, total, current = [], None, None
 
-    def finish() -> None:  # one partition's sums, with its key columns
+    def finish() -> None:  # one partition's sums, with its key columns and token totals
         split, form, tower, layer = current.stream  # type: ignore[union-attr]
-        key = dict(split=pl.lit(split), form=pl.lit(form), tower=pl.lit(tower), layer=pl.lit(layer, pl.Int64),
-                   max_abs=pl.lit(current.max_abs if tokens else None, pl.Float64))  # type: ignore[union-attr]
-        missing = {c: pl.lit(None, SUMS_SCHEMA[c]) for c in TOKEN_SUMS if c not in total.columns}  # type: ignore
-        frames.append(total.with_columns(**key, **missing).select(list(SUMS_SCHEMA)))  # type: ignore[union-attr]
+        key = dict(split=pl.lit(split), form=pl.lit(form), tower=pl.lit(tower), layer=pl.lit(layer, pl.Int64))
+        df = total.with_columns(**key)  # type: ignore[union-attr]
+        if tokens:
+            df = df.join(_token_totals(current), on="unit", how="left")  # type: ignore[arg-type]
+        else:
+            df = df.with_columns(pl.lit(None, SUMS_SCHEMA[c]).alias(c) for c in (*TOKEN_SUMS, "max_abs"))
+        frames.append(df.select(list(SUMS_SCHEMA)))
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = _ordered_map(pool, run, jobs, ahead=2 * max(1, threads))  # partitions' jobs are consecutive

@@ -11,24 +11,26 @@ Each part file has one row per sample and these columns (extra columns are allow
     activation  list of float32: z(d) for every hidden unit of that layer, in unit order
                 (method.md, "Per-sample activation"); every row of a (tower, layer) has the same length
 
-and, when the extraction recorded token statistics (it does by default; the `released` and
-`selective` scoring modes need them, `paper` does not):
+and, beside each part file, when the extraction recorded token statistics (it does by default; the
+`released` and `selective` scoring modes need them, `paper` does not), `tokens-NNNNN.parquet` with ONE
+row: the part's token totals, summed over its samples (float64), per unit over every counted position
+(the positions whose mean is z(d)):
 
-    tokens        int32: how many positions the sample counts (z(d) is their mean, so Σ_t a_t = z(d)·tokens)
-    token_abs     list of float32: Σ_t |a_t| per unit over those positions
-    token_sq      list of float32: Σ_t a_t² per unit
-    token_pos     list of float32: #(a_t > 0) per unit (exact in float32 up to 2^24 positions)
-    token_active  list of float32: #(|a_t| > TOKEN_TAU) per unit, TOKEN_TAU = 0.1 (the released code's threshold)
+    samples       int64: rows of the part file it belongs to
+    tokens        int64: Σ over samples of the positions counted
+    token_sum     list of float64: Σ a_t (= Σ over samples of z(d)·positions)
+    token_abs     list of float64: Σ |a_t|
+    token_sq      list of float64: Σ a_t²
+    token_pos     list of float64: #(a_t > 0)
+    token_active  list of float64: #(|a_t| > TOKEN_TAU), TOKEN_TAU = 0.1 (the released code's threshold)
+    max_abs       float64: the largest |a_t| of the part, so a clamp at ±c (the released code clamps
+                  at ±1e3) is known to change nothing when max_abs <= c
 
-plus the part's largest |a_t| (over its samples, positions and units) in the Parquet key-value
-metadata `manu.max_abs`, so a clamp at ±c (the released code clamps at ±1e3) is known to change
-nothing when max_abs <= c. Per-token statistics of a whole stream (mean |a|, share active, std, rms
-over every counted token) follow exactly from these per-sample sums.
-
-A stream (split, form, tower, layer) is the concatenation of its part files in part-number order.
-Files whose name is not exactly `part-<digits>.parquet` (temporary files left by a crash, `_SUCCESS`,
-...) are ignored by every reader. The vision tower has no text-form partition: it does not run on
-text-only input, so its text-form statistics are 0 (method.md, "Vision neurons on text-only input").
+Per-token statistics of a stream (mean |a|, share active, std, rms over every counted token) follow
+exactly from these totals. They are totals per part, not per sample, on purpose: the per-sample
+form is 4x the store's size and made the importance step 8x slower on a 7B-shaped store
+(bench/bench_importance.py), while every scoring mode only ever needs the stream's totals. The
+part file is written after its totals file, so a part present means its totals are too.
 
 Storage choices (the contract only promises "list of float32"; readers also accept list<float32>
 and large_list<float32> written by other tools, checking that every row has the same length):
@@ -69,10 +71,10 @@ SPLITS = ("forget", "retain")
 FORMS = ("multimodal", "text")
 TOWERS = ("language", "vision")
 COLUMNS = ("sample_id", "profile_id", "activation")
-TOKEN_STATS = ("abs", "sq", "pos", "active")  # token_<name> columns (see the module docstring)
-TOKEN_COLUMNS = ("tokens", *(f"token_{k}" for k in TOKEN_STATS))
+TOKEN_STATS = ("abs", "sq", "pos", "active")  # per-sample token sums write_partition takes (token_<name>)
+TOKEN_TOTALS = ("token_sum", *(f"token_{k}" for k in TOKEN_STATS))  # list columns of a tokens-NNNNN file
 TOKEN_TAU = 0.1  # threshold of token_active (the released code's |a| > 0.1)
-MAX_ABS_KEY = b"manu.max_abs"
+TOKENS_RE = re.compile(r"^tokens-(\d+)\.parquet$")
 ROW_GROUP_SIZE = 256  # rows per Parquet row group (fixed: part of the deterministic-bytes promise)
 COMPRESSION = "none"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -117,17 +119,19 @@ def _activation_type(width: int) -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32(), nullable=False), width)
 
 
-def _schema(width: int, token_stats: bool = False, max_abs: float | None = None) -> pa.Schema:
-    fields = [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("profile_id", pa.string(), nullable=False),
-        pa.field("activation", _activation_type(width), nullable=False),
-    ]
-    if token_stats:
-        fields.append(pa.field("tokens", pa.int32(), nullable=False))
-        fields += [pa.field(f"token_{k}", _activation_type(width), nullable=False) for k in TOKEN_STATS]
-    meta = None if max_abs is None else {MAX_ABS_KEY: repr(float(max_abs)).encode()}
-    return pa.schema(fields, metadata=meta)
+def _schema(width: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("profile_id", pa.string(), nullable=False),
+            pa.field("activation", _activation_type(width), nullable=False),
+        ]
+    )
+
+
+def tokens_path(part_path: Path) -> Path:
+    """The token totals file of a part file: part-00003.parquet -> tokens-00003.parquet."""
+    return part_path.with_name("tokens-" + part_path.name.removeprefix("part-"))
 
 
 def _check_ids(name: str, ids: Sequence[str], n: int) -> list[str]:
@@ -175,8 +179,9 @@ def write_partition(
 ) -> Path:
     """Write one part file of a stream: rows = samples, `activations` (n, width) float32, unit order.
 
-    `tokens` (n,) and `token_stats` ({abs, sq, pos, active} -> (n, width)) add the token statistics
-    (module docstring); give both or neither. `max_abs`: the largest |a_t| of the part, if known.
+    `tokens` (n,) positions counted per sample and `token_stats` ({abs, sq, pos, active} -> (n, width)
+    per-sample sums over those positions, float32) add the part's token totals file (module docstring);
+    give both or neither. `max_abs`: the largest |a_t| of the part (required with them).
 
     Writes `part-{part:05d}.parquet` atomically (temporary name, then `os.replace`); an existing part
     with the same number is replaced (a rerun after a crash rewrites it whole). Returns its path.
@@ -213,21 +218,25 @@ def write_partition(
     n, width = values.shape
     sids = _check_ids("sample_ids", sample_ids, n)
     pids = _check_ids("profile_ids", profile_ids, n)
-    column = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), type=_activation_type(width))
-    arrays = [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column(values)]
-    if (tokens is None) != (token_stats is None):
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=_activation_type(width))
+    table = pa.Table.from_arrays(
+        [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width)
+    )
+    path = folder / f"part-{part:05d}.parquet"
+    if (tokens is None) != (token_stats is None) or (tokens is not None and max_abs is None):
         raise ActivationStoreError(
-            "tokens and token_stats go together (token statistics need each sample's position count); "
-            f"got tokens={'None' if tokens is None else 'given'}, token_stats={'None' if token_stats is None else 'given'}."
+            "tokens, token_stats and max_abs go together (token totals need each sample's position count and "
+            f"the part's largest |a|); got tokens={'None' if tokens is None else 'given'}, token_stats="
+            f"{'None' if token_stats is None else 'given'}, max_abs={max_abs!r}."
         )
     if tokens is not None:
-        arrays += _token_arrays(folder, tokens, token_stats, n, width, column)  # type: ignore[arg-type]
-    if max_abs is not None and not (math.isfinite(max_abs) and max_abs >= 0):
-        raise ActivationStoreError(f"max_abs must be a finite number >= 0; got {max_abs!r}.")
-    table = pa.Table.from_arrays(arrays, schema=_schema(width, tokens is not None, max_abs))
+        totals = _token_totals(folder, values, tokens, token_stats, max_abs)  # type: ignore[arg-type]
+        write_table_atomic(totals, tokens_path(path), compression=COMPRESSION)
+    else:
+        tokens_path(path).unlink(missing_ok=True)  # a rewrite without totals leaves no stale ones
     return write_table_atomic(
         table,
-        folder / f"part-{part:05d}.parquet",
+        path,
         compression=COMPRESSION,
         row_group_size=ROW_GROUP_SIZE,
         use_dictionary=["sample_id", "profile_id"],
@@ -235,7 +244,9 @@ def write_partition(
     )
 
 
-def _token_arrays(folder: Path, tokens, stats: dict, n: int, width: int, column) -> list[pa.Array]:
+def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs: float) -> pa.Table:
+    """One row: the part's token totals (module docstring), from per-sample float32 sums."""
+    n, width = values.shape
     counts = np.asarray(tokens)
     if counts.shape != (n,) or not np.issubdtype(counts.dtype, np.integer) or (counts < 1).any():
         raise ActivationStoreError(
@@ -246,16 +257,20 @@ def _token_arrays(folder: Path, tokens, stats: dict, n: int, width: int, column)
         raise ActivationStoreError(
             f"token_stats must have exactly the keys {', '.join(TOKEN_STATS)}; got {', '.join(sorted(stats))}."
         )
-    out = [pa.array(counts.astype(np.int32), pa.int32())]
+    if not (isinstance(max_abs, (int, float, np.floating)) and math.isfinite(max_abs) and max_abs >= 0):
+        raise ActivationStoreError(f"max_abs must be a finite number >= 0; got {max_abs!r}.")
+    cols = {"token_sum": values.astype(np.float64).T @ counts.astype(np.float64)}
     for k in TOKEN_STATS:
-        v = np.ascontiguousarray(stats[k], dtype=np.float32)
+        v = np.asarray(stats[k])
         if v.shape != (n, width) or not np.isfinite(v).all():
             raise ActivationStoreError(
                 f"token_stats[{k!r}] must be a finite (samples, units) array of shape {(n, width)}; "
                 f"got shape {v.shape}{'' if v.shape != (n, width) else ' with non-finite values'} in {folder}."
             )
-        out.append(column(v))
-    return out
+        cols[f"token_{k}"] = v.astype(np.float32).astype(np.float64).sum(0)
+    lists = {k: pa.FixedSizeListArray.from_arrays(pa.array(v), list_size=width) for k, v in cols.items()}
+    return pa.table({"samples": pa.array([n], pa.int64()), "tokens": pa.array([int(counts.sum())], pa.int64()),
+                     **lists, "max_abs": pa.array([float(max_abs)], pa.float64())})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,8 +285,7 @@ class PartFile:
     width: int
     fixed: bool  # fixed_size_list (width from the schema) vs list (width checked from the data)
     row_groups: tuple[int, ...]  # rows per Parquet row group (readers chunk along them)
-    token_stats: bool = False  # has the tokens / token_* columns
-    max_abs: float | None = None  # largest |a_t| of the part (key-value metadata), if recorded
+    tokens: Path | None = None  # its token totals file, when the extraction wrote one
 
 
 @dataclass(frozen=True)
@@ -287,14 +301,8 @@ class PartitionInfo:
 
     @property
     def token_stats(self) -> bool:
-        """Every part has the token statistics columns."""
-        return all(p.token_stats for p in self.parts)
-
-    @property
-    def max_abs(self) -> float | None:
-        """The largest |a_t| over the partition, when every part recorded it."""
-        vals = [p.max_abs for p in self.parts]
-        return None if any(v is None for v in vals) else max(vals)  # type: ignore[type-var]
+        """Every part has its token totals file."""
+        return all(p.tokens is not None for p in self.parts)
 
     @property
     def stream(self) -> tuple[str, str, str, int]:
@@ -395,17 +403,9 @@ def _read_part(path: Path, part: int) -> PartFile:
             f"{path}: empty part file ({rows} rows, width {width}); every part needs >= 1 sample and >= 1 unit. "
             "Delete it and rerun the extraction for this partition."
         )
-    has_tokens = all(c in schema.names for c in TOKEN_COLUMNS)
-    if has_tokens:
-        for c in TOKEN_COLUMNS[1:]:
-            if schema.field(c).type != schema.field("activation").type:
-                raise ActivationStoreError(
-                    f"{path}: column {c} has type {schema.field(c).type}, expected the activation column's "
-                    f"{schema.field('activation').type}; rerun the extraction for this partition."
-                )
-    raw = (schema.metadata or {}).get(MAX_ABS_KEY)
+    tok = tokens_path(path)
     return PartFile(path=path, part=part, rows=rows, width=width, fixed=fixed, row_groups=row_groups,
-                    token_stats=has_tokens, max_abs=None if raw is None else float(raw))
+                    tokens=tok if tok.is_file() else None)
 
 
 def _parse(path: Path, key: str, choices: tuple[str, ...] | None) -> str | int | None:

@@ -152,12 +152,19 @@ def test_store_holds_token_statistics_and_means_only_without_them(tmp_path, stre
     without = extract_activations(model, proc, streams, tmp_path / "plain", batch_size=4, progress=False,
                                   token_stats=False)
     a, b = inspect_activations(with_tok), inspect_activations(without)
-    assert all(p.token_stats and p.max_abs is not None for p in a.partitions)
-    assert not any(p.token_stats or p.max_abs is not None for p in b.partitions)
-    for p, q in zip(a.partitions, b.partitions):  # the means do not depend on the extra statistics
-        x = pl.read_parquet(p.parts[0].path)
-        assert x["activation"].equals(pl.read_parquet(q.parts[0].path)["activation"])
-        assert (x["tokens"] >= 1).all() and x["token_pos"].arr.max().max() <= x["tokens"].max()
+    assert all(p.token_stats for p in a.partitions) and not any(p.token_stats for p in b.partitions)
+    for p, q in zip(a.partitions, b.partitions):  # the part files are the same bytes; totals sit beside them
+        assert p.parts[0].path.read_bytes() == q.parts[0].path.read_bytes()
+        t = pl.read_parquet(p.parts[0].tokens)
+        assert t.height == 1 and t["samples"][0] == p.samples and t["max_abs"][0] > 0
+        assert t["token_pos"].arr.max()[0] <= t["tokens"][0] and t["token_active"].arr.max()[0] <= t["tokens"][0]
+    # the totals are the per-sample statistics of the stream, added up
+    ss = streams[("forget", "text")]
+    [(_, acts, tok)] = list(mextract.iter_stream(model, proc, ss, batch_size=len(ss), progress=False, token_stats=True))
+    site = mlp_sites(model)[1]
+    t = pl.read_parquet(a.get("forget", "text", site.tower, site.layer).parts[0].tokens)
+    assert t["tokens"][0] == tok.tokens["language"].sum()
+    np.testing.assert_allclose(t["token_sq"].to_numpy()[0], tok.stats[site]["sq"].astype(np.float64).sum(0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
