@@ -150,7 +150,7 @@ class ModeSpec:
     token_stats: bool  # reads the store's token statistics
 
 
-MODE_SPECS: dict[str, ModeSpec] = {
+SCORING_MODES: dict[str, ModeSpec] = {
     "paper": ModeSpec("paper", "the paper's four contrasts between the forms, score I(D_f)/(I(D_r)+ε)", 1e-5,
                       {k: 1.0 for k in WEIGHT_NAMES}, "global", SCOPES, {}, False),
     "released": ModeSpec("released", "the authors' released code: per-tower statistics over tokens, "
@@ -166,9 +166,9 @@ SELECTIVE_STATISTICS = ("abs", "freq", "std", "rms")
 
 def mode_defaults(mode: str) -> dict:
     """eps, weights and scope of a scoring mode (what None means in ImportanceParams)."""
-    if mode not in MODE_SPECS:
-        raise ValueError(_unknown("scoring mode", str(mode), tuple(MODE_SPECS)))
-    spec = MODE_SPECS[mode]
+    if mode not in SCORING_MODES:
+        raise ValueError(_unknown("scoring mode", str(mode), tuple(SCORING_MODES)))
+    spec = SCORING_MODES[mode]
     return {"eps": spec.eps, "weights": dict(spec.weights), "scope": spec.scope}
 
 
@@ -192,7 +192,7 @@ def _check_options(spec: ModeSpec, options: Mapping[str, object]) -> dict:
 
 @dataclass(frozen=True)
 class ImportanceParams:
-    """Scoring and selection settings. `mode` picks the scoring (MODE_SPECS: paper, released,
+    """Scoring and selection settings. `mode` picks the scoring (SCORING_MODES: paper, released,
     selective); eps, weights and scope left None take that mode's defaults; `options` are the mode's
     own (released: pool_layers, clamp; selective: statistic). `weights` also accepts a mapping or
     'abs=1,freq=0,...'."""
@@ -210,7 +210,7 @@ class ImportanceParams:
 
     def __post_init__(self) -> None:
         defaults = mode_defaults(self.mode)
-        spec = MODE_SPECS[self.mode]
+        spec = SCORING_MODES[self.mode]
         alpha = _number("alpha", self.alpha)
         if not 0 < alpha < 1:
             raise ValueError(
@@ -541,7 +541,7 @@ def _check_sums(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
             f"sums table: {len(dup)} duplicate (split, form, tower, layer, unit) rows, e.g. {dup.row(0)[:-1]}; "
             "sum them first."
         )
-    if MODE_SPECS[params.mode].token_stats and sums["tokens"].null_count():
+    if SCORING_MODES[params.mode].token_stats and sums["tokens"].null_count():
         raise ActivationStoreError(
             f"scoring mode {params.mode!r} needs the store's token statistics (per-token sums), and these "
             "activations have none (extracted with token_stats=False, or by an older manu). Rerun the extraction "
