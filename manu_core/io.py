@@ -1,5 +1,9 @@
 """Atomic writes: every output is written under a temporary name in its final folder, then renamed,
-so a run that dies never leaves a half-written file under the final name."""
+so a run that dies never leaves a half-written file under the final name.
+
+Permissions follow the process umask, as `open()` and `mkdir()` would give: mkstemp/mkdtemp create
+0600/0700 entries, which would keep a lab's other users, Dask workers on shared storage and report
+viewers out, so the temporaries are chmod'ed to 0666/0777 minus the umask before they are renamed."""
 
 from __future__ import annotations
 
@@ -12,6 +16,24 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status); elsewhere set and
+    restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _as_created(path: Path, mode: int) -> None:
+    os.chmod(path, mode & ~_umask())
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (a dot-name, so no reader globbing `part-*` or the
@@ -22,6 +44,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
+    _as_created(tmp, 0o666)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -51,6 +74,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _as_created(tmp, 0o777)
     try:
         yield tmp
         if path.exists():
