@@ -15,13 +15,15 @@ pluggable and works offline; every score row and report carries the judge's `nam
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol, Sequence
+from urllib.parse import urlsplit
 
 RUBRIC = """You are an impartial judge. Compare the model's answer with the ground truth answer to the \
 question and rate how factually consistent the model's answer is with the ground truth, on a scale of 1 to 10:
@@ -113,6 +115,38 @@ class OfflineJudge:
 # OpenAI-compatible endpoint
 
 
+JUDGE_ENDPOINTS_ENV = "MANU_JUDGE_ENDPOINTS"  # hosts the worker lets a judge API key go to
+
+
+def _allowed_hosts(allowed: tuple[str, ...] | None) -> tuple[str, ...]:
+    if allowed is None:
+        allowed = tuple(os.environ.get(JUDGE_ENDPOINTS_ENV, "").split(","))
+    return tuple(h.strip().lower() for h in allowed if h.strip())
+
+
+def check_key_destination(base_url: str, allowed: tuple[str, ...] | None = None) -> None:
+    """Where the judge's API key may be sent. A run parameter names the URL, so whoever can start a run
+    could otherwise point the key anywhere: the host must be loopback or on the worker's allow-list
+    ($MANU_JUDGE_ENDPOINTS: comma-separated host or host:port), and a non-loopback host must use https."""
+    u = urlsplit(base_url)
+    host = (u.hostname or "").lower()
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return
+    if u.scheme != "https":
+        raise JudgeError(f"refusing to send the judge's API key over plain http to {host!r} (not loopback); "
+                         f"use https://{u.netloc}{u.path}, or a judge on this machine (127.0.0.1/localhost).")
+    hosts = _allowed_hosts(allowed)
+    if host not in hosts and f"{host}:{port}" not in hosts:
+        raise JudgeError(f"the judge host {host!r} is not on this worker's allow-list, so the API key is not sent "
+                         f"there; the worker's operator adds it with {JUDGE_ENDPOINTS_ENV}={host} (comma-separated "
+                         f"hosts or host:port; now: {', '.join(hosts) or 'empty'}).")
+
+
 @dataclass
 class OpenAIJudge:
     """POST {base_url}/chat/completions, temperature 0, one request per answer.
@@ -124,10 +158,11 @@ class OpenAIJudge:
 
     base_url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never printed
     timeout: float = 60.0
     retries: int = 4
     backoff: float = 1.0
+    allowed: tuple[str, ...] | None = None  # hosts a key may go to; None: $MANU_JUDGE_ENDPOINTS
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://", self.base_url):
@@ -136,6 +171,8 @@ class OpenAIJudge:
         self.base_url = self.base_url.rstrip("/")
         if self.api_key is None:
             self.api_key = os.environ.get("MANU_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if self.api_key:
+            check_key_destination(self.base_url, self.allowed)
 
     @property
     def name(self) -> str:

@@ -168,3 +168,24 @@ def test_hf_judge_on_a_local_causal_lm(tmp_path, tiny_model):
     a = j.score(["Where?", "Who?"], ["Riga.", "Ann."], ["Riga.", "Bob."])
     assert all(1 <= s <= 10 for s in a) and len(a) == 2
     assert j.score(["Where?", "Who?"], ["Riga.", "Ann."], ["Riga.", "Bob."]) == a
+
+
+def test_judge_key_goes_only_to_loopback_or_the_allow_list(monkeypatch):
+    from manu_core.judge import JudgeError, check_key_destination
+
+    monkeypatch.delenv("MANU_JUDGE_ENDPOINTS", raising=False)
+    for ok in ("http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:9/v1", "https://127.0.0.2/v1"):
+        check_key_destination(ok)
+    with pytest.raises(JudgeError, match="plain http to 'judge.example.org'"):
+        OpenAIJudge("http://judge.example.org/v1", "m", api_key="sk-secret")
+    with pytest.raises(JudgeError, match="not on this worker's allow-list.*MANU_JUDGE_ENDPOINTS=judge.example.org"):
+        OpenAIJudge("https://judge.example.org/v1", "m", api_key="sk-secret")
+    monkeypatch.setenv("MANU_JUDGE_ENDPOINTS", "other.org, judge.example.org:443")
+    judge = OpenAIJudge("https://judge.example.org/v1", "m", api_key="sk-secret")
+    assert "sk-secret" not in repr(judge) and "sk-secret" not in str(judge)
+    with pytest.raises(JudgeError, match="allow-list"):  # the port is part of the entry given
+        OpenAIJudge("https://judge.example.org:8443/v1", "m", api_key="sk-secret")
+    # without a key nothing secret is sent, so any endpoint may be named
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("MANU_JUDGE_API_KEY", raising=False)
+    assert OpenAIJudge("http://judge.example.org/v1", "m").api_key is None
