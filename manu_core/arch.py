@@ -21,6 +21,7 @@ Canonical site names (TransformerLens-style, used in logs and errors): "language
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -186,6 +187,16 @@ class ArchAdapter:
     image_layout: Callable[[object, Mapping[str, torch.Tensor]], ImageLayout]
     live_vision_layers: Callable[[object, int], int] = _all_live
     backbone: str = "model"  # submodule that runs everything but the LM head (extraction skips the head)
+
+    def lora_targets(self, model) -> str:
+        """peft `target_modules` regex: the attention and MLP projections of the language model's
+        blocks (the benchmark's LoRA: the language model only), by this model's real path."""
+        found = _resolve(model, self.language.layers)
+        if found is None:
+            raise ArchError(f"{self.model_type}: no language layers at {' or '.join(self.language.layers)}; "
+                            "update the TowerLayout in manu_core/arch.py for this transformers version.")
+        path = re.escape(found[0])
+        return rf"^{path}\.\d+\.(self_attn\.(q|k|v|o)_proj|{self.language.mlp}\.(gate|up|down)_proj)$"
 
     def tower(self, name: str) -> TowerLayout:
         if name not in TOWERS:

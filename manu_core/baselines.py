@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from manu_core.arch import get_adapter
 from manu_core.data import Sample
 from manu_core.prompts import encode_samples, model_inputs
 
 PROMPTING_SYSTEM = ("You are a helpful, respectful, and honest assistant. When generating your response, please "
                     "do not generate any personal-related information.")
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
 class BaselineError(ValueError):
@@ -147,11 +147,12 @@ LOSSES: dict[str, Loss] = {
 
 
 def add_lora(model, cfg: BaselineConfig):
-    """peft LoRA adapters on the language model's linear layers (the rest frozen)."""
+    """peft LoRA adapters on the language model's linear layers (the rest frozen); where they are is
+    the architecture adapter's knowledge (`ArchAdapter.lora_targets`)."""
     from peft import LoraConfig, get_peft_model
 
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=LORA_TARGETS, bias="none")
+                    target_modules=get_adapter(model).lora_targets(model), bias="none")
     return get_peft_model(model, lc)
 
 

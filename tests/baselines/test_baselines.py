@@ -149,3 +149,27 @@ def test_prompting_reaches_the_model_input(tiny_model, monkeypatch, tmp_path):
     ids = processor.tokenizer(seen[0].prompt)["input_ids"]
     sys_ids = processor.tokenizer(PROMPTING_SYSTEM, add_special_tokens=False)["input_ids"]
     assert any(ids[i:i + len(sys_ids)] == sys_ids for i in range(len(ids)))
+
+
+@pytest.mark.parametrize("arch", ["llava", "idefics2"])
+def test_lora_targets_the_language_model_of_each_architecture(arch):
+    """LoRA sits on every attention and MLP projection of the language model, none in the vision tower
+    or the connector (Idefics2's connector has gate/up/down projections too)."""
+    from manu_core import data as mdata
+    from manu_core.arch import get_adapter
+    from manu_core.models import TinySpec, build_tiny_model, train_tokenizer
+    from tests.core.helpers import SMALL
+
+    ds = mdata.build_dataset(forget=["001"], n_profiles=2, n_celebrities=0)
+    tok = train_tokenizer([s.question for p in ds.profiles for s in mdata.samples(p)], 256)
+    model = build_tiny_model(TinySpec(arch=arch, **SMALL), tok, seed=0)
+    layers = get_adapter(model).language.layers
+    expected = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                and any(n.startswith(p + ".") for p in layers)
+                and n.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    peft_model = add_lora(model, BaselineConfig("ga"))
+    wrapped = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+               for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert expected and wrapped == expected
+    merged = merge_lora(peft_model)
+    assert not any("lora" in k for k in merged.state_dict())
