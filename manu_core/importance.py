@@ -718,6 +718,24 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams, *, already: p
     return _select(table, params, previous)
 
 
+def require_selection(table: pl.DataFrame, params: ImportanceParams) -> int:
+    """The number of selected neurons; an α that selects none is a mistake, not a result: the error
+    says which α would select one (⌊α·N⌋ = 0 in every scope group). Callers that prune call this."""
+    n = int(table["selected"].sum())
+    if n:
+        return n
+    group = {"global": [], "tower": ["tower"], "layer": ["tower", "layer"]}[params.scope]
+    scored = table.filter(pl.col("score").is_not_null())
+    largest = int(scored.group_by(group).len()["len"].max()) if group else scored.height
+    step = Fraction(10) ** (math.floor(math.log10(1 / max(largest, 1))) - 2)  # 1/N rounded up at 3 digits
+    smallest = float(math.ceil(Fraction(1, max(largest, 1)) / step) * step)
+    raise ValueError(
+        f"alpha={params.alpha:g} selects no neuron: ⌊α·N⌋ = 0 in every {params.scope} group (largest N = "
+        f"{largest:,}). The smallest α that selects one neuron here is about 1/{largest:,}: use alpha >= "
+        f"{smallest:g}; the paper uses 0.02, 0.05 and 0.1."
+    )
+
+
 def _select_threshold(table: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
     """The released code's selection: per tower, k = ⌊α·N⌋ of the scored neurons, threshold = the k-th
     largest score, selected = score >= threshold (ties at the threshold all selected)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from fractions import Fraction
 
@@ -439,3 +440,19 @@ def test_sums_table_checks():
         importance_table(hole, ImportanceParams())
     with pytest.raises(ValueError, match="duplicate"):
         importance_table(pl.concat([sums, sums.head(1)]), ImportanceParams())
+
+
+def test_an_alpha_that_selects_nothing_is_an_error_naming_the_smallest_alpha(tmp_path):
+    from manu_core.importance import require_selection
+
+    random_store(tmp_path, np.random.default_rng(3))
+    sums = neuron_sums(tmp_path, 0.1)
+    n = importance_table(sums, ImportanceParams(alpha=0.5)).height
+    table = importance_table(sums, ImportanceParams(alpha=1e-9))
+    assert not table["selected"].any()  # the table itself is a result: scores without a selection
+    with pytest.raises(ValueError, match=rf"alpha=1e-09 selects no neuron.*1/{n:,}: use alpha >= (\S+);") as err:
+        require_selection(table, ImportanceParams(alpha=1e-9))
+    suggested = float(re.search(r"use alpha >= (\S+);", str(err.value)).group(1))
+    assert suggested < 1.01 / n  # close to 1/N ...
+    p = ImportanceParams(alpha=suggested)
+    assert require_selection(importance_table(sums, p), p) == 1  # ... and it does select one
