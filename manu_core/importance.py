@@ -296,20 +296,34 @@ def _batches(job: list[_Slice], max_rows: int):
     """
     if len(job) == 1 and job[0].rows > max_rows:
         s = job[0]
-        f = pq.ParquetFile(s.part.path)
+        f = pq.ParquetFile(s.part.path, page_checksum_verification=True)
         offset = s.offset
-        for batch in f.iter_batches(batch_size=max_rows, row_groups=[s.row_group], columns=["activation"]):
+        for batch in _checked(s.part.path, lambda: f.iter_batches(batch_size=max_rows, row_groups=[s.row_group],
+                                                                    columns=["activation"])):
             yield [_Slice(s.part, s.row_group, offset, batch.num_rows)], pl.from_arrow(batch.column(0))
             offset += batch.num_rows
         return
     chunks = []
     for path in dict.fromkeys(s.part.path for s in job):  # files in job order
         groups = [s.row_group for s in job if s.part.path == path]
-        chunks.extend(pq.ParquetFile(path).read_row_groups(groups, columns=["activation"]).column(0).chunks)
+        f = pq.ParquetFile(path, page_checksum_verification=True)
+        chunks.extend(_checked(path, lambda: f.read_row_groups(groups, columns=["activation"])).column(0).chunks)
     if all(c.type == chunks[0].type for c in chunks):
         yield job, pl.from_arrow(chunks[0] if len(chunks) == 1 else pa.chunked_array(chunks).combine_chunks())
     else:  # files of one partition written with different list types: lists here, checked in _chunk_sums
         yield job, pl.concat([pl.from_arrow(c).cast(pl.List(pl.Float32)) for c in chunks], rechunk=True)
+
+
+def _checked(path: Path, read):
+    """`read()` with a damaged page (a CRC mismatch, the writer's page checksums) reported by file."""
+    try:
+        out = read()
+        return list(out) if not isinstance(out, pa.Table) else out
+    except OSError as e:
+        raise ActivationStoreError(
+            f"{path}: damaged ({e}); its bytes changed after it was written (page checksums). Delete it and rerun "
+            "the extraction (the pipeline's extract task recomputes when its outputs are damaged)."
+        ) from e
 
 
 def _diagnose(s: _Slice, width: int) -> ActivationStoreError | None:
@@ -411,7 +425,7 @@ def _token_totals(p: PartitionInfo) -> pl.DataFrame:
     frames = []
     for f in p.parts:
         try:
-            t = pl.read_parquet(f.tokens)
+            t = pl.from_arrow(pq.read_table(f.tokens, page_checksum_verification=True))
         except Exception as e:  # a truncated or foreign file: name it
             raise ActivationStoreError(f"{f.tokens}: not a readable token totals file ({e}). Rerun the extraction.") from e
         if t.height != 1 or t["samples"][0] != f.rows or any(t[c].dtype != pl.Array(pl.Float64, p.width)

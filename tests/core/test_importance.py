@@ -456,3 +456,17 @@ def test_an_alpha_that_selects_nothing_is_an_error_naming_the_smallest_alpha(tmp
     assert suggested < 1.01 / n  # close to 1/N ...
     p = ImportanceParams(alpha=suggested)
     assert require_selection(importance_table(sums, p), p) == 1  # ... and it does select one
+
+
+def test_a_damaged_part_of_the_same_size_is_an_error_naming_it(tmp_path):
+    """Flipped bytes inside an activation page (file size unchanged) fail the page checksum."""
+    random_store(tmp_path, np.random.default_rng(4))
+    part = sorted(tmp_path.rglob("part-*.parquet"))[0]
+    data = bytearray(part.read_bytes())
+    values = np.asarray(pl.read_parquet(part)["activation"].to_list(), dtype=np.float32)
+    at = bytes(data).find(values[0].tobytes()[:8])  # inside the first data page of the activation column
+    assert at > 0
+    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    part.write_bytes(bytes(data))
+    with pytest.raises(ActivationStoreError, match=rf"{part.name}: damaged .*checksum"):
+        neuron_sums(tmp_path, 0.1)
