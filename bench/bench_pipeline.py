@@ -7,10 +7,11 @@
    folder, then again unchanged. Target: cached <= 5% of cold. The vanilla model is trained
    beforehand and is not part of "cold" (bench/bench_train.py measures training); interpreter start
    and server start are outside both timings (one server for the whole script, as on a lab server).
-2. sweep vs separate runs: 3 α values as one sweep (one extraction, one set of importance sums) in an
-   empty pipeline folder, beside 3 single runs each in its own empty folder. Target: sweep <=
-   1.3 x (one run's extraction + importance) + the sweep's evaluations and pruning. Evaluation caps
-   --caps (default 10 profiles per set) keep it short.
+2. sweep vs separate runs: every scoring mode (--scorings, default paper, released, selective) at 3 α
+   values as one sweep (one extraction, one set of importance sums for all 9 variants) in an empty
+   pipeline folder, beside 3 single paper-mode runs each in its own empty folder. Target: sweep <=
+   1.3 x (one run's extraction + importance) + the sweep's evaluations. Evaluation caps --caps
+   (default 10 profiles per set) keep it short; the extract task must run once in the sweep.
 Per-task times come from the Prefect API (task runs' total run time).
 """
 
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default="lite")
     ap.add_argument("--alphas", default="0.02,0.05,0.1")
     ap.add_argument("--caps", type=int, default=10, help="part 2: profiles per set evaluated")
+    ap.add_argument("--scorings", default="paper,released,selective", help="part 2: the sweep's scoring modes")
     ap.add_argument("--skip", default="", help="'cached' or 'sweep' to skip a part")
     args = ap.parse_args()
 
@@ -121,14 +123,22 @@ def main() -> None:
             fresh_artifacts(model_dir)
             base = RunConfig(model=args.model, eval=EvalSettings(max_profiles=caps))
             forget = base.data_spec()["forget"]
-            sweep = SweepConfig(forget_splits=[forget], alphas=alphas, ablations=False)
+            scorings = args.scorings.split(",")
+            sweep = SweepConfig(forget_splits=[forget], alphas=alphas, scorings=scorings, ablations=False,
+                                methods=["manu"])
             t_sweep, state = timed(manu, base, sweep)
             sweep_tasks = task_seconds(state)
+            from flows.pipeline import settled_task_runs
+
+            names = [r.name for r in settled_task_runs(state)]
+            n_extract = sum(n.startswith("extract") for n in names)
+            n_select = sum(n.startswith("select") for n in names)
             one = per_task[0]
             extract_imp = one.get("extract", 0) + one.get("importance_sums", 0)
             evals = sweep_tasks.get("evaluate", 0.0)
             budget = 1.3 * extract_imp + evals
-            print(f"2. {args.model}: sweep of α {alphas} vs {len(alphas)} separate cold runs (caps {args.caps}/set)")
+            print(f"2. {args.model}: sweep of {scorings} x α {alphas} vs {len(alphas)} separate cold paper runs "
+                  f"(caps {args.caps}/set); the sweep ran extract {n_extract}x and select {n_select}x")
             print(f"   separate runs {sum(singles):8.1f} s  ({', '.join(f'{s:.1f}' for s in singles)})")
             print(f"   one sweep     {t_sweep:8.1f} s  ratio sweep/separate = {t_sweep / sum(singles):.2f}")
             print(f"   one run's extraction + importance {extract_imp:.1f} s (wall); the sweep's evaluations {evals:.1f} s "

@@ -29,6 +29,37 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+SCORING_HELP = "scoring mode: paper (the paper's formulas) | released (the authors' code) | selective (Pochinkov & Schoots)"
+OPTION_HELP = ("a scoring mode's option as key=value, repeatable: released pool_layers=true, clamp=10 (or none); "
+               "selective statistic=abs|freq|std|rms")
+
+
+def _option_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(text) if low.lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        return text.strip()
+
+
+def parse_scoring_options(items: list[str] | None) -> dict:
+    """['pool_layers=true', 'clamp=10'] -> {'pool_layers': True, 'clamp': 10}: true/false, none and
+    numbers are converted, anything else stays a string; the scoring mode checks names and values."""
+    out = {}
+    for item in items or []:
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"--scoring-option takes key=value, e.g. --scoring-option statistic=rms; got {item!r}.")
+        if key in out:
+            raise ValueError(f"--scoring-option {key} is given twice; give each option once.")
+        out[key] = _option_value(value)
+    return out
+
+
 @app.command()
 def presets() -> None:
     """List the embedded presets (tiny models trained here on MLLMU-Bench-lite)."""
@@ -70,24 +101,31 @@ def importance(
     activations_dir: Path,
     out: Path = typer.Option(..., "--out", help="Parquet file to write (one row per neuron)"),
     alpha: float = typer.Option(0.05, help="pruning ratio α in (0, 1)"),
-    eps: float = typer.Option(1e-5, help="ε in the importance ratios and the score"),
+    scoring: str = typer.Option("paper", help=SCORING_HELP),
+    scoring_option: Optional[list[str]] = typer.Option(None, "--scoring-option", help=OPTION_HELP),
+    eps: Optional[float] = typer.Option(None, help="ε in the importance ratios and the score (default: the mode's, "
+                                        "1e-5; selective 1e-3)"),
     tau: float = typer.Option(0.1, help="activation threshold τ of the frequency importance"),
-    weights: str = typer.Option("abs=1,freq=1,var=1,rms=1", help="importance weights; 0 drops one"),
-    scope: str = typer.Option("global", help="top-α over: global | tower | layer"),
+    weights: Optional[str] = typer.Option(None, help="importance weights, e.g. abs=1,freq=0,var=1,rms=1; 0 drops "
+                                          "one (default: the mode's)"),
+    scope: Optional[str] = typer.Option(None, help="top-α over: global | tower | layer (default: the mode's)"),
 ) -> None:
     """Score every neuron of an activations folder (MANU, method.md §3.1-3.2) and select the top α."""
-    from manu_core.importance import ImportanceParams, compute_importance, parse_weights, write_importance
+    from manu_core.importance import (ImportanceParams, compute_importance, parse_weights, require_selection,
+                                      write_importance)
     from manu_core.store import ActivationStoreError
 
     try:
-        params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=parse_weights(weights), scope=scope)
+        params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=parse_weights(weights) if weights else None,
+                                  scope=scope, mode=scoring, options=parse_scoring_options(scoring_option) or None)
         t0 = time.perf_counter()
         table = compute_importance(activations_dir, params)
+        require_selection(table, params)
         write_importance(table, out)
     except (ValueError, ActivationStoreError) as e:
         _fail(e)
     n_sel = int(table["selected"].sum())
-    typer.echo(f"{table.height} neurons scored, {n_sel} selected (α={alpha}, scope={scope}) "
+    typer.echo(f"{table.height} neurons scored, {n_sel} selected ({scoring} scoring, α={alpha}, scope={params.scope}) "
                f"in {time.perf_counter() - t0:.1f}s -> {out}")
 
 
@@ -179,6 +217,14 @@ def evaluate(
 def run(
     model: str = typer.Option("lite", "--model", "--preset", help="embedded preset or a local checkpoint folder"),
     alpha: Optional[float] = typer.Option(None, help="MANU pruning ratio (default: the preset's documented α)"),
+    scoring: str = typer.Option("paper", help=SCORING_HELP),
+    scoring_option: Optional[list[str]] = typer.Option(None, "--scoring-option", help=OPTION_HELP),
+    iterative: bool = typer.Option(False, "--iterative", help="selective scoring: prune in steps of --step, "
+                                   "extracting again on the pruned model before each step"),
+    step: float = typer.Option(0.02, help="--iterative: α per step (the last step takes the remainder)"),
+    method: str = typer.Option("manu", help="manu | random (MANU's random control: as many neurons per tower, "
+                               "drawn uniformly) | prompting | ga | grad_diff | kl | npo"),
+    seeds: str = typer.Option("0", help="--method random: comma-separated seeds, one run each"),
     forget: Optional[str] = typer.Option(None, help="forget_5/10/15 or comma-separated profile ids"),
     cap: str = typer.Option("retain=25", help="per-set profile caps for evaluation, e.g. retain=25,test=10"),
     device: str = typer.Option("cpu"),
@@ -187,16 +233,34 @@ def run(
     """The `manu` Prefect flow, once: cached tasks, UI artifacts, the results table at the end."""
     from pydantic import ValidationError
 
-    from flows.pipeline import EvalSettings, RunConfig, manu
+    from flows.pipeline import METHODS, SCORINGS, EvalSettings, RunConfig, manu
 
     try:
+        if method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+        if scoring not in SCORINGS:
+            raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}.")
+        if iterative and scoring != "selective":
+            raise ValueError(f"--iterative is a mode of selective scoring; got --scoring {scoring}. "
+                             "Add --scoring selective, or drop --iterative.")
+        if step != 0.02 and not iterative:
+            raise ValueError("--step sets the iterative pruning step; add --iterative (with --scoring selective).")
+        try:
+            seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {seeds!r}.") from None
         caps = {k.strip(): int(v) for k, v in (kv.split("=") for kv in cap.split(",") if kv.strip())}
         forget_value = None if forget is None else forget if forget.startswith("forget_") else forget.split(",")
-        config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device,
-                           benchmark=str(benchmark) if benchmark else None, eval=EvalSettings(max_profiles=caps))
-    except (ValueError, ValidationError) as e:
+        config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,
+                           scoring_options=parse_scoring_options(scoring_option), iterative=iterative, step=step,
+                           random_seeds=seed_list, benchmark=str(benchmark) if benchmark else None,
+                           eval=EvalSettings(max_profiles=caps))
+    except ValidationError as e:  # the rule, the value and the fix, without pydantic's echo of every field
+        _fail(ValueError("; ".join((".".join(map(str, err["loc"])) + ": " if err["loc"] else "")
+                                   + err["msg"].removeprefix("Value error, ") for err in e.errors())))
+    except ValueError as e:
         _fail(e)
-    report_dir = manu(config)
+    report_dir = manu(config, method=method)
     typer.echo(f"\nreport: {report_dir}/report.md")
 
 

@@ -1,22 +1,27 @@
 """The `manu` Prefect flow: one unlearning run, or a sweep, as a DAG of cached tasks.
 
     prefect deployment run manu/smoke        # the embedded preset, small caps (prefect.yaml)
-    prefect deployment run manu/full-sweep   # forget_{5,10,15} x α {2,5,10%} x importance ablations
-    manu run [--preset lite] [--alpha 0.1]   # the same flow from the command line (make demo)
+    prefect deployment run manu/full-sweep   # forget_{5,10,15} x scoring mode x α {2,5,10,20%}, random controls,
+                                             # importance ablations, the baselines
+    manu run [--preset lite] [--alpha 0.1] [--scoring released] [--method random]   # from the command line
 
 Parameters are validated pydantic models (`RunConfig`, `SweepConfig`; the UI renders them as
-forms). A sweep reuses one extraction and one set of importance sums per forget split; every
-method is an entry of `METHODS`, so a baseline joins the sweep by adding one.
+forms). A sweep reuses one extraction and one set of importance sums per forget split for every
+scoring mode (manu_core.importance.SCORING_MODES: paper, released, selective) and α; every method
+is an entry of `METHODS`, so a baseline joins the sweep by adding one. `random` is the control of
+each full-weight MANU variant: as many neurons per tower, drawn uniformly, per seed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
@@ -30,10 +35,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR
-from manu_core.importance import WEIGHT_NAMES, ImportanceParams
+from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
 from tasks import reporting, stages
 
 DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
+SCORINGS = ("paper", "released", "selective")  # the modes of manu_core.importance.SCORING_MODES, in report order
 
 
 class EvalSettings(BaseModel):
@@ -108,16 +114,33 @@ EMBEDDED_BASELINE = {"lora": False, "epochs": 1, "batch_size": 4}
 
 
 class RunConfig(BaseModel):
-    """One MANU run: model, data, importance and selection, evaluation."""
+    """One MANU run: model, data, scoring mode, importance and selection, evaluation.
+
+    `scoring` picks the scoring mode over the one extraction (manu_core.importance.SCORING_MODES):
+    `paper` (the paper's formulas, the default), `released` (the authors' released code),
+    `selective` (Pochinkov & Schoots' selective pruning). `weights`, `eps`, `scope` and
+    `scoring_options` are that mode's settings (None / {}: the mode's defaults); in a sweep the
+    other modes use their defaults."""
 
     model: str = Field("lite", description="embedded preset (manu presets) or a local checkpoint folder")
     forget: Optional[Union[str, list[str]]] = Field(
         None, description="forget_5/10/15 or a list of profile ids; None: the preset's split (forget_5 for a checkpoint)")
     alpha: Optional[float] = Field(None, description="pruning ratio α in (0, 1); None: the preset's documented α")
-    weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    eps: float = 1e-5
+    scoring: Literal["paper", "released", "selective"] = Field(
+        "paper", description="scoring mode: paper (default) | released (the authors' code) | selective (Pochinkov & Schoots)")
+    scoring_options: dict = Field(default_factory=dict, description="the mode's options: released {pool_layers: bool, "
+                                  "clamp: float|null}; selective {statistic: abs|freq|std|rms}")
+    weights: Optional[dict[str, float]] = Field(None, description="importance weights abs/freq/var/rms; None: the mode's")
+    eps: Optional[float] = Field(None, description="ε of the ratios and the score; None: the mode's (1e-5; selective 1e-3)")
     tau: float = 0.1
-    scope: Literal["global", "tower", "layer"] = "global"
+    scope: Optional[Literal["global", "tower", "layer"]] = Field(
+        None, description="top-α over global | tower | layer; None: the mode's (released: tower, else global)")
+    iterative: bool = Field(False, description="selective only: prune in steps of `step`, extracting again on the "
+                            "pruned model before each step (one-shot when false)")
+    step: float = Field(0.02, gt=0, lt=1, description="iterative selective pruning: α per step (the last step takes "
+                        "the remainder)")
+    random_seeds: list[int] = Field(default_factory=lambda: [0], description="seeds of the random control "
+                                    "(method='random' in a single run; a sweep uses SweepConfig.random_seeds)")
     aggregation: Literal["mean", "answer", "last"] = "mean"
     extract_batch_size: int = Field(32, ge=1)
     device: str = "cpu"
@@ -133,7 +156,11 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self):
         ImportanceParams(alpha=self.alpha if self.alpha is not None else 0.5, eps=self.eps, tau=self.tau,
-                         weights=self.weights, scope=self.scope)  # raises with the rule, the value and the fix
+                         weights=self.weights, scope=self.scope, mode=self.scoring,
+                         options=self.scoring_options or None)  # raises with the rule, the value and the fix
+        if not self.random_seeds or len(set(self.random_seeds)) != len(self.random_seeds):
+            raise ValueError(f"random_seeds must be a non-empty list of distinct integers; got {self.random_seeds}. "
+                             "E.g. [0, 1, 2].")
         return self
 
     def preset(self):
@@ -160,10 +187,15 @@ class SweepConfig(BaseModel):
 
     forget_splits: list[Union[str, list[str]]] = Field(
         default_factory=lambda: ["forget_5", "forget_10", "forget_15"], description="split names or lists of ids")
-    alphas: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1])
-    ablations: bool = Field(True, description="MANU with each importance function's weight zeroed in turn")
+    alphas: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])
+    scorings: list[str] = Field(default_factory=lambda: list(SCORINGS),
+                                description="MANU's scoring modes, one variant per (mode, α): paper, released, selective")
+    ablations: bool = Field(True, description="paper-mode MANU with each importance function's weight zeroed in turn "
+                            "(at the middle α)")
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2],
+                                    description="the random control: one run per full-weight MANU variant and seed")
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS),
-                               description="manu, prompting, ga, grad_diff, kl, npo")
+                               description="manu, random, prompting, ga, grad_diff, kl, npo")
 
     @field_validator("methods")
     @classmethod
@@ -171,6 +203,32 @@ class SweepConfig(BaseModel):
         bad = [m for m in v if m not in METHODS]
         if bad or not v:
             raise ValueError(f"methods must be a non-empty subset of {sorted(METHODS)}; got {v}")
+        return v
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v):
+        bad = [a for a in v if not 0 < a < 1]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"alphas must be distinct pruning ratios in (0, 1); got {v}"
+                             + (f" ({bad} outside (0, 1))" if bad else "")
+                             + ". Give fractions, e.g. [0.02, 0.05, 0.1, 0.2] for 2, 5, 10 and 20%.")
+        return v
+
+    @field_validator("scorings")
+    @classmethod
+    def _scorings(cls, v):
+        bad = [m for m in v if m not in SCORING_MODES]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"scorings must be distinct scoring modes of {sorted(SCORING_MODES)}; got {v}"
+                             + (f" (unknown: {bad})" if bad else "") + ". E.g. [\"paper\", \"released\", \"selective\"].")
+        return v
+
+    @field_validator("random_seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"random_seeds must be a non-empty list of distinct integers; got {v}. E.g. [0, 1, 2].")
         return v
 
 
@@ -196,22 +254,98 @@ class Method:
     unlearn: Callable[[Shared, dict], tuple[str, Optional[str]]]  # -> (unlearned model dir, importance dir)
     needs_activations: bool = False
     eval_overrides: Optional[dict] = None  # evaluation settings of this method (prompting: the system prompt)
+    lens: bool = True  # a logit lens (report Fig. 2) of its models; the random control has none
+
+
+def _variant(cfg: RunConfig, mode: str, alpha: float) -> dict:
+    """A full-weight MANU variant: the config's importance settings for its own scoring mode, the
+    mode's defaults (None) for the other modes of a sweep."""
+    own = mode == cfg.scoring
+    v = {"mode": mode, "alpha": alpha, "weights": cfg.weights if own else None, "eps": cfg.eps if own else None,
+         "scope": cfg.scope if own else None, "options": (cfg.scoring_options or None) if own else None}
+    if mode == "selective" and cfg.iterative:
+        v.update(iterative=True, step=cfg.step)
+    return v
+
+
+def _dropped(variant: dict) -> list[str]:
+    """The importance functions an ablation variant leaves out (weight 0; not a mode's default 0)."""
+    return [k for k, w in (variant.get("weights") or {}).items() if w == 0]
+
+
+def _full_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
+    """MANU's variants without the ablations: the run's, or a sweep's (mode x α)."""
+    if sweep is None:
+        return [_variant(cfg, cfg.scoring, cfg.resolved_alpha())]
+    return [_variant(cfg, mode, a) for mode in sweep.scorings for a in sweep.alphas]
 
 
 def _manu_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
-    if sweep is None:
-        return [{"alpha": cfg.resolved_alpha(), "weights": cfg.weights}]
-    out = [{"alpha": a, "weights": dict(DEFAULT_WEIGHTS)} for a in sweep.alphas]
-    if sweep.ablations:
+    """The full variants, then (a sweep with `ablations` and the paper mode) the paper mode at the
+    middle α with each importance weight zeroed in turn."""
+    out = _full_variants(cfg, sweep)
+    if sweep is not None and sweep.ablations and "paper" in sweep.scorings:
         mid = sorted(sweep.alphas)[len(sweep.alphas) // 2]
-        out += [{"alpha": mid, "weights": {**DEFAULT_WEIGHTS, k: 0.0}} for k in WEIGHT_NAMES]
+        base = (cfg.weights if cfg.scoring == "paper" and cfg.weights else None) or DEFAULT_WEIGHTS
+        out += [{**_variant(cfg, "paper", mid), "weights": {**base, k: 0.0}} for k in WEIGHT_NAMES if base.get(k)]
     return out
 
 
-def _manu_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
+def iterative_steps(alpha: float, step: float) -> list[float]:
+    """Iterative selective pruning's α per step: ⌊α/step⌋ steps (at least one) of `step`, the last
+    taking the remainder (α = 0.05, step 0.02: [0.02, 0.03]); exact on α and step as written."""
+    a, s = Fraction(repr(alpha)), Fraction(repr(step))
+    n = max(1, math.floor(a / s))
+    return [float(s)] * (n - 1) + [float(a - (n - 1) * s)]
+
+
+def _select(shared: Shared, sums: str, variant: dict, alpha: float, previous: Optional[str] = None,
+            label: Optional[str] = None) -> str:
+    return stages.select(sums, alpha, variant.get("weights"), eps=variant.get("eps"), tau=shared.config.tau,
+                         scope=variant.get("scope"), mode=variant.get("mode", "paper"), options=variant.get("options"),
+                         previous_dir=previous, label=label)
+
+
+def _manu_importance(shared: Shared, variant: dict) -> str:
+    """The importance folder of a MANU variant: one select on the shared sums, or (selective,
+    iterative) a loop of extract on the current model -> importance_sums -> select(step, previous)
+    -> prune(vanilla, cumulative selection), each step a cached task run; returns the last selection."""
+    if not variant.get("iterative"):
+        return _select(shared, shared.sums, variant, variant["alpha"])
     c = shared.config
-    imp = stages.select(shared.sums, variant["alpha"], variant["weights"], eps=c.eps, tau=c.tau, scope=c.scope)
+    steps = iterative_steps(variant["alpha"], variant["step"])
+    imp, sums = None, shared.sums
+    for i, a in enumerate(steps, 1):
+        if i > 1:  # the model pruned so far, measured again
+            model = stages.prune(shared.model_dir, imp)
+            acts = stages.extract(model, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
+                                  device=c.device, dtype=c.dtype, seed=c.seed)
+            sums = stages.importance_sums(acts, tau=c.tau)
+        imp = _select(shared, sums, variant, a, previous=imp,
+                      label=f"select-{variant['mode']}-alpha{variant['alpha']:g}-step{i}of{len(steps)}")
+    return imp
+
+
+def _manu_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
+    imp = _manu_importance(shared, variant)
     return stages.prune(shared.model_dir, imp), imp
+
+
+def _random_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
+    """The random control: each MANU variant of the run or sweep but the ablations (mode x α) x each seed."""
+    seeds = sweep.random_seeds if sweep is not None else cfg.random_seeds
+    shadows = _full_variants(cfg, sweep)
+    return [{**v, "seed": seed, "shadows": variant_label("manu", v)} for v in shadows for seed in seeds]
+
+
+def _random_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
+    """The shadowed MANU variant's selection (the same cached tasks), redrawn uniformly per tower
+    (per layer when that variant selects per layer) with the variant's seed, then pruned."""
+    manu_variant = {k: v for k, v in variant.items() if k not in ("seed", "shadows")}
+    imp = _manu_importance(shared, manu_variant)
+    scope = variant.get("scope") or mode_defaults(variant.get("mode", "paper"))["scope"]
+    drawn = stages.random_select(imp, variant["seed"], scope="layer" if scope == "layer" else "tower")
+    return stages.prune(shared.model_dir, drawn), drawn
 
 
 def _single(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
@@ -239,18 +373,24 @@ def _prompting_system() -> dict:
 
 METHODS: dict[str, Method] = {
     "manu": Method("manu", _manu_variants, _manu_unlearn, needs_activations=True),
+    "random": Method("random", _random_variants, _random_unlearn, needs_activations=True, lens=False),
     "prompting": Method("prompting", _single, lambda shared, v: (shared.model_dir, None),
                         eval_overrides=_prompting_system()),
     **{m: Method(m, _single, _gradient(m)) for m in ("ga", "grad_diff", "kl", "npo")},
 }
-ALL_METHODS = ["manu", "prompting", "ga", "grad_diff", "kl", "npo"]
+ALL_METHODS = ["manu", "random", "prompting", "ga", "grad_diff", "kl", "npo"]
 
 
 def variant_label(method: str, variant: dict) -> str:
+    """'manu[paper] α=0.1', 'manu[paper] α=0.05 without var', 'manu[selective iterative] α=0.1',
+    'random(manu[paper] α=0.1) seed=1'; a method without variants: its name."""
     if "alpha" not in variant:
         return method
-    dropped = [k for k, w in variant.get("weights", {}).items() if w == 0]
-    return f"{method} α={variant['alpha']:g}" + (f" without {'+'.join(dropped)}" if dropped else "")
+    if "seed" in variant:
+        return f"{method}({variant['shadows']}) seed={variant['seed']}"
+    mode = variant.get("mode", "paper") + (" iterative" if variant.get("iterative") else "")
+    dropped = _dropped(variant)
+    return f"{method}[{mode}] α={variant['alpha']:g}" + (f" without {'+'.join(dropped)}" if dropped else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,23 +475,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
-def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> tuple[str, str]:
-    """Unlearn, evaluate and report one variant: (report folder, logit-lens folder)."""
+def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> tuple[str, Optional[str]]:
+    """Unlearn, evaluate and report one variant: (report folder, logit-lens folder or None)."""
     cfg = shared.config
     unlearned, imp = METHODS[method].unlearn(shared, variant)
     label = variant_label(method, variant)
     overrides = METHODS[method].eval_overrides or {}
-    lens = _lens(unlearned, shared, _slug(label), overrides.get("system"))
+    lens = _lens(unlearned, shared, _slug(label), overrides.get("system")) if METHODS[method].lens else None
     units = _results(_evaluate_all(unlearned, shared, _slug(label), overrides))
     split = cfg.data_spec()["forget"]
     split = split if isinstance(split, str) else f"{len(split)} ids"
     title = f"{label} on {cfg.model}, forget {split}"
     run = {"config": cfg.model_dump(), "method": method, "variant": variant, "label": label, "model": unlearned,
            "vanilla_model": shared.model_dir, "data": shared.data, "activations": shared.activations,
-           "system": overrides.get("system")}
+           "system": overrides.get("system"), "mode": variant.get("mode"), "seed": variant.get("seed"),
+           "shadows": variant.get("shadows")}
     rep = stages.report(vanilla_units, units, imp, title, run=run)
     _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{label}"))
-    return rep, lens.result()
+    return rep, lens.result() if lens is not None else None
 
 
 @flow(name="manu", task_runner=task_runner(), log_prints=True)
@@ -360,6 +501,9 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
     methods and variants (returns the sweep table)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
+    if sweep is None and config.iterative and config.scoring != "selective":
+        raise ValueError(f"iterative pruning is a mode of selective scoring; got scoring={config.scoring!r} with "
+                         "iterative=true. Set scoring='selective', or iterative=false.")
     log = get_run_logger()
     splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
     methods = [method] if sweep is None else sweep.methods
@@ -377,7 +521,8 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
             for variant in METHODS[method].variants(cfg, sweep):
                 last, lens = run_one(shared, method, variant, vanilla_units)
                 reports.append(last)
-                lenses.append(lens)
+                if lens is not None:
+                    lenses.append(lens)
     alpha = _chosen_alpha(config, sweep)
     if sweep is None:
         title = json.loads((Path(last) / "results.json").read_text())["run"]["label"]

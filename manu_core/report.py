@@ -14,8 +14,11 @@ writes under `out_dir`:
     report.md     the tables (Table 1; Table 2 and Table 7 when the results have them) and the figures, linked
     report.html   the same, with the images embedded: one file to mail or open anywhere
 
-Tables follow the paper: Table 1 = methods x sets x metrics, per form and averaged; Table 2 = MANU at
-each pruning ratio α; Table 7 = MANU with each importance function left out, at one α.
+Tables follow the paper: Table 1 = methods x sets x metrics, per form and averaged, each MANU scoring
+mode followed by its random control (family "random": the same number of neurons per tower drawn
+uniformly, one run per seed, shown as mean [min–max] over the seeds); Table 2 = MANU at each pruning
+ratio α, a row block per scoring mode; Table 7 = MANU with each importance function left out, at one
+α. The figures draw each random control as one method, the mean over its seeds.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from manu_core import figures as F
 from manu_core.io import atomic_file
 
 RESULTS_SCHEMA = {"forget": pl.String, "method": pl.String, "family": pl.String, "alpha": pl.Float64,
-                  "without": pl.String, "set": pl.String, "form": pl.String, "task": pl.String,
+                  "without": pl.String, "mode": pl.String, "seed": pl.Int64, "shadows": pl.String,
+                  "set": pl.String, "form": pl.String, "task": pl.String,
                   "metric": pl.String, "scorer": pl.String, "value": pl.Float64, "n": pl.Int64}
+# mode: MANU's scoring mode (manu, random); seed: the random control's seed; shadows: the MANU label a
+# random run shadows. Null for the other methods.
 
 
 def results_frame(rows: list[dict]) -> pl.DataFrame:
@@ -41,17 +47,66 @@ def results_frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame([{k: r.get(k) for k in RESULTS_SCHEMA} for r in rows], schema=RESULTS_SCHEMA)
 
 
-FAMILY_ORDER = ("vanilla", "prompting", "ga", "grad_diff", "kl", "npo", "manu")
+FAMILY_ORDER = ("vanilla", "prompting", "ga", "grad_diff", "kl", "npo", "manu", "random")
+MODE_ORDER = ("paper", "released", "selective")
+
+
+def _mode_rank(mode: str | None) -> tuple[int, str]:
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode or "")
 
 
 def method_order(results: pl.DataFrame) -> list[str]:
-    """Method labels in report order: vanilla, the baselines, MANU by α, then MANU's ablations."""
+    """Method labels in report order: vanilla, the baselines, MANU by scoring mode and α, MANU's
+    ablations, then the random controls (by mode, α and seed)."""
     fam = {f: i for i, f in enumerate(FAMILY_ORDER)}
     keys = {}
-    for r in results.select("method", "family", "alpha", "without").unique(maintain_order=True).iter_rows(named=True):
-        keys.setdefault(r["method"], (fam.get(r["family"], len(fam)), r["without"] is not None, r["alpha"] or 0.0,
-                                      r["without"] or "", r["method"]))
+    for r in (results.select("method", "family", "alpha", "without", "mode", "seed").unique(maintain_order=True)
+              .iter_rows(named=True)):
+        keys.setdefault(r["method"], (fam.get(r["family"], len(fam)), r["without"] is not None,
+                                      _mode_rank(r["mode"]), r["alpha"] or 0.0, r["without"] or "",
+                                      r["seed"] if r["seed"] is not None else -1, r["method"]))
     return sorted(keys, key=keys.get)
+
+
+def random_groups(results: pl.DataFrame) -> dict[str, list[str]]:
+    """The random controls of `results` grouped over seeds: {group label: its runs' method labels,
+    by seed}, in report order. A group is the MANU variant the runs shadow (`shadows`; else mode and
+    α); its label, e.g. 'random(manu[paper] α=0.1), seeds 0,1,2'."""
+    rnd = results.filter(pl.col("family") == "random")
+    members: dict[str, list[tuple[int, str]]] = {}
+    for r in rnd.select("method", "alpha", "mode", "seed", "shadows").unique(maintain_order=True).iter_rows(named=True):
+        shadow = r["shadows"] or f"manu[{r['mode'] or 'paper'}] α={(r['alpha'] or 0):g}"
+        members.setdefault(shadow, [])
+        if r["method"] not in [m for _, m in members[shadow]]:
+            members[shadow].append((r["seed"] if r["seed"] is not None else -1, r["method"]))
+    order = {m: i for i, m in enumerate(method_order(results))}
+    out = {}
+    for shadow, runs in sorted(members.items(), key=lambda kv: min(order[m] for _, m in kv[1])):
+        runs = sorted(runs)
+        seeds = [str(s) for s, _ in runs if s >= 0]
+        label = f"random({shadow})" + (f", seed{'s' if len(seeds) > 1 else ''} {','.join(seeds)}" if seeds else "")
+        out[label] = [m for _, m in runs]
+    return out
+
+
+def _shadow_of(results: pl.DataFrame, group: list[str]) -> str | None:
+    rows = results.filter(pl.col("method") == group[0])
+    return rows["shadows"][0] if rows.height else None
+
+
+def seed_means(results: pl.DataFrame) -> pl.DataFrame:
+    """`results` with each random control's runs replaced by one method (its `random_groups`
+    label), the mean over its seeds (seed null): what the figures draw."""
+    groups = random_groups(results)
+    if not groups:
+        return results
+    label = {m: g for g, ms in groups.items() for m in ms}
+    keys = [c for c in RESULTS_SCHEMA if c not in ("seed", "value", "n")]
+    rnd = (results.filter(pl.col("method").is_in(list(label)))
+           .with_columns(method=pl.col("method").replace_strict(label, return_dtype=pl.String))
+           .group_by(keys, maintain_order=True).agg(value=pl.col("value").mean(), n=pl.col("n").first()))
+    rnd = rnd.with_columns(seed=pl.lit(None, dtype=pl.Int64)).select(list(RESULTS_SCHEMA)).cast(RESULTS_SCHEMA)
+    return pl.concat([results.filter(~pl.col("method").is_in(list(label))), rnd])
 
 
 def _in_order(frame: pl.DataFrame, order: list[str]) -> pl.DataFrame:
@@ -88,10 +143,18 @@ SHORT = {("mc", "accuracy"): "MC", ("gen", "rougeL_f1"): "ROUGE-L", ("gen", "fac
          ("cloze", "accuracy"): "Cloze"}
 
 
+def _cell(metric: str, vals: list[float]) -> str:
+    """One run's value, or a group's (random seeds) mean [min–max]."""
+    if len(vals) <= 1:
+        return _fmt(metric, vals[0] if vals else None)
+    return f"{_fmt(metric, sum(vals) / len(vals))} [{_fmt(metric, min(vals))}–{_fmt(metric, max(vals))}]"
+
+
 def metric_table(results: pl.DataFrame, methods: list[str], form: str | None, caption: str,
-                 first: str = "method") -> Table:
+                 first: str = "method", groups: dict[str, list[str]] | None = None) -> Table:
     """Rows `methods`, columns set x metric (F.METRICS order); `form` None = average of both forms.
-    Accuracy and ROUGE-L in %, factuality on its 1-10 scale."""
+    Accuracy and ROUGE-L in %, factuality on its 1-10 scale. A row named in `groups` aggregates its
+    member methods (each run's value first, then mean [min–max] over the runs)."""
     sets = [s for s in F.SET_ORDER if s in results["set"].to_list()]
     metrics = F._metrics_present(results)
     header = [first] + [f"{s} {SHORT[(task, metric)]}" for s in sets for task, metric, _, _ in metrics]
@@ -100,37 +163,57 @@ def metric_table(results: pl.DataFrame, methods: list[str], form: str | None, ca
         cells = [m]
         for s in sets:
             for task, metric, _, _ in metrics:
-                vals = [F._value(results, m, s, f, task, metric) for f in ([form] if form else F.FORMS)]
-                vals = [v for v in vals if v is not None]
-                cells.append(_fmt(metric, sum(vals) / len(vals) if vals else None))
+                per_run = []
+                for run in (groups or {}).get(m, [m]):
+                    vals = [F._value(results, run, s, f, task, metric) for f in ([form] if form else F.FORMS)]
+                    vals = [v for v in vals if v is not None]
+                    if vals:
+                        per_run.append(sum(vals) / len(vals))
+                cells.append(_cell(metric, per_run))
         rows.append(cells)
     return Table(caption, header, rows)
 
 
 def paper_tables(results: pl.DataFrame, chosen_alpha: float | None = None) -> list[Table]:
-    """Table 1 (image+text, text only, average), and Tables 2 and 7 when the results have them, for
+    """Table 1 (image+text, text only, average; each random control right after the MANU variant it
+    shadows, as mean [min–max] over its seeds), and Tables 2 and 7 when the results have them, for
     one forget split's rows."""
     methods = method_order(results)
     manu = results.filter(pl.col("family") == "manu")
     ablated = set(manu.filter(pl.col("without").is_not_null())["method"].to_list())
-    main = [m for m in methods if m not in ablated]
-    tables = [metric_table(results, main, form, f"Table 1 ({name}): methods x sets x metrics")
+    groups = random_groups(results)
+    in_group = {m for ms in groups.values() for m in ms}
+    main = [m for m in methods if m not in ablated and m not in in_group]
+    for label, runs in groups.items():  # after the MANU variant it shadows, else at the end
+        shadow = _shadow_of(results, runs)
+        main.insert(main.index(shadow) + 1 if shadow in main else len(main), label)
+    note = "; random: mean [min–max] over seeds" if any(len(r) > 1 for r in groups.values()) else ""
+    tables = [metric_table(results, main, form, f"Table 1 ({name}): methods x sets x metrics{note}", groups=groups)
               for form, name in (("multimodal", "image+text"), ("text", "text only"), (None, "average of both forms"))]
     full = manu.filter(pl.col("without").is_null())
-    alphas = sorted(set(full["alpha"].drop_nulls().to_list()))
-    if len(alphas) > 1:
-        by_alpha = {a: full.filter(pl.col("alpha") == a)["method"][0] for a in alphas}
-        t = metric_table(results, [by_alpha[a] for a in alphas], None,
-                         "Table 2: MANU at each pruning ratio α (average of both forms)", first="α")
-        for row, a in zip(t.rows, alphas):
-            row[0] = f"{a:g}"
+    variants = full.select("mode", "alpha", "method").unique(maintain_order=True).drop_nulls("alpha")
+    modes = sorted(set(variants["mode"].to_list()), key=_mode_rank)
+    if any(variants.filter(pl.col("mode").eq_missing(m))["alpha"].n_unique() > 1 for m in modes):
+        keyed = sorted(variants.iter_rows(named=True), key=lambda r: (_mode_rank(r["mode"]), r["alpha"]))
+        keyed = list({(r["mode"], r["alpha"]): r for r in keyed}.values())
+        named = any(m is not None for m in modes)
+        t = metric_table(results, [r["method"] for r in keyed], None,
+                         "Table 2: MANU at each pruning ratio α" + (", per scoring mode" if named else "")
+                         + " (average of both forms)", first="α")
+        for row, r in zip(t.rows, keyed):
+            row[0] = f"{r['alpha']:g}"
+            if named:
+                row.insert(0, r["mode"] or "-")
+        if named:
+            t.header.insert(0, "scoring")
         tables.append(t)
     if ablated:
-        a = manu.filter(pl.col("without").is_not_null())["alpha"][0]
-        ref = full.filter(pl.col("alpha") == a)["method"].to_list()[:1]
+        abl = manu.filter(pl.col("without").is_not_null())
+        a, mode = abl["alpha"][0], abl["mode"][0]
+        ref = full.filter((pl.col("alpha") == a) & pl.col("mode").eq_missing(mode))["method"].to_list()[:1]
         rows = ref + [m for m in methods if m in ablated]
-        t = metric_table(results, rows, None, f"Table 7: importance ablation at α={a:g} (average of both forms)",
-                         first="importance")
+        t = metric_table(results, rows, None, f"Table 7: importance ablation at α={a:g}"
+                         + (f", {mode} scoring" if mode else "") + " (average of both forms)", first="importance")
         for row in t.rows:
             w = manu.filter(pl.col("method") == row[0])["without"].to_list()
             row[0] = f"without {w[0]}" if w and w[0] else "all four"
@@ -222,10 +305,11 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
     forgets = list(dict.fromkeys(results["forget"].to_list()))
     for forget in forgets:
         res = results.filter(pl.col("forget") == forget)
+        sec = Section(f"Forget split: {forget}", tables=paper_tables(res, chosen_alpha))
+        res = seed_means(res)  # the figures draw a random control once, its mean over seeds
         order = method_order(res)
         res = _in_order(res, order)  # the figures draw methods in order of first appearance
         tag = _safe(forget)
-        sec = Section(f"Forget split: {forget}", tables=paper_tables(res, chosen_alpha))
         sub = _in_order(lens.filter(pl.col("forget") == forget), order) if lens is not None else None
         if sub is not None and sub.height:
             sec.figures.append((f"Fig. 2 · {FIGURE_NOTES['fig2']}",

@@ -15,7 +15,7 @@ import polars as pl
 
 from manu_core.data import Dataset
 from manu_core.extract import extract_activations
-from manu_core.importance import ImportanceParams, compute_importance, write_importance
+from manu_core.importance import ImportanceParams, compute_importance, require_selection, write_importance
 from manu_core.prune import PruneReport, prune_units
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,37 @@ def manu_unlearn(
     acts = extract_activations(model, processor, dataset, workdir / "activations", aggregation=aggregation,
                                batch_size=batch_size, device=device, seed=seed, progress=progress)
     table = compute_importance(acts, params)
+    require_selection(table, params)
     imp = write_importance(table, workdir / "importance.parquet")
     report = prune_units(model, table)
     log.info("MANU pruned %d of %d units (α=%s, scope=%s)", report.n_pruned, report.n_units, params.alpha, params.scope)
     return ManuResult(acts, imp, report)
 
 
-def random_selection(importance: pl.DataFrame, seed: int) -> pl.DataFrame:
-    """The control: as many units as `importance` selects, drawn uniformly (seeded) from all of its
-    neurons in one global draw (per-tower or per-layer counts of a scoped selection are not kept)."""
-    k = int(importance["selected"].sum())
-    rows = importance.select("tower", "layer", "unit").rows()
-    picks = set(random.Random(f"random-prune/{seed}").sample(range(len(rows)), k))
-    return importance.select("tower", "layer", "unit").with_columns(
-        selected=pl.Series([i in picks for i in range(len(rows))], dtype=pl.Boolean)
-    )
+def random_selection(importance: pl.DataFrame, seed: int, scope: str = "tower") -> pl.DataFrame:
+    """The control: as many units as `importance` selects, drawn uniformly (seeded, deterministic)
+    within each tower (scope "tower"), or within each (tower, layer) (scope "layer"), keeping each
+    group's selected count; scope "global" is one draw over all neurons (group counts not kept).
+
+    Returns (tower, layer, unit, selected) in `importance`'s row order."""
+    groups = {"global": [], "tower": ["tower"], "layer": ["tower", "layer"]}
+    if scope not in groups:
+        raise ValueError(f"scope must be one of {', '.join(groups)}; got {scope!r}. "
+                         "Use the scope the selection was made with ('tower' for a global one).")
+    for col in ("tower", "layer", "unit", "selected"):
+        if col not in importance.columns:
+            raise ValueError(f"random_selection needs an importance table with column {col!r}; "
+                             f"got columns {importance.columns}.")
+    keys = groups[scope]
+    frame = importance.select("tower", "layer", "unit", "selected").with_row_index("_row")
+    picks: set[int] = set()
+    parts = frame.partition_by(keys, maintain_order=True, as_dict=True) if keys else {(): frame}
+    for key, part in sorted(parts.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        k = int(part["selected"].sum())
+        if not k:
+            continue
+        name = "/".join(str(x) for x in key)
+        rng = random.Random(f"random-prune/{seed}/{scope}/{name}")  # str seeds: same draw in every process
+        rows = part["_row"].to_list()
+        picks.update(rows[i] for i in rng.sample(range(len(rows)), k))
+    return frame.select("tower", "layer", "unit", selected=pl.col("_row").is_in(sorted(picks)))

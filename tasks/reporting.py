@@ -33,7 +33,9 @@ def summary_rows(results: dict) -> list[dict]:
     forget = _forget_name(run["config"]["forget"])
     rows = [{"forget": forget, "method": "vanilla", "family": "vanilla", **s} for s in results["vanilla"]]
     rows += [{"forget": forget, "method": run.get("label", run["method"]), "family": run["method"],
-              "alpha": variant.get("alpha"), "without": "+".join(dropped) or None, **s} for s in results["unlearned"]]
+              "alpha": variant.get("alpha"), "without": "+".join(dropped) or None,
+              "mode": run.get("mode", variant.get("mode")), "seed": run.get("seed", variant.get("seed")),
+              "shadows": run.get("shadows", variant.get("shadows")), **s} for s in results["unlearned"]]
     return rows
 
 
@@ -49,6 +51,15 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
                 if caps else "Every profile of every set evaluated.")]
     if "offline-keyfact-overlap" in results["scorer"].to_list() or ev.get("judge", "offline") == "offline":
         lines.append("Factuality comes from the offline key-fact overlap judge, not an LLM.")
+    modes = sorted({r["mode"] for r in runs if r.get("mode")})
+    if modes:
+        lines.append("MANU scoring modes: " + ", ".join(f"`{m}`" for m in modes) + " (manu[mode] α=…; "
+                     "paper: the paper's formulas, released: the authors' released code, selective: Pochinkov & "
+                     "Schoots' selective pruning).")
+    if any(r["method"] == "random" for r in runs):
+        lines.append("random(manu[…] α=…): the control of that MANU variant, as many neurons per tower as it "
+                     "selects (per layer when it selects per layer), drawn uniformly, one run per seed; the tables "
+                     "show the mean [min–max] over the seeds, the figures their mean.")
     return "\n\n".join(lines)
 
 
@@ -69,7 +80,9 @@ def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: flo
         variant = run.get("variant") or {}
         full = all(w != 0 for w in (variant.get("weights") or {}).values())
         if run["method"] == "manu" and full and (chosen_alpha is None or variant.get("alpha") == chosen_alpha):
-            selected[forget] = pl.read_parquet(Path(rep) / "selected_per_layer.parquet")
+            # the configured scoring mode's selection when the run has several modes
+            if forget not in selected or variant.get("mode", "paper") == run["config"].get("scoring", "paper"):
+                selected[forget] = pl.read_parquet(Path(rep) / "selected_per_layer.parquet")
     results = results_frame(rows).unique(maintain_order=True)
 
     frames = []

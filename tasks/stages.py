@@ -1,7 +1,7 @@
 """The pipeline's Prefect tasks: thin wrappers over manu_core, paths in and paths out.
 
-    prepare_data -> vanilla_model -> extract -> importance_sums -> select -> prune -> evaluate (set x form) -> report
-                                                                                  -> logit_lens (per model)
+    prepare_data -> vanilla_model -> extract -> importance_sums -> select [-> random_select] -> prune
+                 -> evaluate (set x form) -> report, and logit_lens (per model)
     (tasks/reporting.py: figures, the run/sweep report drawn from the reports and logit lenses)
 
 Every task is cached by content (`tasks.cache.ManuCache`), writes into its own `stage_dir()` and
@@ -179,21 +179,57 @@ def importance_sums(activations_dir: str, tau: float = 0.1) -> str:
     return str(finish(out, meta={"tau": tau}))
 
 
-@manu_task(name="select", paths=("sums_dir",), task_run_name="select-alpha{alpha}")
-def select(sums_dir: str, alpha: float, weights: dict[str, float], eps: float = 1e-5, tau: float = 0.1,
-           scope: str = "global") -> str:
-    """Importances, score and the top-α selection: `importance.parquet`, one row per neuron."""
-    from manu_core.importance import ImportanceParams, importance_table, write_importance
+def _select_run_name(parameters: dict) -> str:
+    """select-<mode>-alpha<α> (one-shot), or the flow's label (an iterative step)."""
+    return parameters.get("label") or f"select-{parameters.get('mode') or 'paper'}-alpha{parameters['alpha']:g}"
 
-    params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=weights, scope=scope)
-    table = importance_table(pl.read_parquet(Path(sums_dir) / "sums.parquet"), params)
+
+@manu_task(name="select", paths=("sums_dir", "previous_dir"), ignore=("label",), task_run_name=_select_run_name)
+def select(sums_dir: str, alpha: float, weights: dict[str, float] | None = None, eps: float | None = None,
+           tau: float = 0.1, scope: str | None = None, mode: str = "paper", options: dict | None = None,
+           previous_dir: str | None = None, label: str | None = None) -> str:
+    """Importances, score and the top-α selection with scoring mode `mode` (manu_core.importance.
+    SCORING_MODES; weights/eps/scope None = the mode's defaults): `importance.parquet`, one row per
+    neuron. `previous_dir`: a previous select folder (iterative selective pruning) whose selected
+    neurons stay selected; ⌊α·N⌋ new ones are added."""
+    from manu_core.importance import ImportanceParams, importance_table, require_selection, write_importance
+
+    params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=weights, scope=scope, mode=mode,
+                              options=options)
+    already = pl.read_parquet(Path(previous_dir) / "importance.parquet") if previous_dir else None
+    table = importance_table(pl.read_parquet(Path(sums_dir) / "sums.parquet"), params, already=already)
+    require_selection(table, params)  # an α that prunes nothing is an error, not a result
     out = stage_dir()
     out.mkdir(parents=True, exist_ok=True)
     write_importance(table, out / "importance.parquet")
     n = int(table["selected"].sum())
-    get_run_logger().info("selected %d of %d neurons (α=%s, scope=%s, weights=%s)", n, table.height, alpha, scope,
-                          weights)
-    return str(finish(out, meta={"n_selected": n, "n_units": table.height}))
+    before = int(already["selected"].sum()) if already is not None else 0
+    get_run_logger().info("selected %d of %d neurons (%d new; mode=%s, α=%s, scope=%s, eps=%s, weights=%s, "
+                          "options=%s)", n, table.height, n - before, mode, alpha, params.scope, params.eps,
+                          params.weights, options)
+    return str(finish(out, meta={"n_selected": n, "n_new": n - before, "n_units": table.height, "mode": mode}))
+
+
+@manu_task(name="random_select", paths=("importance_dir",), task_run_name="random-select-seed{seed}")
+def random_select(importance_dir: str, seed: int, scope: str = "tower") -> str:
+    """The random control of a selection: `importance.parquet` of `importance_dir` with its `selected`
+    column replaced by `manu_core.unlearn.random_selection` (as many units per tower, or per
+    (tower, layer) with scope "layer", drawn uniformly with `seed`); prune it with `prune`."""
+    from manu_core.importance import NEURON, write_importance
+    from manu_core.unlearn import random_selection
+
+    table = pl.read_parquet(Path(importance_dir) / "importance.parquet")
+    drawn = random_selection(table, seed, scope)
+    if not drawn.select(NEURON).equals(table.select(NEURON)):  # random_selection keeps the row order
+        raise RuntimeError(f"random_selection reordered the neurons of {importance_dir}")
+    table = table.with_columns(selected=drawn["selected"])
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    write_importance(table, out / "importance.parquet")
+    per_tower = dict(table.group_by("tower").agg(pl.col("selected").sum()).sort("tower").iter_rows())
+    get_run_logger().info("random control (seed %d, per %s): %s units per tower, from %s", seed, scope, per_tower,
+                          importance_dir)
+    return str(finish(out, meta={"seed": seed, "scope": scope, "n_selected": int(table["selected"].sum())}))
 
 
 @manu_task(name="prune", paths=("model_dir", "importance_dir"))

@@ -18,12 +18,13 @@ def test_sweep_on_a_dask_local_cluster(tiny_model_dir):
 
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    sweep = SweepConfig(forget_splits=[["093", "279", "303"]], alphas=[0.05, 0.1], ablations=False, methods=["manu"])
+    sweep = SweepConfig(forget_splits=[["093", "279", "303"]], alphas=[0.05, 0.1], scorings=["paper"], ablations=False,
+                        methods=["manu"])
     state = manu.with_options(task_runner=runner)(config(), sweep, return_state=True)
     assert state.is_completed(), state
     out = Path(state.result())
     table = pl.read_parquet(out / "sweep.parquet")
-    assert set(table["method"]) == {"vanilla", "manu α=0.05", "manu α=0.1"}
+    assert set(table["method"]) == {"vanilla", "manu[paper] α=0.05", "manu[paper] α=0.1"}
     assert set(table["set"]) == {"forget", "test", "retain", "celebrity"}
     assert (out / "sweep.md").read_text().startswith("| forget | method |")
     reports = sorted(Path(p).parent for p in (out.parent.parent / "report").glob("*/results.json"))

@@ -58,7 +58,7 @@ def test_run_report_has_every_figure_and_the_tables(first_run):
     from tasks.cache import pipeline_dir
 
     report, states = first_run
-    assert {"logit-lens-vanilla", "logit-lens-manu-0-05", "figures"} <= set(states)
+    assert {"logit-lens-vanilla", "logit-lens-manu-paper-0-05", "figures"} <= set(states)
     label = json.loads((Path(report) / "results.json").read_text())["run"]["label"]
     # sources.json names the runs a report was drawn from; other tests' runs share this one's title
     [figs] = [d for d in (pipeline_dir() / "figures").iterdir() if (d / "sources.json").is_file()
@@ -74,9 +74,9 @@ def test_run_report_has_every_figure_and_the_tables(first_run):
 
 def test_changing_alpha_reruns_selection_onward_only(first_run):
     _, states = run(config(alpha=0.07))  # an α no other test uses
-    assert reran(states) == {"select-alpha0.07", "prune", "report", "logit-lens-manu-0-07", "figures"} | {
-        n for n in states if n.startswith("evaluate-manu-0-07-")}
-    assert sum(n.startswith("evaluate-manu-0-07-") for n in states) == 8
+    assert reran(states) == {"select-paper-alpha0.07", "prune", "report", "logit-lens-manu-paper-0-07", "figures"} | {
+        n for n in states if n.startswith("evaluate-manu-paper-0-07-")}
+    assert sum(n.startswith("evaluate-manu-paper-0-07-") for n in states) == 8
 
 
 def test_changing_one_cap_reruns_that_evaluation_and_the_report(first_run):

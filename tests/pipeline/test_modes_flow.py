@@ -1,0 +1,183 @@
+"""Scoring modes and the random control in the `manu` flow, on the tiny preset: one extraction serves
+paper, released and selective at several α; a random run keeps the per-tower counts of the MANU variant it
+shadows; iterative selective pruning runs as cached steps. Evaluation is capped to 2 sets x 1 form x 1
+profile to keep this fast."""
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+from pydantic import ValidationError
+
+from flows.pipeline import EvalSettings, RunConfig, SweepConfig, iterative_steps, manu, settled_task_runs, variant_label
+from manu_core.unlearn import random_selection
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]
+
+MODES = ["paper", "released", "selective"]
+ALPHAS = [0.03, 0.08]  # α values no other test uses: these selects run here first
+
+
+def fast_config(**kw) -> RunConfig:
+    return RunConfig(model="tiny", extract_batch_size=16, lens_samples=2,
+                     eval=EvalSettings(max_new_tokens=8, sets=["forget", "retain"], forms=["multimodal"],
+                                       max_profiles={"forget": 1, "retain": 1}), **kw)
+
+
+def flow(cfg: RunConfig, sweep=None, method="manu"):
+    state = manu(cfg, sweep, method=method, return_state=True)
+    assert state.is_completed(), state
+    return state.result(), settled_task_runs(state)
+
+
+def named(runs, prefix: str) -> list:
+    return [r for r in runs if r.name.startswith(prefix)]
+
+
+def per_tower(report: str) -> dict[str, int]:
+    t = pl.read_parquet(Path(report) / "selected_per_layer.parquet")
+    return dict(t.group_by("tower").agg(pl.col("selected").sum()).sort("tower").iter_rows())
+
+
+def selection(report: str) -> pl.DataFrame:
+    model = json.loads((Path(report) / "results.json").read_text())["run"]["model"]
+    table = pl.read_parquet(Path(model) / "selection.parquet")
+    if "selected" in table.columns:
+        table = table.filter(pl.col("selected"))
+    return table.select("tower", "layer", "unit").sort(pl.all())
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tiny_model_dir):
+    sweep = SweepConfig(forget_splits=[["093", "279", "303"]], scorings=MODES, alphas=ALPHAS, ablations=False,
+                        random_seeds=[0], methods=["manu", "random"])
+    return flow(fast_config(), sweep)
+
+
+def test_one_extraction_serves_every_mode_and_alpha(sweep_run):
+    out, runs = sweep_run
+    assert len(named(runs, "extract")) == 1 and len(named(runs, "importance_sums")) == 1
+    selects = named(runs, "select-")
+    expected = {f"select-{m}-alpha{a:g}" for m in MODES for a in ALPHAS}
+    # one select per (mode, α) for MANU; its random control reuses it (the same cached task)
+    assert Counter(r.name for r in selects) == {n: 2 for n in expected}
+    for name in expected:
+        assert "Cached" in [r.state.name for r in selects if r.name == name], name
+    assert len(named(runs, "random-select-seed0")) == len(expected)
+    table = pl.read_parquet(Path(out) / "sweep.parquet")
+    manu_labels = {f"manu[{m}] α={a:g}" for m in MODES for a in ALPHAS}
+    random_labels = {f"random({m}) seed=0" for m in manu_labels}
+    assert set(table["method"]) == {"vanilla"} | manu_labels | random_labels
+    rnd = table.filter(pl.col("family") == "random")
+    assert rnd["seed"].to_list() == [0] * rnd.height and set(rnd["mode"]) == set(MODES)
+    md = (Path(out) / "report" / "report.md").read_text()
+    assert "**Table 2: MANU at each pruning ratio α, per scoring mode" in md
+    assert "| random(manu[released] α=0.08), seed 0 |" in md
+
+
+def test_random_run_keeps_the_per_tower_counts_of_the_variant_it_shadows(sweep_run):
+    for mode in ("selective", "paper"):  # global top-α: the towers' shares come from the scores
+        cfg = fast_config(scoring=mode, alpha=0.08)
+        rnd_report, rnd_runs = flow(cfg, method="random")
+        manu_report, manu_runs = flow(cfg)
+        run = json.loads((Path(rnd_report) / "results.json").read_text())["run"]
+        assert run["shadows"] == f"manu[{mode}] α=0.08" and run["seed"] == 0 and run["mode"] == mode
+        assert run["label"] == f"random(manu[{mode}] α=0.08) seed=0"
+        # the sweep computed both already: the same cached tasks
+        assert [r.state.name for r in named(rnd_runs, f"select-{mode}-alpha0.08")] == ["Cached"]
+        assert [r.state.name for r in named(rnd_runs, "random-select-seed0")] == ["Cached"]
+        assert per_tower(rnd_report) == per_tower(manu_report) and sum(per_tower(rnd_report).values()) > 0
+        assert selection(rnd_report).height == selection(manu_report).height > 0
+        assert not selection(rnd_report).equals(selection(manu_report))
+        assert not named(rnd_runs, "logit-lens-random")  # the control has no logit lens
+
+
+def test_iterative_selective_pruning_runs_cached_steps(tiny_model_dir):
+    assert iterative_steps(0.05, 0.02) == [0.02, 0.03] and iterative_steps(0.1, 0.02) == [0.02] * 5
+    assert iterative_steps(0.01, 0.02) == [0.01]
+    cfg = fast_config(scoring="selective", alpha=0.05, iterative=True, step=0.02)
+    report, runs = flow(cfg)
+    assert sorted(r.name for r in named(runs, "select-")) == ["select-selective-alpha0.05-step1of2",
+                                                             "select-selective-alpha0.05-step2of2"]
+    assert len(named(runs, "extract")) == 2 and len(named(runs, "importance_sums")) == 2  # vanilla, step-1 model
+    assert len(named(runs, "prune")) == 2
+    run = json.loads((Path(report) / "results.json").read_text())["run"]
+    assert run["label"] == "manu[selective iterative] α=0.05" and run["variant"]["step"] == 0.02
+    per_layer = pl.read_parquet(Path(report) / "selected_per_layer.parquet")
+    n = int(per_layer["units"].sum())
+    assert int(per_layer["selected"].sum()) == math.floor(0.02 * n) + math.floor(0.03 * n)
+    again, runs2 = flow(cfg)
+    assert again == report and all(r.state.name == "Cached" for r in runs2)
+
+
+def test_configs_refuse_bad_modes_and_alphas_with_the_fix():
+    with pytest.raises(ValidationError, match=r"scorings must be distinct scoring modes .* got \['paper', 'papr'\]"
+                                              r" \(unknown: \['papr'\]\)"):
+        SweepConfig(scorings=["paper", "papr"])
+    with pytest.raises(ValidationError, match=r"alphas must be distinct pruning ratios in \(0, 1\); got \[0.1, 5.0\] "
+                                              r"\(\[5.0\] outside \(0, 1\)\). Give fractions"):
+        SweepConfig(alphas=[0.1, 5.0])
+    with pytest.raises(ValidationError, match="scoring"):
+        RunConfig(scoring="nope")
+    with pytest.raises(ValidationError, match="statistic"):
+        RunConfig(scoring="selective", scoring_options={"statistic": "median"})
+    with pytest.raises(ValidationError, match="random_seeds"):
+        SweepConfig(random_seeds=[])
+    with pytest.raises(ValueError, match="iterative pruning is a mode of selective scoring"):
+        manu.fn(RunConfig(model="tiny", iterative=True))
+    sweep = SweepConfig()
+    assert sweep.alphas == [0.02, 0.05, 0.1, 0.2] and sweep.scorings == MODES and "random" in sweep.methods
+
+
+def test_variant_labels_name_the_mode():
+    assert variant_label("manu", {"mode": "released", "alpha": 0.1}) == "manu[released] α=0.1"
+    assert variant_label("manu", {"mode": "paper", "alpha": 0.05, "weights": {"abs": 1, "var": 0}}) == \
+        "manu[paper] α=0.05 without var"
+    assert variant_label("random", {"mode": "paper", "alpha": 0.1, "seed": 1, "shadows": "manu[paper] α=0.1"}) == \
+        "random(manu[paper] α=0.1) seed=1"
+
+
+def test_random_selection_keeps_each_towers_and_layers_count():
+    rows = [{"tower": t, "layer": l, "unit": u, "selected": (u * 7 + l) % (3 if t == "vision" else 5) == 0}
+            for t, layers in (("language", 3), ("vision", 2)) for l in range(layers) for u in range(40)]
+    table = pl.DataFrame(rows)
+
+    def counts(df, keys):
+        return df.group_by(keys).agg(pl.col("selected").sum()).sort(keys).rows()
+
+    for scope, keys in (("tower", ["tower"]), ("layer", ["tower", "layer"])):
+        rnd = random_selection(table, 3, scope)
+        assert rnd.select("tower", "layer", "unit").equals(table.select("tower", "layer", "unit"))
+        assert counts(rnd, keys) == counts(table, keys) and not rnd["selected"].equals(table["selected"])
+        assert random_selection(table, 3, scope).equals(rnd) and not random_selection(table, 4, scope).equals(rnd)
+    with pytest.raises(ValueError, match="scope must be one of global, tower, layer; got 'model'"):
+        random_selection(table, 0, "model")
+
+
+def test_cli_scoring_flags(sweep_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    for args, message in ((["run", "--scoring", "bogus"], "--scoring must be one of paper, released, selective"),
+                          (["run", "--iterative"], "--iterative is a mode of selective scoring"),
+                          (["run", "--method", "rand"], "--method must be one of manu, random"),
+                          (["run", "--scoring-option", "statistic"], "--scoring-option takes key=value"),
+                          (["run", "--scoring", "selective", "--scoring-option", "statistic=median"], "median")):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 2 and message in out.output, (args, out.output)
+    # `manu importance --scoring released` on the sweep's activations: the mode's top α per tower
+    from tasks.cache import pipeline_dir
+
+    acts = next((pipeline_dir() / "extract").glob("*/activations"))
+    target = tmp_path / "imp.parquet"
+    out = runner.invoke(app, ["importance", str(acts), "--out", str(target), "--alpha", "0.1", "--scoring", "released"])
+    assert out.exit_code == 0 and "released scoring" in out.output and "scope=tower" in out.output, out.output
+    table = pl.read_parquet(target)
+    for tower, n in table.group_by("tower").len().rows():
+        k = table.filter((pl.col("tower") == tower) & pl.col("selected")).height
+        assert 0 < math.floor(0.1 * n) <= k < 0.1 * n + 5  # top 10% per tower (the released code keeps ties)

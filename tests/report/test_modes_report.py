@@ -1,0 +1,103 @@
+"""The report with scoring modes and the random control: random runs grouped over seeds (mean [min–max]),
+each beside the MANU variant it shadows; Table 2 a row block per mode; the figures draw one mean per group."""
+
+import itertools
+
+import polars as pl
+import pytest
+
+from manu_core.report import build_report, paper_tables, random_groups, results_frame, seed_means
+
+SETS = ("forget", "retain")
+METRICS = (("mc", "accuracy"), ("gen", "factuality"))
+
+
+def rows(label, family, value, *, alpha=None, mode=None, seed=None, shadows=None, without=None):
+    """One method's rows: `value(set, form, metric)` gives each number."""
+    return [{"forget": "forget_5", "method": label, "family": family, "alpha": alpha, "without": without,
+             "mode": mode, "seed": seed, "shadows": shadows, "set": s, "form": f, "task": t, "metric": m,
+             "scorer": "x", "value": value(s, f, m), "n": 4}
+            for s, f, (t, m) in itertools.product(SETS, ("multimodal", "text"), METRICS)]
+
+
+def const(v):
+    return lambda s, f, m: v
+
+
+def frame() -> pl.DataFrame:
+    r = rows("vanilla", "vanilla", const(0.9)) + rows("ga", "ga", const(0.5))
+    for mode in ("released", "paper"):  # out of report order on purpose
+        for a in (0.05, 0.1):
+            label = f"manu[{mode}] α={a:g}"
+            r += rows(label, "manu", const(0.6 if mode == "paper" else 0.7), alpha=a, mode=mode)
+    # paper α=0.1's random control: forget MC accuracy 0.2, 0.5, 0.35 (image+text) for seeds 2, 0, 1,
+    # text form 0.1 higher; everything else 0.8
+    forget_mm = {0: 0.5, 1: 0.35, 2: 0.2}
+    for seed in (2, 0, 1):
+        def value(s, f, m, seed=seed):
+            if s == "forget" and m == "accuracy":
+                return forget_mm[seed] + (0.1 if f == "text" else 0.0)
+            return 0.8
+        r += rows(f"random(manu[paper] α=0.1) seed={seed}", "random", value, alpha=0.1, mode="paper", seed=seed,
+                  shadows="manu[paper] α=0.1")
+    r += rows("random(manu[released] α=0.05) seed=0", "random", const(0.4), alpha=0.05, mode="released", seed=0,
+              shadows="manu[released] α=0.05")
+    r += rows("manu[paper] α=0.05 without var", "manu", const(0.3), alpha=0.05, mode="paper", without="var")
+    return results_frame(r)
+
+
+def test_random_groups_collect_the_seeds_of_each_shadowed_variant():
+    groups = random_groups(frame())
+    assert groups == {
+        "random(manu[paper] α=0.1), seeds 0,1,2": [f"random(manu[paper] α=0.1) seed={s}" for s in (0, 1, 2)],
+        "random(manu[released] α=0.05), seed 0": ["random(manu[released] α=0.05) seed=0"],
+    }
+
+
+def test_table_1_puts_each_random_control_after_its_manu_variant_as_mean_and_range():
+    t_mm, t_text, t_avg = paper_tables(frame())[:3]
+    assert t_mm.caption.endswith("; random: mean [min–max] over seeds")
+    assert [r[0] for r in t_mm.rows] == [
+        "vanilla", "ga", "manu[paper] α=0.05", "manu[paper] α=0.1", "random(manu[paper] α=0.1), seeds 0,1,2",
+        "manu[released] α=0.05", "random(manu[released] α=0.05), seed 0", "manu[released] α=0.1"]
+    col = t_mm.header.index("forget MC")
+    by = {r[0]: r for r in t_mm.rows}
+    # image+text: seeds 0.5, 0.35, 0.2 -> mean 0.35, range 0.2–0.5 (in %)
+    assert by["random(manu[paper] α=0.1), seeds 0,1,2"][col] == "35.0 [20.0–50.0]"
+    # text only: each 0.1 higher
+    assert {r[0]: r for r in t_text.rows}["random(manu[paper] α=0.1), seeds 0,1,2"][col] == "45.0 [30.0–60.0]"
+    # average of the forms per seed first (0.55, 0.4, 0.25), then over seeds
+    assert {r[0]: r for r in t_avg.rows}["random(manu[paper] α=0.1), seeds 0,1,2"][col] == "40.0 [25.0–55.0]"
+    # all seeds equal: the range collapses to one number's bounds
+    fact = t_mm.header.index("retain Fact")
+    assert by["random(manu[paper] α=0.1), seeds 0,1,2"][fact] == "0.80 [0.80–0.80]"
+    assert by["random(manu[released] α=0.05), seed 0"][col] == "40.0"  # one seed: its value
+    assert by["manu[paper] α=0.1"][col] == "60.0" and by["vanilla"][col] == "90.0"
+
+
+def test_table_2_has_a_row_block_per_mode_and_table_7_the_paper_ablation():
+    tables = {t.caption.split(":")[0]: t for t in paper_tables(frame())}
+    t2 = tables["Table 2"]
+    assert t2.header[:3] == ["scoring", "α", "forget MC"] and "per scoring mode" in t2.caption
+    assert [r[:3] for r in t2.rows] == [["paper", "0.05", "60.0"], ["paper", "0.1", "60.0"],
+                                        ["released", "0.05", "70.0"], ["released", "0.1", "70.0"]]
+    t7 = tables["Table 7"]
+    assert [r[0] for r in t7.rows] == ["all four", "without var"] and "paper scoring" in t7.caption
+    assert t7.rows[0][1] == "60.0"  # the paper-mode reference at α=0.05, not the released one
+
+
+def test_seed_means_gives_the_figures_one_method_per_random_control():
+    means = seed_means(frame())
+    assert "random(manu[paper] α=0.1), seeds 0,1,2" in means["method"].to_list()
+    assert not any(m.endswith(("seed=0", "seed=1", "seed=2")) for m in means["method"].unique().to_list())
+    v = means.filter((pl.col("method") == "random(manu[paper] α=0.1), seeds 0,1,2") & (pl.col("set") == "forget")
+                     & (pl.col("form") == "multimodal") & (pl.col("metric") == "accuracy"))["value"]
+    assert v.to_list() == [pytest.approx(0.35)]
+    assert means.filter(pl.col("family") != "random").equals(frame().filter(pl.col("family") != "random"))
+
+
+def test_report_of_modes_and_random_controls_renders(tmp_path):
+    paths = build_report(tmp_path / "rep", "modes", frame())
+    md = paths["report.md"].read_text()
+    assert "| random(manu[paper] α=0.1), seeds 0,1,2 | 35.0 [20.0–50.0] |" in md
+    assert md.count("**Table") == 5 and (tmp_path / "rep" / "figures" / "forget_5-fig4-form-bars.png").is_file()
