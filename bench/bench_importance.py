@@ -377,7 +377,7 @@ def main() -> None:
     paper = sums["seconds"] + steps["paper"]["seconds"]
     print(f"ratio polars (sums + paper table) / numpy: time {paper / ref['seconds']:.2f}, "
           f"peak RSS {pol['peak_rss_mib'] / ref['peak_rss_mib']:.2f}"
-          + (" (polars also reads the parts' token totals files; numpy reads the activation column only)"
+          + (" (polars also reads the parts' token totals from their footers; numpy reads the activation column only)"
              if sums["token_stats"] else ""))
     print(f"agreement (paper mode): max |score diff| {score_diff:.2e} (relative {rel_diff:.1e}), identical selection: {same}")
     ok = all_fast and same and rel_diff < 1e-9

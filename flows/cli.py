@@ -287,6 +287,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")  # offline: no telemetry from the Prefect client or server
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server `manu run` starts gets 120 s, not Prefect's 20 s: on a busy 2-core machine
+    # it often needs more. Raise it further with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     app()
 
 

@@ -56,6 +56,7 @@ from manu_core.store import (
     PartitionInfo,
     check_complete,
     inspect_activations,
+    read_token_totals,
     required_streams,
     write_table_atomic,
 )
@@ -421,24 +422,18 @@ def _add(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
 
 
 def _token_totals(p: PartitionInfo) -> pl.DataFrame:
-    """A partition's token totals per unit (store.py): the one-row totals files of its parts, added up."""
-    frames = []
-    for f in p.parts:
-        try:
-            t = pl.from_arrow(pq.read_table(f.tokens, page_checksum_verification=True))
-        except Exception as e:  # a truncated or foreign file: name it
-            raise ActivationStoreError(f"{f.tokens}: not a readable token totals file ({e}). Rerun the extraction.") from e
-        if t.height != 1 or t["samples"][0] != f.rows or any(t[c].dtype != pl.Array(pl.Float64, p.width)
-                                                              for c in TOKEN_TOTALS):
+    """A partition's token totals per unit (store.py): its parts' footer totals, added up."""
+    parts = [read_token_totals(f.path) for f in p.parts]
+    for f, t in zip(p.parts, parts):
+        if t is None or t["samples"] != f.rows or any(t[c].shape != (p.width,) for c in TOKEN_TOTALS):
             raise ActivationStoreError(
-                f"{f.tokens}: expected one row of totals for the {f.rows} samples and {p.width} units of "
-                f"{f.path.name}; got {t.height} row(s). Rerun the extraction for this partition."
+                f"{f.path}: its token totals do not match its {f.rows} samples and {p.width} units; "
+                "rerun the extraction for this partition."
             )
-        frames.append(t)
-    t = pl.concat(frames)  # one row per part; sum the parts' totals unit by unit
     return pl.DataFrame({"unit": np.arange(p.width, dtype=np.int64),
-                         **{c.replace("token_", "tok_"): t[c].to_numpy().sum(0) for c in TOKEN_TOTALS}}).with_columns(
-        tokens=pl.lit(int(t["tokens"].sum()), pl.Int64), max_abs=pl.lit(float(t["max_abs"].max()), pl.Float64))
+                         **{c.replace("token_", "tok_"): sum(t[c] for t in parts) for c in TOKEN_TOTALS}}).with_columns(
+        tokens=pl.lit(sum(t["tokens"] for t in parts), pl.Int64),
+        max_abs=pl.lit(max(t["max_abs"] for t in parts), pl.Float64))
 
 
 def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):

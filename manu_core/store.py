@@ -11,26 +11,25 @@ Each part file has one row per sample and these columns (extra columns are allow
     activation  list of float32: z(d) for every hidden unit of that layer, in unit order
                 (method.md, "Per-sample activation"); every row of a (tower, layer) has the same length
 
-and, beside each part file, when the extraction recorded token statistics (it does by default; the
-`released` and `selective` scoring modes need them, `paper` does not), `tokens-NNNNN.parquet` with ONE
-row: the part's token totals, summed over its samples (float64), per unit over every counted position
-(the positions whose mean is z(d)):
+and, when the extraction recorded token statistics (it does by default; the `released` and
+`selective` scoring modes need them, `paper` does not), the part's **token totals** in the file's
+key-value metadata `manu.token_totals` (`read_token_totals(path)` decodes them): summed over the
+part's samples in float64, per unit over every counted position (the positions whose mean is z(d)):
 
-    samples       int64: rows of the part file it belongs to
-    tokens        int64: Σ over samples of the positions counted
-    token_sum     list of float64: Σ a_t (= Σ over samples of z(d)·positions)
-    token_abs     list of float64: Σ |a_t|
-    token_sq      list of float64: Σ a_t²
-    token_pos     list of float64: #(a_t > 0)
-    token_active  list of float64: #(|a_t| > TOKEN_TAU), TOKEN_TAU = 0.1 (the released code's threshold)
-    max_abs       float64: the largest |a_t| of the part, so a clamp at ±c (the released code clamps
+    samples       int: the part's rows
+    tokens        int: Σ over samples of the positions counted
+    token_sum     (width,) float64: Σ a_t (= Σ over samples of z(d)·positions)
+    token_abs     (width,): Σ |a_t|      token_sq (width,): Σ a_t²
+    token_pos     (width,): #(a_t > 0)   token_active (width,): #(|a_t| > TOKEN_TAU), TOKEN_TAU = 0.1
+    max_abs       float: the largest |a_t| of the part, so a clamp at ±c (the released code clamps
                   at ±1e3) is known to change nothing when max_abs <= c
 
 Per-token statistics of a stream (mean |a|, share active, std, rms over every counted token) follow
-exactly from these totals. They are totals per part, not per sample, on purpose: the per-sample
-form is 4x the store's size and made the importance step 8x slower on a 7B-shaped store
-(bench/bench_importance.py), while every scoring mode only ever needs the stream's totals. The
-part file is written after its totals file, so a part present means its totals are too.
+exactly from these totals. Totals per part, not per sample, on purpose: per-sample token sums are 4x
+the store's size and made the importance step 5x slower on a 7B-shaped store (bench/bench_importance.py),
+while every scoring mode needs only a stream's totals. In the footer, not in a file of their own, so
+they are written and replaced with their part in one atomic rename and a glob over `*.parquet` sees
+only part files.
 
 Storage choices (the contract only promises "list of float32"; readers also accept list<float32>
 and large_list<float32> written by other tools, checking that every row has the same length):
@@ -57,6 +56,8 @@ the old complete file or the new complete file, and a crash leaves only an ignor
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 import re
 from collections.abc import Sequence
@@ -75,9 +76,9 @@ FORMS = ("multimodal", "text")
 TOWERS = ("language", "vision")
 COLUMNS = ("sample_id", "profile_id", "activation")
 TOKEN_STATS = ("abs", "sq", "pos", "active")  # per-sample token sums write_partition takes (token_<name>)
-TOKEN_TOTALS = ("token_sum", *(f"token_{k}" for k in TOKEN_STATS))  # list columns of a tokens-NNNNN file
+TOKEN_TOTALS = ("token_sum", *(f"token_{k}" for k in TOKEN_STATS))  # per-unit arrays of the token totals
 TOKEN_TAU = 0.1  # threshold of token_active (the released code's |a| > 0.1)
-TOKENS_RE = re.compile(r"^tokens-(\d+)\.parquet$")
+TOKEN_TOTALS_KEY = b"manu.token_totals"  # key-value metadata of a part file
 ROW_GROUP_SIZE = 256  # rows per Parquet row group (fixed: part of the deterministic-bytes promise)
 COMPRESSION = "none"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -122,19 +123,36 @@ def _activation_type(width: int) -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32(), nullable=False), width)
 
 
-def _schema(width: int) -> pa.Schema:
+def _schema(width: int, metadata: dict | None = None) -> pa.Schema:
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("profile_id", pa.string(), nullable=False),
             pa.field("activation", _activation_type(width), nullable=False),
-        ]
+        ],
+        metadata=metadata,
     )
 
 
-def tokens_path(part_path: Path) -> Path:
-    """The token totals file of a part file: part-00003.parquet -> tokens-00003.parquet."""
-    return part_path.with_name("tokens-" + part_path.name.removeprefix("part-"))
+def _encode_totals(totals: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in totals.items()})
+    return base64.b64encode(buf.getvalue())
+
+
+def read_token_totals(path: str | Path) -> dict | None:
+    """A part file's token totals (module docstring) from its footer: {samples, tokens, max_abs,
+    token_sum, token_abs, token_sq, token_pos, token_active}; None when it has none."""
+    raw = (pq.read_schema(path).metadata or {}).get(TOKEN_TOTALS_KEY)
+    if raw is None:
+        return None
+    try:
+        with np.load(io.BytesIO(base64.b64decode(raw))) as z:
+            out = {k: z[k] for k in z.files}
+        return {**out, **{k: out[k].item() for k in ("samples", "tokens", "max_abs")}}
+    except Exception as e:  # damaged metadata: name the file
+        raise ActivationStoreError(f"{path}: unreadable token totals ({type(e).__name__}: {e}); "
+                                   "rerun the extraction for this partition.") from e
 
 
 def _check_ids(name: str, ids: Sequence[str], n: int) -> list[str]:
@@ -221,22 +239,20 @@ def write_partition(
     n, width = values.shape
     sids = _check_ids("sample_ids", sample_ids, n)
     pids = _check_ids("profile_ids", profile_ids, n)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=_activation_type(width))
-    table = pa.Table.from_arrays(
-        [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width)
-    )
-    path = folder / f"part-{part:05d}.parquet"
     if (tokens is None) != (token_stats is None) or (tokens is not None and max_abs is None):
         raise ActivationStoreError(
             "tokens, token_stats and max_abs go together (token totals need each sample's position count and "
             f"the part's largest |a|); got tokens={'None' if tokens is None else 'given'}, token_stats="
             f"{'None' if token_stats is None else 'given'}, max_abs={max_abs!r}."
         )
+    meta = None
     if tokens is not None:
-        totals = _token_totals(folder, values, tokens, token_stats, max_abs)  # type: ignore[arg-type]
-        write_table_atomic(totals, tokens_path(path), compression=COMPRESSION, write_page_checksum=True)
-    else:
-        tokens_path(path).unlink(missing_ok=True)  # a rewrite without totals leaves no stale ones
+        meta = {TOKEN_TOTALS_KEY: _encode_totals(_token_totals(folder, values, tokens, token_stats, max_abs))}
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=_activation_type(width))
+    table = pa.Table.from_arrays(
+        [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width, meta)
+    )
+    path = folder / f"part-{part:05d}.parquet"
     return write_table_atomic(
         table,
         path,
@@ -248,8 +264,8 @@ def write_partition(
     )
 
 
-def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs: float) -> pa.Table:
-    """One row: the part's token totals (module docstring), from per-sample float32 sums."""
+def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs: float) -> dict:
+    """The part's token totals (module docstring), from per-sample float32 sums."""
     n, width = values.shape
     counts = np.asarray(tokens)
     if counts.shape != (n,) or not np.issubdtype(counts.dtype, np.integer) or (counts < 1).any():
@@ -263,7 +279,8 @@ def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs
         )
     if not (isinstance(max_abs, (int, float, np.floating)) and math.isfinite(max_abs) and max_abs >= 0):
         raise ActivationStoreError(f"max_abs must be a finite number >= 0; got {max_abs!r}.")
-    cols = {"token_sum": values.astype(np.float64).T @ counts.astype(np.float64)}
+    out = {"samples": n, "tokens": int(counts.sum()), "max_abs": float(max_abs),
+           "token_sum": values.astype(np.float64).T @ counts.astype(np.float64)}
     for k in TOKEN_STATS:
         v = np.asarray(stats[k])
         if v.shape != (n, width) or not np.isfinite(v).all():
@@ -271,10 +288,8 @@ def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs
                 f"token_stats[{k!r}] must be a finite (samples, units) array of shape {(n, width)}; "
                 f"got shape {v.shape}{'' if v.shape != (n, width) else ' with non-finite values'} in {folder}."
             )
-        cols[f"token_{k}"] = v.astype(np.float32).astype(np.float64).sum(0)
-    lists = {k: pa.FixedSizeListArray.from_arrays(pa.array(v), list_size=width) for k, v in cols.items()}
-    return pa.table({"samples": pa.array([n], pa.int64()), "tokens": pa.array([int(counts.sum())], pa.int64()),
-                     **lists, "max_abs": pa.array([float(max_abs)], pa.float64())})
+        out[f"token_{k}"] = v.astype(np.float32).astype(np.float64).sum(0)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +304,7 @@ class PartFile:
     width: int
     fixed: bool  # fixed_size_list (width from the schema) vs list (width checked from the data)
     row_groups: tuple[int, ...]  # rows per Parquet row group (readers chunk along them)
-    tokens: Path | None = None  # its token totals file, when the extraction wrote one
+    tokens: bool = False  # the footer holds token totals (read_token_totals)
 
 
 @dataclass(frozen=True)
@@ -305,8 +320,8 @@ class PartitionInfo:
 
     @property
     def token_stats(self) -> bool:
-        """Every part has its token totals file."""
-        return all(p.tokens is not None for p in self.parts)
+        """Every part has token totals."""
+        return all(p.tokens for p in self.parts)
 
     @property
     def stream(self) -> tuple[str, str, str, int]:
@@ -407,9 +422,8 @@ def _read_part(path: Path, part: int) -> PartFile:
             f"{path}: empty part file ({rows} rows, width {width}); every part needs >= 1 sample and >= 1 unit. "
             "Delete it and rerun the extraction for this partition."
         )
-    tok = tokens_path(path)
     return PartFile(path=path, part=part, rows=rows, width=width, fixed=fixed, row_groups=row_groups,
-                    tokens=tok if tok.is_file() else None)
+                    tokens=TOKEN_TOTALS_KEY in (schema.metadata or {}))
 
 
 def _parse(path: Path, key: str, choices: tuple[str, ...] | None) -> str | int | None:

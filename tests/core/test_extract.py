@@ -20,7 +20,7 @@ from manu_core.extract import (
 )
 from manu_core.models import ARCHS, TinySpec, build_processor, build_tiny_model, train_tokenizer
 from manu_core.prompts import encode_samples, model_inputs
-from manu_core.store import check_complete, inspect_activations
+from manu_core.store import check_complete, inspect_activations, read_token_totals
 from tests.core.helpers import SMALL, tiny_qwen2_vl
 
 
@@ -153,18 +153,20 @@ def test_store_holds_token_statistics_and_means_only_without_them(tmp_path, stre
                                   token_stats=False)
     a, b = inspect_activations(with_tok), inspect_activations(without)
     assert all(p.token_stats for p in a.partitions) and not any(p.token_stats for p in b.partitions)
-    for p, q in zip(a.partitions, b.partitions):  # the part files are the same bytes; totals sit beside them
-        assert p.parts[0].path.read_bytes() == q.parts[0].path.read_bytes()
-        t = pl.read_parquet(p.parts[0].tokens)
-        assert t.height == 1 and t["samples"][0] == p.samples and t["max_abs"][0] > 0
-        assert t["token_pos"].arr.max()[0] <= t["tokens"][0] and t["token_active"].arr.max()[0] <= t["tokens"][0]
+    for p, q in zip(a.partitions, b.partitions):  # the same rows; the totals sit in the footer
+        x, y = pl.read_parquet(p.parts[0].path), pl.read_parquet(q.parts[0].path)
+        assert x.equals(y) and x.columns == ["sample_id", "profile_id", "activation"]
+        t = read_token_totals(p.parts[0].path)
+        assert read_token_totals(q.parts[0].path) is None
+        assert t["samples"] == p.samples and t["max_abs"] > 0
+        assert t["token_pos"].max() <= t["tokens"] and t["token_active"].max() <= t["tokens"]
     # the totals are the per-sample statistics of the stream, added up
     ss = streams[("forget", "text")]
     [(_, acts, tok)] = list(mextract.iter_stream(model, proc, ss, batch_size=len(ss), progress=False, token_stats=True))
     site = mlp_sites(model)[1]
-    t = pl.read_parquet(a.get("forget", "text", site.tower, site.layer).parts[0].tokens)
-    assert t["tokens"][0] == tok.tokens["language"].sum()
-    np.testing.assert_allclose(t["token_sq"].to_numpy()[0], tok.stats[site]["sq"].astype(np.float64).sum(0), rtol=1e-5)
+    t = read_token_totals(a.get("forget", "text", site.tower, site.layer).parts[0].path)
+    assert t["tokens"] == tok.tokens["language"].sum()
+    np.testing.assert_allclose(t["token_sq"], tok.stats[site]["sq"].astype(np.float64).sum(0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

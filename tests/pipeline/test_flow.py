@@ -138,6 +138,7 @@ def test_killed_extraction_reruns_to_the_same_results(tiny_model_dir, tmp_path):
     arts = tmp_path / "artifacts"
     shutil.copytree(tiny_model_dir, arts / "models" / tiny_model_dir.name)
     env = {**os.environ, "MANU_ARTIFACTS": str(arts), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MANU_PREFECT_RESULTS": ""}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, str(Path(__file__).with_name("run_flow.py")), cfg.model_dump_json()]
