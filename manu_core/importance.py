@@ -37,7 +37,8 @@ import math
 import numbers
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -299,27 +300,32 @@ def _batches(job: list[_Slice], max_rows: int):
         s = job[0]
         f = pq.ParquetFile(s.part.path, page_checksum_verification=True)
         offset = s.offset
-        for batch in _checked(s.part.path, lambda: f.iter_batches(batch_size=max_rows, row_groups=[s.row_group],
-                                                                    columns=["activation"])):
+        batches = f.iter_batches(batch_size=max_rows, row_groups=[s.row_group], columns=["activation"])
+        while True:  # streamed batch by batch, as before; only the reads are checked
+            with _checked(s.part.path):
+                batch = next(batches, None)
+            if batch is None:
+                return
             yield [_Slice(s.part, s.row_group, offset, batch.num_rows)], pl.from_arrow(batch.column(0))
             offset += batch.num_rows
-        return
     chunks = []
     for path in dict.fromkeys(s.part.path for s in job):  # files in job order
         groups = [s.row_group for s in job if s.part.path == path]
         f = pq.ParquetFile(path, page_checksum_verification=True)
-        chunks.extend(_checked(path, lambda: f.read_row_groups(groups, columns=["activation"])).column(0).chunks)
+        with _checked(path):
+            chunks.extend(f.read_row_groups(groups, columns=["activation"]).column(0).chunks)
     if all(c.type == chunks[0].type for c in chunks):
         yield job, pl.from_arrow(chunks[0] if len(chunks) == 1 else pa.chunked_array(chunks).combine_chunks())
     else:  # files of one partition written with different list types: lists here, checked in _chunk_sums
         yield job, pl.concat([pl.from_arrow(c).cast(pl.List(pl.Float32)) for c in chunks], rechunk=True)
 
 
-def _checked(path: Path, read):
-    """`read()` with a damaged page (a CRC mismatch, the writer's page checksums) reported by file."""
+@contextmanager
+def _checked(path: Path):
+    """Reads inside the block that hit a damaged page (a CRC mismatch of the writer's page checksums)
+    fail with the file named."""
     try:
-        out = read()
-        return list(out) if not isinstance(out, pa.Table) else out
+        yield
     except OSError as e:
         raise ActivationStoreError(
             f"{path}: damaged ({e}); its bytes changed after it was written (page checksums). Delete it and rerun "
@@ -637,11 +643,8 @@ def _check_clamp(sums: pl.DataFrame, clamp: float | None) -> None:
         )
 
 
-_SUM_KEYS = ("tokens", "tok_sum", "tok_abs", "tok_sq", "tok_pos", "tok_active")
-
-
 def _pooled(sums: pl.DataFrame, by: list[str]) -> pl.DataFrame:
-    return sums.group_by(by, maintain_order=True).agg(*(pl.col(c).sum() for c in _SUM_KEYS))
+    return sums.group_by(by, maintain_order=True).agg(*(pl.col(c).sum() for c in TOKEN_SUMS))
 
 
 def _released_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:

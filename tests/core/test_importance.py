@@ -458,8 +458,10 @@ def test_an_alpha_that_selects_nothing_is_an_error_naming_the_smallest_alpha(tmp
     assert require_selection(importance_table(sums, p), p) == 1  # ... and it does select one
 
 
-def test_a_damaged_part_of_the_same_size_is_an_error_naming_it(tmp_path):
+@pytest.mark.parametrize("chunk_values", [importance.CHUNK_VALUES, 7])  # whole row groups; streamed batches
+def test_a_damaged_part_of_the_same_size_is_an_error_naming_it(tmp_path, monkeypatch, chunk_values):
     """Flipped bytes inside an activation page (file size unchanged) fail the page checksum."""
+    monkeypatch.setattr(importance, "CHUNK_VALUES", chunk_values)
     random_store(tmp_path, np.random.default_rng(4))
     part = sorted(tmp_path.rglob("part-*.parquet"))[0]
     data = bytearray(part.read_bytes())
