@@ -96,16 +96,19 @@ def test_deleted_activation_file_is_recomputed_not_a_crash(first_run):
 
     from tasks.cache import pipeline_dir
 
-    # One Parquet part deleted in every extraction folder (other tests' runs included).
-    parts = [sorted(d.glob("activations/split=forget/**/*.parquet"))[0] for d in (pipeline_dir() / "extract").iterdir()]
-    assert parts
-    for p in parts:
-        p.unlink()
+    # One Parquet part deleted in this run's extraction folder only: other tests (the sweep's CLI
+    # test) read their own cached folders, which must stay whole.
+    state = manu(config(), method="manu", return_state=True)
+    [extract] = [r for r in settled_task_runs(state) if r.name.startswith("extract-")]
+    folder = Path(extract.state.result())
+    assert folder.parent == pipeline_dir() / "extract"
+    part = sorted(folder.glob("activations/split=forget/**/*.parquet"))[0]
+    part.unlink()
     report, states = run(config())
     assert states["extract"] == "Completed"  # the stale cached record was dropped
     assert reran(states) == {"extract"}  # same bytes again: everything downstream stays cached
     assert report == first_run[0]
-    assert any(Path(p).is_file() for p in parts)  # this run's folder was rewritten
+    assert part.is_file()  # this run's folder was rewritten
 
 
 def test_invalid_config_is_refused_with_the_rule():
