@@ -434,6 +434,46 @@ def eval_items(dataset: Dataset, *, n_test_views: int = 3) -> list[EvalItem]:
 # Putting it together
 
 
+VALIDATION = "validation"  # a forget set name: learned profiles outside every official split, drawn by seed
+
+
+def split_ids(forget: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The ids of an official split name, or the given ids as strings."""
+    return load_official_split(forget) if isinstance(forget, str) else tuple(str(i) for i in forget)
+
+
+def learned_ids(all_ids: tuple[str, ...], learn: tuple[str | tuple[str, ...], ...], n_profiles: int | None,
+                seed: int) -> tuple[str, ...]:
+    """The fictitious profiles a model learns: every profile of `learn` (official split names or id
+    lists), then seeded others up to `n_profiles` (None: all). Sorted."""
+    known = set(all_ids)
+    include = sorted({i for entry in learn for i in split_ids(entry)})
+    unknown = [i for i in include if i not in known]
+    if unknown:
+        raise DataError(f"learn names {len(unknown)} unknown profile id(s): {unknown[:5]}; ids are zero-padded "
+                        f"strings such as {sorted(known)[0]!r}..{sorted(known)[-1]!r}.")
+    if n_profiles is None:
+        return tuple(sorted(all_ids))
+    if n_profiles < len(include) + 1:
+        raise DataError(f"n_profiles must leave at least one retain profile beside the {len(include)} profiles "
+                        f"it must learn; got {n_profiles}. Use n_profiles > {len(include)}.")
+    rest = [i for i in sorted(all_ids) if i not in set(include)]
+    random.Random(f"subset/{seed}").shuffle(rest)
+    return tuple(sorted(set(include) | set(rest[: n_profiles - len(include)])))
+
+
+def validation_ids(learned: tuple[str, ...], size: int, seed: int) -> tuple[str, ...]:
+    """The validation forget set: `size` learned profiles in no official forget split, drawn by seed.
+    Methods' settings are chosen on it, then reported on the official splits (disjoint from it)."""
+    official = {i for name in OFFICIAL_SPLITS for i in load_official_split(name)}
+    pool = [i for i in sorted(learned) if i not in official]
+    if len(pool) < size + 1:
+        raise DataError(f"a validation forget set of {size} profiles needs {size + 1} learned profiles outside "
+                        f"the official splits (one left for retain); the model learned {len(pool)}. Train a preset "
+                        "with a larger n_profiles, or use a smaller validation set.")
+    return tuple(sorted(random.Random(f"validation/{seed}").sample(pool, size)))
+
+
 def build_dataset(
     *,
     forget: str | list[str] | tuple[str, ...] = "forget_5",
@@ -441,25 +481,42 @@ def build_dataset(
     n_celebrities: int = 50,
     seed: int = 0,
     profiles_path: Path | str | None = None,
+    learn: tuple[str | tuple[str, ...], ...] | None = None,
+    validation_size: int | None = None,
 ) -> Dataset:
-    """The embedded MLLMU-Bench-lite.
+    """The embedded MLLMU-Bench-lite, as the model learned it.
 
-    `n_profiles` keeps a seeded subset of the fictitious profiles that always contains the forget
-    profiles (None = all 500).
+    The model learned every profile of `learn` (default: the forget list itself) plus seeded others
+    up to `n_profiles` (None = all 500). `forget` (an official split, `"validation"`, or ids) must be
+    among the learned profiles; retain is every other learned profile. `"validation"` draws
+    `validation_size` learned profiles outside the official splits (`validation_ids`).
     """
     profiles = load_profiles(profiles_path) if profiles_path else load_profiles()
     all_ids = tuple(p.id for p in profiles)
-    split = make_split(all_ids, forget)
-    if n_profiles is not None:
-        if n_profiles < len(split.forget_ids) + 1:
+    if forget == VALIDATION:
+        if learn is None or validation_size is None:
+            raise DataError("the validation forget set is drawn from what a preset learned: it needs the preset's "
+                            "`learn` and `validation_size` (a preset trained with them, e.g. `lite`).")
+        learned = learned_ids(all_ids, learn, n_profiles, seed)
+        split = make_split(learned, validation_ids(learned, validation_size, seed))
+        split = Split(VALIDATION, split.forget_ids, split.retain_ids)
+    else:
+        asked = make_split(all_ids, forget)  # checks the name, unknown, repeated and empty ids
+        learned = learned_ids(all_ids, learn if learn is not None else (asked.forget_ids,), n_profiles, seed)
+        missing = sorted(set(asked.forget_ids) - set(learned))
+        if missing:
             raise DataError(
-                f"n_profiles must leave at least one retain profile beside the {len(split.forget_ids)} "
-                f"forget profiles; got {n_profiles}. Use n_profiles > {len(split.forget_ids)} or a smaller forget list."
-            )
-        rest = list(split.retain_ids)
-        random.Random(f"subset/{seed}").shuffle(rest)
-        keep = set(split.forget_ids) | set(rest[: n_profiles - len(split.forget_ids)])
-        profiles = tuple(p for p in profiles if p.id in keep)
-        split = Split(split.name, split.forget_ids, tuple(i for i in split.retain_ids if i in keep))
+                f"forget names {len(missing)} profile(s) the model never learned: {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}. Unlearning needs people the model knows: forget "
+                f"{_learned_hint(learned, learn)}.")
+        split = Split(asked.name, asked.forget_ids, tuple(i for i in learned if i not in set(asked.forget_ids)))
+    keep = set(learned)
+    profiles = tuple(p for p in profiles if p.id in keep)
     celebrities = make_celebrities(profiles, n_celebrities, seed)
-    return Dataset(profiles, celebrities, split, seed)
+    return Dataset(profiles, celebrities, split, seed, meta={"learned_ids": learned})
+
+
+def _learned_hint(learned: tuple[str, ...], learn) -> str:
+    names = [e for e in (learn or ()) if isinstance(e, str)]
+    head = f"one of the splits it learned ({', '.join(names)}), or " if names else ""
+    return f"{head}ids among its {len(learned)} learned profiles ({', '.join(learned[:6])}{', ...' if len(learned) > 6 else ''})"

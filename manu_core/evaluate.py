@@ -526,7 +526,8 @@ def evaluate_basic(
     progress: bool = True,
 ) -> tuple[list[Summary], dict]:
     """The quick post-training check written beside a trained model: answer recall (the greedy
-    answer to the bare question contains the key fact) and likelihood multiple-choice accuracy."""
+    answer to the bare question contains the key fact), its ROUGE-L against the answer, and
+    likelihood multiple-choice accuracy."""
     gen_items = [it for it in items if it.task == "gen"]
     mc_items = [it for it in items if it.task == "mc"]
     preds = generate(model, processor, gen_items, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -538,12 +539,13 @@ def evaluate_basic(
     for it in gen_items:
         ok = contains_fact(preds[it.item_id], it.key_fact)
         acc[(it.set, it.form, "gen", "recall")].append(float(ok))
+        acc[(it.set, it.form, "gen", "rouge_l")].append(rouge_l(preds[it.item_id], it.answer))
         details["generation"][it.item_id] = {"prediction": preds[it.item_id], "key_fact": it.key_fact, "correct": ok}
     for it in mc_items:
         s = opt_scores[it.item_id]
         pick = max(range(len(s)), key=s.__getitem__)
         acc[(it.set, it.form, "mc", "accuracy")].append(float(pick == it.correct))
         details["mc"][it.item_id] = {"scores": s, "pick": pick, "correct": it.correct}
-    scorer = {"recall": "contains-key-fact", "accuracy": "likelihood"}
+    scorer = {"recall": "contains-key-fact", "rouge_l": "rouge-l", "accuracy": "likelihood"}
     summaries = [Summary(s, f, t, m, scorer[m], sum(v) / len(v), len(v)) for (s, f, t, m), v in sorted(acc.items())]
     return summaries, details

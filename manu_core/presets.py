@@ -57,7 +57,11 @@ class Preset:
     # "pretraining" within a few epochs of new data, which a 7B model does not: without this the
     # Real-Celebrity set would measure the fine-tune's forgetting, not the unlearning's.
     rehearse_celebrities: bool = True
-    forget: str | tuple[str, ...] = "forget_5"  # the split used to choose the subset and by `make demo`
+    forget: str | tuple[str, ...] = "forget_5"  # the default forget set of a run (`make demo`)
+    # What the model learns: every profile of these splits (names or id tuples; None: `forget`), then
+    # seeded others up to n_profiles. A run may forget any of them; retain = learned - forget.
+    learn: tuple[str | tuple[str, ...], ...] | None = None
+    validation_size: int | None = None  # the seeded validation forget set (data.validation_ids); None: none
     seed: int = 0
     threads: int = 2
     eval_profiles: int = 0  # per set, for the recall/MC check written beside the model (0: all)
@@ -82,6 +86,8 @@ class Preset:
 _NOT_TRAINING = frozenset({"name", "description", "eval_profiles", "alpha"})
 
 
+OFFICIAL_LEARN = mdata.OFFICIAL_SPLITS
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -101,12 +107,33 @@ PRESETS: dict[str, Preset] = {
             base=StageConfig(epochs=15, lr=2e-3), finetune=StageConfig(epochs=15, lr=2e-3),
         ),
         Preset(
-            name="lite",
-            description="make demo: 150 MLLMU-Bench profiles (forget_5 + 125 seeded retain) + 30 celebrity stand-ins, tiny LLaVA",
+            name="lite-v1",
+            description="round 1's default: 150 profiles (forget_5 + 125 seeded retain), memorised (15 full epochs)",
             spec=TinySpec(),
             n_profiles=150, n_celebrities=30,
             base=StageConfig(epochs=20), finetune=StageConfig(epochs=15),
-            eval_profiles=50, alpha=0.1,  # bench/bench_unlearning.py: 0.05 changes almost no answer
+            eval_profiles=50, alpha=0.1,
+        ),
+        # The recipe grid (docs/embedded.md, "Recipe grid"), declared before any unlearning result
+        # on them: each learns the 138 profiles of forget_5/10/15 plus 62 seeded others, and differs
+        # only in how the vanilla fine-tune is done. The default is chosen by benchmark-likeness.
+        *(
+            Preset(
+                name=f"lite-{tag}",
+                description=f"recipe grid: {what}",
+                spec=spec, n_profiles=200, n_celebrities=30, learn=OFFICIAL_LEARN, validation_size=25,
+                base=StageConfig(epochs=20), finetune=finetune, eval_profiles=50, alpha=0.1,
+            )
+            for tag, what, spec, finetune in (
+                ("memorise", "15 full epochs at lr 1e-3 (round 1's regime)", TinySpec(), StageConfig(epochs=15)),
+                ("short", "3 full epochs at lr 1e-3", TinySpec(), StageConfig(epochs=3)),
+                ("lora", "LoRA r16 on the language model, 5 epochs at lr 1e-3 (the benchmark's recipe, tiny lr)",
+                 TinySpec(), StageConfig(epochs=5, lora_r=16)),
+                ("lora-hi", "LoRA r16 on the language model, 5 epochs at lr 3e-3",
+                 TinySpec(), StageConfig(epochs=5, lr=3e-3, lora_r=16)),
+                ("wide", "MLP twice as wide (1024), 3 full epochs at lr 1e-3",
+                 TinySpec(intermediate=1024), StageConfig(epochs=3)),
+            )
         ),
     )
 }
@@ -121,10 +148,14 @@ def get_preset(name: str) -> Preset:
 
 
 def preset_dataset(preset: Preset, forget=None) -> mdata.Dataset:
-    return mdata.build_dataset(
-        forget=preset.forget if forget is None else forget, n_profiles=preset.n_profiles,
-        n_celebrities=preset.n_celebrities, seed=preset.seed,
-    )
+    return mdata.build_dataset(**preset_data_spec(preset, forget))
+
+
+def preset_data_spec(preset: Preset, forget=None) -> dict:
+    """`build_dataset`'s arguments for a run of `preset` that forgets `forget` (None: its default)."""
+    return {"forget": preset.forget if forget is None else forget, "n_profiles": preset.n_profiles,
+            "n_celebrities": preset.n_celebrities, "seed": preset.seed, "learn": preset.learn,
+            "validation_size": preset.validation_size}
 
 
 def tokenizer_corpus(ds: mdata.Dataset) -> list[str]:
@@ -158,6 +189,7 @@ def train_vanilla(preset: Preset, out: Path, *, progress: bool = True) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / "manu_preset.json", {"preset": asdict(preset), "key": preset.key(),
+                                                     "learned_ids": list(ds.meta["learned_ids"]),
                                                      "train_seconds": round(train_seconds, 1),
                                                      "n_train_samples": {"base": len(celeb), "vanilla": len(fict),
                                                                          "replay": len(replay)}})
@@ -181,7 +213,12 @@ def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
     """A preset name -> its trained vanilla model folder (trained on first use); a path -> itself."""
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
-        out = artifacts_dir() / "models" / f"{preset.name}-{preset.key()}"
+        key = preset.key()
+        out = artifacts_dir() / "models" / f"{preset.name}-{key}"
+        # the same key is the same training, bit for bit: reuse a model another name of it trained
+        same = sorted(p for p in out.parent.glob(f"*-{key}") if (p / "manu_preset.json").is_file())
+        if not (out / "manu_preset.json").is_file() and same:
+            return same[0]
         if not (out / "manu_preset.json").is_file():
             log.info("training the vanilla model of preset %r into %s", preset.name, out)
             train_vanilla(preset, out, progress=progress)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +31,9 @@ class StageConfig:
     batch_size: int = 32
     warmup: float = 0.05  # share of steps
     weight_decay: float = 0.0
+    lora_r: int = 0  # > 0: train LoRA adapters of this rank on the language model only, then merge
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
 
 
 def form_batches(samples: Sequence[Sample], batch_size: int, rng: random.Random) -> list[list[Sample]]:
@@ -72,12 +75,27 @@ def train_stage(
     progress: bool = True,
 ) -> list[dict]:
     """Train `model` in place on `samples` (loss on answer tokens). Returns the loss curve:
-    one record per step ({stage, epoch, step, loss, lr}) plus per-epoch records from `on_epoch_end`."""
+    one record per step ({stage, epoch, step, loss, lr}) plus per-epoch records from `on_epoch_end`.
+    With `cfg.lora_r` the language model gets LoRA adapters (the rest frozen), merged back at the end."""
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        from manu_core.arch import get_adapter
+
+        torch.manual_seed(seed)
+        peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                target_modules=get_adapter(model).lora_targets(model), bias="none"))
+        # peft injects the adapters into `model`'s own modules: train it, only the adapters need grads
+        curve = train_stage(model, processor, samples, replace(cfg, lora_r=0), seed=seed, name=name, device=device,
+                            on_epoch_end=on_epoch_end, progress=progress)
+        merged = peft.merge_and_unload()
+        assert merged is model  # merged in place: the caller's model now carries the fine-tune
+        return curve
     rng = random.Random(f"{name}/{seed}")
     torch.manual_seed(seed)
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size) + 2  # +2: one partial batch per form
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * total), total)
     curve: list[dict] = []
     model.train()
@@ -89,7 +107,7 @@ def train_stage(
             enc = encode_samples(processor, batch)
             loss = answer_loss(model, enc, device)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
