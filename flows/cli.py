@@ -225,7 +225,8 @@ def run(
     method: str = typer.Option("manu", help="manu | random (MANU's random control: as many neurons per tower, "
                                "drawn uniformly) | prompting | ga | grad_diff | kl | npo"),
     seeds: str = typer.Option("0", help="--method random: comma-separated seeds, one run each"),
-    forget: Optional[str] = typer.Option(None, help="forget_5/10/15 or comma-separated profile ids"),
+    forget: Optional[str] = typer.Option(None, help="forget_5/10/15, validation (a seeded held-out forget set of "
+                                         "the preset) or comma-separated profile ids the model learned"),
     cap: str = typer.Option("retain=25", help="per-set profile caps for evaluation, e.g. retain=25,test=10"),
     device: str = typer.Option("cpu"),
     benchmark: Optional[Path] = typer.Option(None, help="local MLLMU-Bench folder for evaluation"),
@@ -250,11 +251,13 @@ def run(
         except ValueError:
             raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {seeds!r}.") from None
         caps = {k.strip(): int(v) for k, v in (kv.split("=") for kv in cap.split(",") if kv.strip())}
-        forget_value = None if forget is None else forget if forget.startswith("forget_") else forget.split(",")
+        forget_value = (None if forget is None else forget if forget.startswith("forget_") or forget == "validation"
+                        else forget.split(","))
         config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,
                            scoring_options=parse_scoring_options(scoring_option), iterative=iterative, step=step,
                            random_seeds=seed_list, benchmark=str(benchmark) if benchmark else None,
                            eval=EvalSettings(max_profiles=caps))
+        config.check_data()  # forget among the profiles the model learned, before any server or task
     except ValidationError as e:  # the rule, the value and the fix, without pydantic's echo of every field
         _fail(ValueError("; ".join((".".join(map(str, err["loc"])) + ": " if err["loc"] else "")
                                    + err["msg"].removeprefix("Value error, ") for err in e.errors())))

@@ -34,7 +34,7 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR
+from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR, OFFICIAL_SPLITS
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
 from tasks import reporting, stages
 
@@ -95,6 +95,13 @@ class BaselineSettings(BaseModel):
     forms: list[str] = Field(default_factory=lambda: ["multimodal"],
                              description="forms the baselines train on (the benchmark: image + text only)")
     beta: float = Field(0.4, gt=0, description="NPO's β (benchmark code 0.4, paper 0.9)")
+
+    def base_lr(self, preset) -> float:
+        """The lr a run uses (and a sweep's strength axis scales): the configured one, else the preset's
+        fine-tune lr on a tiny model, else the benchmark's 2e-5."""
+        if self.lr is not None:
+            return self.lr
+        return preset.finetune.lr if preset is not None else 2e-5
 
     def params_for(self, model_dir: str) -> dict:
         from manu_core.presets import preset_of
@@ -173,20 +180,42 @@ class RunConfig(BaseModel):
         return self.alpha if self.alpha is not None else (p.alpha if p else 0.05)
 
     def data_spec(self, forget: Union[str, list[str], None] = None) -> dict:
+        """What `prepare_data` builds: the forget set (None: the config's, else the preset's) among
+        the profiles the model learned (a preset's `learn` + n_profiles; a checkpoint: all 500)."""
+        from manu_core.presets import preset_data_spec
+
         p = self.preset()
         forget = forget if forget is not None else self.forget
         if forget is None:
             forget = (list(p.forget) if not isinstance(p.forget, str) else p.forget) if p else "forget_5"
-        return {"forget": forget, "n_profiles": p.n_profiles if p else None,
-                "n_celebrities": p.n_celebrities if p else 50, "seed": p.seed if p else self.seed,
-                "benchmark": self.benchmark}
+        if p is None:  # the benchmark's vanilla learned all 500 profiles
+            return {"forget": forget, "n_profiles": None, "n_celebrities": 50, "seed": self.seed,
+                    "learn": list(OFFICIAL_SPLITS), "validation_size": 25, "benchmark": self.benchmark}
+        spec = preset_data_spec(p, forget)
+        spec["learn"] = [e if isinstance(e, str) else list(e) for e in spec["learn"]] if spec["learn"] else None
+        return {**spec, "benchmark": self.benchmark}
+
+    def check_data(self, forget: Union[str, list[str], None] = None) -> None:
+        """Raise DataError (naming the ids and the fix) when the forget set is not among the learned
+        profiles, before any task runs."""
+        from manu_core.data import VALIDATION, DataError
+        from tasks.stages import dataset_of
+
+        spec = self.data_spec(forget)
+        if spec["forget"] == VALIDATION and self.benchmark:
+            raise DataError("the validation forget set is not yet read from a local MLLMU-Bench (--benchmark): its "
+                            "loader takes the official splits only. Drop `validation` from forget_splits, or run "
+                            "without --benchmark.")
+        dataset_of(spec)
 
 
 class SweepConfig(BaseModel):
     """A grid on one model: forget splits x methods x their variants (MANU: α x importance ablations)."""
 
     forget_splits: list[Union[str, list[str]]] = Field(
-        default_factory=lambda: ["forget_5", "forget_10", "forget_15"], description="split names or lists of ids")
+        default_factory=lambda: ["validation", "forget_5", "forget_10", "forget_15"],
+        description="split names or lists of ids; `validation` (learned profiles outside the official splits, "
+                    "drawn by seed) is where each method's headline setting is chosen")
     alphas: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])
     scorings: list[str] = Field(default_factory=lambda: list(SCORINGS),
                                 description="MANU's scoring modes, one variant per (mode, α): paper, released, selective")
@@ -196,6 +225,12 @@ class SweepConfig(BaseModel):
                                     description="the random control: one run per full-weight MANU variant and seed")
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS),
                                description="manu, random, prompting, ga, grad_diff, kl, npo")
+    retain_budget: float = Field(5.0, gt=0, description="the retain multiple-choice drop (points) a method may "
+                                 "spend: settings are chosen on the validation forget set by this budget")
+    baseline_scales: list[float] = Field(
+        default_factory=lambda: [0.03, 0.1, 0.3, 1.0],
+        description="the gradient baselines' strength axis: their learning rate times each scale (a log grid; "
+                    "steps fixed by epochs), one variant per scale, swept like MANU's α")
 
     @field_validator("methods")
     @classmethod
@@ -222,6 +257,14 @@ class SweepConfig(BaseModel):
         if bad or not v or len(set(v)) != len(v):
             raise ValueError(f"scorings must be distinct scoring modes of {sorted(SCORING_MODES)}; got {v}"
                              + (f" (unknown: {bad})" if bad else "") + ". E.g. [\"paper\", \"released\", \"selective\"].")
+        return v
+
+    @field_validator("baseline_scales")
+    @classmethod
+    def _scales(cls, v):
+        if not v or len(set(v)) != len(v) or any(x <= 0 for x in v):
+            raise ValueError(f"baseline_scales must be distinct positive multipliers of the baselines' lr; got {v}. "
+                             "E.g. [0.03, 0.1, 0.3, 1.0].")
         return v
 
     @field_validator("random_seeds")
@@ -348,8 +391,27 @@ def _random_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
     return stages.prune(shared.model_dir, drawn), drawn
 
 
+def _attribution_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
+    """The attribution upper bound at the run's α, or at each α of a sweep (per tower, like `released`)."""
+    return [{"alpha": a} for a in (sweep.alphas if sweep is not None else [cfg.resolved_alpha()])]
+
+
+def _attribution_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
+    c = shared.config
+    effects = stages.attribution(shared.model_dir, shared.data, device=c.device, dtype=c.dtype)
+    imp = stages.attribution_select(effects, variant["alpha"])
+    return stages.prune(shared.model_dir, imp), imp
+
+
 def _single(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
     return [{}]
+
+
+def _baseline_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
+    """A run: the configured baseline. A sweep: its strength axis, lr × each of `baseline_scales`."""
+    if sweep is None:
+        return [{}]
+    return [{"lr": float(f"{cfg.baselines.base_lr(cfg.preset()) * s:.6g}")} for s in sorted(sweep.baseline_scales)]
 
 
 def _gradient(method: str) -> Callable[[Shared, dict], tuple[str, Optional[str]]]:
@@ -360,8 +422,9 @@ def _gradient(method: str) -> Callable[[Shared, dict], tuple[str, Optional[str]]
         ref = None
         if LOSSES[method].frozen == "reference":
             ref = c.reference or stages.reference_model(shared.model_dir, shared.data)
-        return stages.baseline(shared.model_dir, shared.data, method, c.baselines.params_for(shared.model_dir),
-                               reference_dir=ref, device=c.device), None
+        params = {**c.baselines.params_for(shared.model_dir), **({"lr": variant["lr"]} if "lr" in variant else {})}
+        return stages.baseline(shared.model_dir, shared.data, method, params, reference_dir=ref,
+                               device=c.device), None
     return unlearn
 
 
@@ -374,9 +437,12 @@ def _prompting_system() -> dict:
 METHODS: dict[str, Method] = {
     "manu": Method("manu", _manu_variants, _manu_unlearn, needs_activations=True),
     "random": Method("random", _random_variants, _random_unlearn, needs_activations=True, lens=False),
+    # a diagnostic beside the methods, not one of them: the best a neuron selection can do when it
+    # measures each unit's effect on the forget answers directly (not in ALL_METHODS; add it to a sweep)
+    "attribution": Method("attribution", _attribution_variants, _attribution_unlearn, lens=False),
     "prompting": Method("prompting", _single, lambda shared, v: (shared.model_dir, None),
                         eval_overrides=_prompting_system()),
-    **{m: Method(m, _single, _gradient(m)) for m in ("ga", "grad_diff", "kl", "npo")},
+    **{m: Method(m, _baseline_variants, _gradient(m)) for m in ("ga", "grad_diff", "kl", "npo")},
 }
 ALL_METHODS = ["manu", "random", "prompting", "ga", "grad_diff", "kl", "npo"]
 
@@ -384,10 +450,14 @@ ALL_METHODS = ["manu", "random", "prompting", "ga", "grad_diff", "kl", "npo"]
 def variant_label(method: str, variant: dict) -> str:
     """'manu[paper] α=0.1', 'manu[paper] α=0.05 without var', 'manu[selective iterative] α=0.1',
     'random(manu[paper] α=0.1) seed=1'; a method without variants: its name."""
+    if "lr" in variant:
+        return f"{method} lr={variant['lr']:g}"
     if "alpha" not in variant:
         return method
     if "seed" in variant:
         return f"{method}({variant['shadows']}) seed={variant['seed']}"
+    if method == "attribution":
+        return f"attribution α={variant['alpha']:g}"
     mode = variant.get("mode", "paper") + (" iterative" if variant.get("iterative") else "")
     dropped = _dropped(variant)
     return f"{method}[{mode}] α={variant['alpha']:g}" + (f" without {'+'.join(dropped)}" if dropped else "")
@@ -506,6 +576,8 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
                          "iterative=true. Set scoring='selective', or iterative=false.")
     log = get_run_logger()
     splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
+    for forget in splits:  # every forget set among the learned profiles, before the first task
+        config.check_data(forget)
     methods = [method] if sweep is None else sweep.methods
     reports, lenses, last = [], [], ""
     for forget in splits:
@@ -532,7 +604,8 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
         print((Path(last) / "report.md").read_text())
         return last
     figs = reporting.figures(reports, lenses, f"Sweep on {config.model}", chosen_alpha=alpha)
-    out = _sweep_table(config, figs)
+    comp = reporting.comparison(reports, budget=sweep.retain_budget)
+    out = _sweep_table(config, figs, comp)
     _publish_report(str(Path(out) / "report"), _slug(f"sweep-report-{config.model}"), "tables and figures of the sweep")
     return out
 
@@ -546,7 +619,7 @@ def _chosen_alpha(config: RunConfig, sweep: Optional[SweepConfig]) -> Optional[f
     return sorted(sweep.alphas)[len(sweep.alphas) // 2]
 
 
-def _sweep_table(config: RunConfig, figures_dir: str) -> str:
+def _sweep_table(config: RunConfig, figures_dir: str, comparison_dir: str) -> str:
     from manu_core.io import atomic_dir, atomic_file
     from tasks.cache import pipeline_dir
 
@@ -573,7 +646,14 @@ def _sweep_table(config: RunConfig, figures_dir: str) -> str:
         for name in ("report.md", "report.html", "results.parquet"):
             shutil.copy2(Path(figures_dir) / name, tmp / name)
         shutil.copytree(Path(figures_dir) / "figures", tmp / "figures")
-    get_run_logger().info("sweep table: %s (%d rows)", out / "sweep.parquet", df.height)
+    # the comparison (intervals, curves, settings chosen on validation, headline) beside them
+    with atomic_dir(out / "comparison") as tmp:
+        shutil.copytree(comparison_dir, tmp, dirs_exist_ok=True)
+    comparison_md = (out / "comparison" / "comparison.md").read_text()
+    create_markdown_artifact(key=_slug(f"comparison-{config.model}"), markdown=comparison_md.split("\n![")[0],
+                             description="drops with 95% intervals, trade-off curves, settings chosen on validation")
+    get_run_logger().info("sweep table: %s (%d rows); comparison: %s", out / "sweep.parquet", df.height,
+                          out / "comparison" / "comparison.md")
     return str(out)
 
 
@@ -584,9 +664,12 @@ def settled_task_runs(flow_state, timeout: float = 120.0) -> list:
     default name. Returns what is recorded after `timeout` seconds either way."""
     flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
     deadline = time.monotonic() + timeout
+    seen = -1  # a task run the server has not heard of yet is invisible: wait until the count holds still
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=flow_runs)
-            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            settled = all(r.state and r.state.is_final() for r in runs)
+            if (settled and len(runs) == seen) or time.monotonic() > deadline:
                 return runs
-            time.sleep(0.5)
+            seen = len(runs) if settled else -1
+            time.sleep(1.0)

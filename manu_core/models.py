@@ -2,9 +2,8 @@
 
 The tiny models are ordinary `transformers` models (LlavaForConditionalGeneration,
 Idefics2ForConditionalGeneration) with a tokenizer trained on the profile text and a real
-processor, so every other module runs the same code on them as on LLaVA-1.5-7B. Facts behind the
-config values: ../shared/docs/tiny-models.md (notably initializer_range=0.1, without which the
-loss plateaus).
+processor, so every other module runs the same code on them as on LLaVA-1.5-7B. The config values
+that matter are in docs/embedded.md (notably initializer_range=0.1, without which the loss plateaus).
 """
 
 from __future__ import annotations

@@ -35,11 +35,12 @@ from manu_core import figures as F
 from manu_core.io import atomic_file
 
 RESULTS_SCHEMA = {"forget": pl.String, "method": pl.String, "family": pl.String, "alpha": pl.Float64,
-                  "without": pl.String, "mode": pl.String, "seed": pl.Int64, "shadows": pl.String,
+                  "lr": pl.Float64, "without": pl.String, "mode": pl.String, "seed": pl.Int64, "shadows": pl.String,
                   "set": pl.String, "form": pl.String, "task": pl.String,
                   "metric": pl.String, "scorer": pl.String, "value": pl.Float64, "n": pl.Int64}
-# mode: MANU's scoring mode (manu, random); seed: the random control's seed; shadows: the MANU label a
-# random run shadows. Null for the other methods.
+# alpha: MANU's (and its random control's) pruning ratio; lr: a gradient baseline's learning rate in a
+# sweep (its strength axis); mode: MANU's scoring mode (manu, random); seed: the random control's seed;
+# shadows: the MANU label a random run shadows. Null where they do not apply.
 
 
 def results_frame(rows: list[dict]) -> pl.DataFrame:
@@ -47,7 +48,7 @@ def results_frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame([{k: r.get(k) for k in RESULTS_SCHEMA} for r in rows], schema=RESULTS_SCHEMA)
 
 
-FAMILY_ORDER = ("vanilla", "prompting", "ga", "grad_diff", "kl", "npo", "manu", "random")
+FAMILY_ORDER = ("vanilla", "prompting", "ga", "grad_diff", "kl", "npo", "manu", "random", "attribution")
 MODE_ORDER = ("paper", "released", "selective")
 
 
@@ -60,10 +61,10 @@ def method_order(results: pl.DataFrame) -> list[str]:
     ablations, then the random controls (by mode, α and seed)."""
     fam = {f: i for i, f in enumerate(FAMILY_ORDER)}
     keys = {}
-    for r in (results.select("method", "family", "alpha", "without", "mode", "seed").unique(maintain_order=True)
+    for r in (results.select("method", "family", "alpha", "lr", "without", "mode", "seed").unique(maintain_order=True)
               .iter_rows(named=True)):
         keys.setdefault(r["method"], (fam.get(r["family"], len(fam)), r["without"] is not None,
-                                      _mode_rank(r["mode"]), r["alpha"] or 0.0, r["without"] or "",
+                                      _mode_rank(r["mode"]), r["alpha"] or r["lr"] or 0.0, r["without"] or "",
                                       r["seed"] if r["seed"] is not None else -1, r["method"]))
     return sorted(keys, key=keys.get)
 

@@ -47,7 +47,7 @@ def results_dir() -> Path:
     return Path(os.environ.get("MANU_PREFECT_RESULTS") or artifacts_dir() / "prefect-results").resolve()
 
 
-PRESENTATION = ("manu_core/figures.py", "manu_core/report.py", "tasks/reporting.py")
+PRESENTATION = ("manu_core/figures.py", "manu_core/report.py", "manu_core/tradeoff.py", "tasks/reporting.py")
 
 
 @lru_cache(maxsize=2)

@@ -1,6 +1,7 @@
 """The report task: figures, tables and the self-contained report of a run or a sweep.
 
     figures(reports=[...report task folders...], lenses=[...logit_lens task folders...], title, chosen_alpha)
+    comparison(reports=[...])   # a sweep: drops with intervals, trade-off curves, settings chosen on validation
 
 reads each run's `results.json` (whose `run` names its method, variant, models, data and
 activations), matches each logit lens to its run by (model, data, system prompt), and calls
@@ -33,7 +34,7 @@ def summary_rows(results: dict) -> list[dict]:
     forget = _forget_name(run["config"]["forget"])
     rows = [{"forget": forget, "method": "vanilla", "family": "vanilla", **s} for s in results["vanilla"]]
     rows += [{"forget": forget, "method": run.get("label", run["method"]), "family": run["method"],
-              "alpha": variant.get("alpha"), "without": "+".join(dropped) or None,
+              "alpha": variant.get("alpha"), "lr": variant.get("lr"), "without": "+".join(dropped) or None,
               "mode": run.get("mode", variant.get("mode")), "seed": run.get("seed", variant.get("seed")),
               "shadows": run.get("shadows", variant.get("shadows")), **s} for s in results["unlearned"]]
     return rows
@@ -108,4 +109,33 @@ def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: flo
     atomic_write_json(out / "sources.json", {"title": title, "chosen_alpha": chosen_alpha,
                                              "reports": list(reports), "lenses": list(lenses)})
     get_run_logger().info("report: %s (%d figures)", out / "report.html", len(paths) - 2)
+    return str(finish(out))
+
+
+def _answers(units: list[str]) -> pl.DataFrame:
+    from manu_core.tradeoff import ANSWER_COLUMNS
+
+    return pl.concat([pl.read_parquet(Path(u) / "answers.parquet", columns=list(ANSWER_COLUMNS)) for u in units])
+
+
+@manu_task(name="comparison", paths=("reports",), presentation=True)
+def comparison(reports: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot: int = 1000, seed: int = 0) -> str:
+    """The sweep's comparison (manu_core/tradeoff.py): paired drops with profile-bootstrap intervals
+    per run, the trade-off curves and their summaries, each method's setting chosen on the validation
+    forget set, the headline table on the reported forget sets, and the figures."""
+    from manu_core.tradeoff import compare
+
+    runs = []
+    for rep in reports:
+        res = json.loads((Path(rep) / "results.json").read_text())
+        run, variant = res["run"], res["run"].get("variant") or {}
+        dropped = [k for k, w in (variant.get("weights") or {}).items() if w == 0]
+        runs.append({"forget": _forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
+                     "family": run["method"], "mode": variant.get("mode"), "iterative": variant.get("iterative", False),
+                     "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),
+                     "without": "+".join(dropped) or None,
+                     "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"])})
+    out = stage_dir()
+    paths = compare(runs, out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
+    get_run_logger().info("comparison: %s", paths["markdown"])
     return str(finish(out))

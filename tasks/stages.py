@@ -79,9 +79,12 @@ def load(model_dir: str, device: str, dtype: str | None):
 
 
 def dataset_of(spec: dict) -> mdata.Dataset:
+    learn = spec.get("learn")
     return mdata.build_dataset(forget=spec["forget"] if isinstance(spec["forget"], str) else tuple(spec["forget"]),
                                n_profiles=spec.get("n_profiles"), n_celebrities=spec.get("n_celebrities", 50),
-                               seed=spec.get("seed", 0))
+                               seed=spec.get("seed", 0),
+                               learn=tuple(e if isinstance(e, str) else tuple(e) for e in learn) if learn else None,
+                               validation_size=spec.get("validation_size"))
 
 
 def _items_frame(items: list[mdata.EvalItem]) -> pl.DataFrame:
@@ -210,6 +213,42 @@ def select(sums_dir: str, alpha: float, weights: dict[str, float] | None = None,
     return str(finish(out, meta={"n_selected": n, "n_new": n - before, "n_units": table.height, "mode": mode}))
 
 
+@manu_task(name="attribution", paths=("model_dir", "data_dir"), ignore=("device",))
+def attribution(model_dir: str, data_dir: str, batch_size: int = 8, device: str = "cpu",
+                dtype: str | None = None) -> str:
+    """The attribution upper bound's per-unit effects (manu_core/attribution.py): mean Σ|a·∂L/∂a| of
+    each MLP unit on the forget and on the retain stream, both forms: `attribution.parquet`."""
+    from manu_core.attribution import attribution_frame
+
+    streams = read_streams(data_dir)
+    forget = streams[("forget", "multimodal")] + streams[("forget", "text")]
+    retain = streams[("retain", "multimodal")] + streams[("retain", "text")]
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    with device_slot():
+        model, processor = load(model_dir, device, dtype)
+        frame = attribution_frame(model, processor, forget, retain, batch_size=batch_size, device=device,
+                                  progress=False)
+    with atomic_file(out / "attribution.parquet") as tmp:
+        frame.write_parquet(tmp)
+    return str(finish(out))
+
+
+@manu_task(name="attribution_select", paths=("attribution_dir",), task_run_name="attribution-select-alpha{alpha}")
+def attribution_select(attribution_dir: str, alpha: float, eps: float = 1e-5, scope: str = "tower") -> str:
+    """Score F/(R+ε) and the top α per tower of the attribution effects: `importance.parquet` (pruned
+    like MANU's selection)."""
+    from manu_core.attribution import select_attribution
+
+    table = select_attribution(pl.read_parquet(Path(attribution_dir) / "attribution.parquet"), alpha=alpha, eps=eps,
+                               scope=scope)
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "importance.parquet") as tmp:
+        table.write_parquet(tmp)
+    return str(finish(out, meta={"n_selected": int(table["selected"].sum()), "n_units": table.height}))
+
+
 @manu_task(name="random_select", paths=("importance_dir",), task_run_name="random-select-seed{seed}")
 def random_select(importance_dir: str, seed: int, scope: str = "tower") -> str:
     """The random control of a selection: `importance.parquet` of `importance_dir` with its `selected`
@@ -302,7 +341,9 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
         (tmp / "report.md").write_text(md)
         per_layer.write_parquet(tmp / "selected_per_layer.parquet")
         atomic_write_json(tmp / "results.json", {"run": run, "vanilla": [asdict(s) for s in before],
-                                                 "unlearned": [asdict(s) for s in after]})
+                                                 "unlearned": [asdict(s) for s in after],
+                                                 "units": {"vanilla": list(vanilla_units),
+                                                           "unlearned": list(unlearned_units)}})
     return str(finish(out))
 
 

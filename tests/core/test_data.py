@@ -177,3 +177,42 @@ def test_test_views_differ_but_resemble_the_person():
         v = np.asarray(portrait("010", view), dtype=np.float32)
         assert not np.array_equal(v, base)
         assert np.abs(v - base).mean() < np.abs(other - base).mean()
+
+
+OFFICIAL = ("forget_5", "forget_10", "forget_15")
+
+
+def test_a_model_that_learned_the_official_splits_forgets_any_of_them_retain_is_the_rest():
+    union = {i for name in OFFICIAL for i in mdata.load_official_split(name)}
+    assert len(union) == 138  # forget_10 and forget_15 are not supersets of forget_5
+    learned = None
+    for name in OFFICIAL:
+        ds = mdata.build_dataset(forget=name, learn=OFFICIAL, n_profiles=200, n_celebrities=0)
+        learned = learned or set(ds.meta["learned_ids"])
+        assert set(ds.meta["learned_ids"]) == learned and len(learned) == 200 and union <= learned
+        assert set(ds.split.forget_ids) == set(mdata.load_official_split(name))
+        assert set(ds.split.retain_ids) == learned - set(ds.split.forget_ids)  # retain = learned - forget
+        assert {p.id for p in ds.profiles} == learned
+
+
+def test_forgetting_people_the_model_never_learned_is_refused_with_the_ids():
+    with pytest.raises(mdata.DataError, match=r"never learned: \['001', '002'\].*ids among its 16 learned"):
+        mdata.build_dataset(forget=["001", "002"], learn=(("093", "279", "303"),), n_profiles=16, n_celebrities=0)
+    with pytest.raises(mdata.DataError, match=r"never learned.*one of the splits it learned \(forget_5\)"):
+        mdata.build_dataset(forget="forget_10", learn=("forget_5",), n_profiles=150, n_celebrities=0)
+    with pytest.raises(mdata.DataError, match="unknown profile id"):  # a typo is an unknown id, not "not learned"
+        mdata.build_dataset(forget=["0933"], learn=(("093",),), n_profiles=16, n_celebrities=0)
+
+
+def test_validation_forget_set_is_seeded_learned_and_outside_every_official_split():
+    kw = dict(learn=OFFICIAL, n_profiles=200, n_celebrities=0, validation_size=25)
+    ds = mdata.build_dataset(forget=mdata.VALIDATION, **kw)
+    union = {i for name in OFFICIAL for i in mdata.load_official_split(name)}
+    assert ds.split.name == "validation" and len(ds.split.forget_ids) == 25
+    assert not set(ds.split.forget_ids) & union and set(ds.split.forget_ids) <= set(ds.meta["learned_ids"])
+    assert ds.split.forget_ids == mdata.build_dataset(forget="validation", **kw).split.forget_ids
+    assert ds.split.forget_ids != mdata.build_dataset(forget="validation", **{**kw, "seed": 1}).split.forget_ids
+    with pytest.raises(mdata.DataError, match="needs 76 learned profiles outside the official splits"):
+        mdata.build_dataset(forget="validation", **{**kw, "validation_size": 75})
+    with pytest.raises(mdata.DataError, match="drawn from what a preset learned"):
+        mdata.build_dataset(forget="validation", n_profiles=200, n_celebrities=0)
