@@ -166,14 +166,19 @@ def test_killed_extraction_reruns_to_the_same_results(tiny_model_dir, tmp_path):
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, str(Path(__file__).with_name("run_flow.py")), cfg.model_dump_json()]
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "extraction never started"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Its own process group: the kill takes the flow and the temporary Prefect server it started, as
+    # a crash would, and leaves no server behind (also when an assertion fails first).
+    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "extraction never started"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp"))  # the kill left it unfinished
     out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
