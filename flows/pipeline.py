@@ -311,11 +311,6 @@ def _variant(cfg: RunConfig, mode: str, alpha: float) -> dict:
     return v
 
 
-def _dropped(variant: dict) -> list[str]:
-    """The importance functions an ablation variant leaves out (weight 0; not a mode's default 0)."""
-    return [k for k, w in (variant.get("weights") or {}).items() if w == 0]
-
-
 def _full_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
     """MANU's variants without the ablations: the run's, or a sweep's (mode x α)."""
     if sweep is None:
@@ -459,7 +454,7 @@ def variant_label(method: str, variant: dict) -> str:
     if method == "attribution":
         return f"attribution α={variant['alpha']:g}"
     mode = variant.get("mode", "paper") + (" iterative" if variant.get("iterative") else "")
-    dropped = _dropped(variant)
+    dropped = reporting.dropped_weights(variant)
     return f"{method}[{mode}] α={variant['alpha']:g}" + (f" without {'+'.join(dropped)}" if dropped else "")
 
 

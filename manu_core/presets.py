@@ -223,14 +223,14 @@ def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
         preset = PRESETS[name_or_path]
         key = preset.key()
         out = artifacts_dir() / "models" / f"{preset.name}-{key}"
+        if (out / "manu_preset.json").is_file():
+            return out
         # the same key is the same training, bit for bit: reuse a model another name of it trained
         same = sorted(p for p in out.parent.glob(f"*-{key}") if (p / "manu_preset.json").is_file())
-        if not (out / "manu_preset.json").is_file() and same:
+        if same:
             return same[0]
-        if not (out / "manu_preset.json").is_file():
-            log.info("training the vanilla model of preset %r into %s", preset.name, out)
-            train_vanilla(preset, out, progress=progress)
-        return out
+        log.info("training the vanilla model of preset %r into %s", preset.name, out)
+        return train_vanilla(preset, out, progress=progress)
     path = Path(name_or_path)
     if not path.exists():
         near = get_close_matches(str(name_or_path), PRESETS, n=1)

@@ -26,11 +26,16 @@ def _forget_name(forget) -> str:
     return forget if isinstance(forget, str) else f"{len(forget)} ids"
 
 
+def dropped_weights(variant: dict) -> list[str]:
+    """The importance functions an ablation variant leaves out (weight 0; not a mode's default 0)."""
+    return [k for k, w in (variant.get("weights") or {}).items() if w == 0]
+
+
 def summary_rows(results: dict) -> list[dict]:
     """One row per vanilla and unlearned summary of a run's results.json (manu_core.report.RESULTS_SCHEMA)."""
     run = results["run"]
     variant = run.get("variant") or {}
-    dropped = [k for k, w in (variant.get("weights") or {}).items() if w == 0]
+    dropped = dropped_weights(variant)
     forget = _forget_name(run["config"]["forget"])
     rows = [{"forget": forget, "method": "vanilla", "family": "vanilla", **s} for s in results["vanilla"]]
     rows += [{"forget": forget, "method": run.get("label", run["method"]), "family": run["method"],
@@ -129,11 +134,10 @@ def comparison(reports: list[str], budget: float = 5.0, x_max: float = 20.0, n_b
     for rep in reports:
         res = json.loads((Path(rep) / "results.json").read_text())
         run, variant = res["run"], res["run"].get("variant") or {}
-        dropped = [k for k, w in (variant.get("weights") or {}).items() if w == 0]
         runs.append({"forget": _forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
                      "family": run["method"], "mode": variant.get("mode"), "iterative": variant.get("iterative", False),
                      "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),
-                     "without": "+".join(dropped) or None,
+                     "without": "+".join(dropped_weights(variant)) or None,
                      "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"])})
     out = stage_dir()
     paths = compare(runs, out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
