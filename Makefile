@@ -1,5 +1,5 @@
-# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv and install
-# everything they need on first use (pinned by constraints.txt).
+# Two commands a newcomer needs: `make demo` and `make test` (`make test-fast`: the pure tests only).
+# They create .venv and install everything they need on first use (pinned by constraints.txt).
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-artifacts
+.PHONY: install demo test test-fast bench clean-artifacts
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The pure tests: no trained model, no Prefect server (under a minute on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py

@@ -60,6 +60,41 @@ def parse_scoring_options(items: list[str] | None) -> dict:
     return out
 
 
+def parse_caps(text: str) -> dict[str, int]:
+    """'retain=25,test=10' -> {'retain': 25, 'test': 10}; the sets themselves are checked by EvalSettings."""
+    caps = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (x.strip() for x in item.partition("="))
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if not sep or not key or n < 0:
+            raise ValueError(f"--cap takes set=N pairs (N >= 0 profiles, 0: no cap), e.g. --cap retain=25,test=10; "
+                             f"got {item!r}.")
+        if key in caps:
+            raise ValueError(f"--cap {key} is given twice; give each set once.")
+        caps[key] = n
+    return caps
+
+
+def check_device(device: str) -> None:
+    """Fail before any task when the device does not exist here (a run would fail in its first model load)."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (index.isdigit() and int(index) >= n):
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s)"
+                             + (f" (cuda:0 to cuda:{n - 1})" if n else "") + "; use --device cpu"
+                             + (" or one of them." if n else ", or run on the GPU server."))
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
 @app.command()
 def presets() -> None:
     """List the embedded presets (tiny models trained here on MLLMU-Bench-lite)."""
@@ -116,6 +151,9 @@ def importance(
     from manu_core.store import ActivationStoreError
 
     try:
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; --out names the Parquet file to write, e.g. "
+                             f"--out {out / 'importance.parquet'}.")
         params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=parse_weights(weights) if weights else None,
                                   scope=scope, mode=scoring, options=parse_scoring_options(scoring_option) or None)
         t0 = time.perf_counter()
@@ -154,13 +192,13 @@ def evaluate(
 ) -> None:
     """Evaluate a model the MLLMU-Bench way (evaluation.md); resumes an interrupted run in --out."""
     _setup_logging(verbose)
-    from manu_core.benchmark import BenchmarkError, load_mllmu_bench
-    from manu_core.data import DataError, EVAL_SETS, FORMS, eval_items
+    from manu_core.benchmark import load_mllmu_bench
+    from manu_core.data import EVAL_SETS, FORMS, eval_items
     from manu_core.evaluate import TASKS, EvalConfig, EvaluationError, cap_profiles, format_report
     from manu_core.evaluate import evaluate as run_evaluation
     from manu_core.io import atomic_write_text
     from manu_core.judge import JudgeError, make_judge
-    from manu_core.models import ModelError, load_model
+    from manu_core.models import load_model
     from manu_core.portraits import image_for
     from manu_core.presets import default_eval_settings, preset_dataset, preset_of, resolve_model
 
@@ -194,12 +232,13 @@ def evaluate(
             source = f"embedded MLLMU-Bench-lite of preset {preset.name!r} (stand-in images and items)"
         items = [it for it in items if it.set in want_sets and it.form in want_forms and it.task in want_tasks]
         items = cap_profiles(items, max_profiles, seed)
+        check_device(device)
         the_judge = make_judge(judge, device=device)
         net, processor = load_model(model_dir, device=device)
         t0 = time.perf_counter()
         summaries = run_evaluation(net, processor, items, out, config, images=images, device=device,
                                    model_id=str(model_dir), judge=the_judge)
-    except (ModelError, DataError, BenchmarkError, EvaluationError, JudgeError) as e:
+    except (ValueError, JudgeError) as e:  # ModelError, DataError, BenchmarkError, EvaluationError are ValueErrors
         _fail(e)
     report = "\n".join([
         f"# Evaluation of `{model_dir}`", "",
@@ -250,7 +289,8 @@ def run(
             seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {seeds!r}.") from None
-        caps = {k.strip(): int(v) for k, v in (kv.split("=") for kv in cap.split(",") if kv.strip())}
+        caps = parse_caps(cap)
+        check_device(device)
         forget_value = (None if forget is None else forget if forget.startswith("forget_") or forget == "validation"
                         else forget.split(","))
         config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,

@@ -198,15 +198,9 @@ class RunConfig(BaseModel):
     def check_data(self, forget: Union[str, list[str], None] = None) -> None:
         """Raise DataError (naming the ids and the fix) when the forget set is not among the learned
         profiles, before any task runs."""
-        from manu_core.data import VALIDATION, DataError
         from tasks.stages import dataset_of
 
-        spec = self.data_spec(forget)
-        if spec["forget"] == VALIDATION and self.benchmark:
-            raise DataError("the validation forget set is not yet read from a local MLLMU-Bench (--benchmark): its "
-                            "loader takes the official splits only. Drop `validation` from forget_splits, or run "
-                            "without --benchmark.")
-        dataset_of(spec)
+        dataset_of(self.data_spec(forget))
 
 
 class SweepConfig(BaseModel):
@@ -223,6 +217,9 @@ class SweepConfig(BaseModel):
                             "(at the middle α)")
     random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2],
                                     description="the random control: one run per full-weight MANU variant and seed")
+    random_scorings: Optional[list[str]] = Field(
+        None, description="scoring modes whose MANU variants get a random control (None: every mode of `scorings`); "
+                          "each mode selects different per-tower counts, so each has its own control")
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS),
                                description="manu, random, prompting, ga, grad_diff, kl, npo")
     retain_budget: float = Field(5.0, gt=0, description="the retain multiple-choice drop (points) a method may "
@@ -266,6 +263,14 @@ class SweepConfig(BaseModel):
             raise ValueError(f"baseline_scales must be distinct positive multipliers of the baselines' lr; got {v}. "
                              "E.g. [0.03, 0.1, 0.3, 1.0].")
         return v
+
+    @model_validator(mode="after")
+    def _random_scorings(self):
+        bad = [m for m in self.random_scorings or [] if m not in self.scorings]
+        if bad:
+            raise ValueError(f"random_scorings must be modes of scorings {self.scorings}; got {bad}. "
+                             "Leave it unset for a control of every mode.")
+        return self
 
     @field_validator("random_seeds")
     @classmethod
@@ -370,9 +375,12 @@ def _manu_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
 
 
 def _random_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
-    """The random control: each MANU variant of the run or sweep but the ablations (mode x α) x each seed."""
+    """The random control: each MANU variant of the run or sweep but the ablations (mode x α; a sweep's
+    `random_scorings` only, when set) x each seed."""
     seeds = sweep.random_seeds if sweep is not None else cfg.random_seeds
     shadows = _full_variants(cfg, sweep)
+    if sweep is not None and sweep.random_scorings is not None:
+        shadows = [v for v in shadows if v["mode"] in sweep.random_scorings]
     return [{**v, "seed": seed, "shadows": variant_label("manu", v)} for v in shadows for seed in seeds]
 
 

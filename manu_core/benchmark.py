@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -143,20 +144,37 @@ def _items_of_row(row: dict, set_: str, image_key: str, where: str) -> list[Eval
     return items
 
 
-def load_mllmu_bench(root: str | Path, forget: str = "forget_5", *, seed: int = 0,
+def load_mllmu_bench(root: str | Path, forget: str | Sequence[str] = "forget_5", *, seed: int = 0,
                      sets: tuple[str, ...] = ("forget", "test", "retain", "celebrity")) -> Benchmark:
-    """The four sets for one forget split. Test set: the forget profiles' rows of Test_Set, one of
-    their transformed portraits chosen per profile with `seed` (the released code picks at random)."""
-    if forget not in FORGET_CONFIGS:
-        raise BenchmarkError(f"forget split must be one of {FORGET_CONFIGS}; got {forget!r}.")
+    """The four sets for one forget set. `forget` is an official split (forget_N, with retain_(100-N))
+    or a list of profile ids (e.g. the validation forget set): then forget is those profiles' rows of
+    Full_Set and retain every other profile of Full_Set (the benchmark's vanilla learned all of them).
+    Test set: the forget profiles' rows of Test_Set, one of their transformed portraits chosen per
+    profile with `seed` (the released code picks at random)."""
     root = Path(root)
-    bench = Benchmark(root, forget, [])
-    forget_ds = read_config(root, forget)
-    forget_ids = {str(i) for i in forget_ds["ID"]}
-    sources = {"forget": (forget, forget_ds), "test": ("Test_Set", None),
-               "retain": (f"retain_{100 - int(forget.split('_')[1])}", None), "celebrity": ("Retain_Set", None)}
+    if isinstance(forget, str):
+        if forget not in FORGET_CONFIGS:
+            raise BenchmarkError(f"forget split must be one of {FORGET_CONFIGS} or a list of profile ids; "
+                                 f"got {forget!r}.")
+        forget_ds = read_config(root, forget)
+        forget_ids = {str(i) for i in forget_ds["ID"]}
+        retain = f"retain_{100 - int(forget.split('_')[1])}"
+        sources = {"forget": (forget, forget_ds, None), "retain": (retain, None, None)}
+        name = forget
+    else:
+        forget_ids = {str(i) for i in forget}
+        full = read_config(root, "Full_Set")
+        missing = sorted(forget_ids - {str(i) for i in full["ID"]})
+        if not forget_ids or missing:
+            raise BenchmarkError(f"forget ids must be profiles of Full_Set ({root / 'Full_Set'}); "
+                                 + (f"{len(missing)} are not: {missing[:10]}" if missing else "got none")
+                                 + ". Pass ids of the benchmark's 500 fictitious profiles.")
+        sources = {"forget": ("Full_Set", full, True), "retain": ("Full_Set", full, False)}
+        name = f"{len(forget_ids)} ids"
+    sources |= {"test": ("Test_Set", None, True), "celebrity": ("Retain_Set", None, None)}
+    bench = Benchmark(root, name, [])
     for set_ in sets:
-        config, ds = sources[set_]
+        config, ds, of_forget = sources[set_]  # of_forget: keep only (True) or none of (False) the forget ids
         ds = ds if ds is not None else read_config(root, config)
         where = f"{root / config}"
         has_one, has_many = "image" in ds.column_names, "images" in ds.column_names
@@ -165,7 +183,7 @@ def load_mllmu_bench(root: str | Path, forget: str = "forget_5", *, seed: int = 
                                  f"{ds.column_names}.")
         for row in ds:
             pid = str(row["ID"])
-            if set_ == "test" and pid not in forget_ids:
+            if of_forget is not None and (pid in forget_ids) != of_forget:
                 continue
             if set_ == "test" and has_many and row["images"]:
                 k = random.Random(f"test-view/{seed}/{pid}").randrange(len(row["images"]))
@@ -175,5 +193,5 @@ def load_mllmu_bench(root: str | Path, forget: str = "forget_5", *, seed: int = 
             bench._images[key] = _image_value(value, f"{where}, profile {pid}")
             bench.items += _items_of_row(row, set_, key, where)
     if "test" in sets and not any(it.set == "test" for it in bench.items):
-        raise BenchmarkError(f"Test_Set under {root} has none of the {len(forget_ids)} profiles of {forget}.")
+        raise BenchmarkError(f"Test_Set under {root} has none of the {len(forget_ids)} profiles of {name}.")
     return bench

@@ -30,13 +30,15 @@ _RUN_IGNORE = ("progress",)
 
 
 def manu_task(*, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (), presentation: bool = False, **kwargs):
-    """A Prefect task cached by content, with its result (a path) persisted under `results_dir()`.
+    """A Prefect task cached by content, with its result (a path) persisted under `results_dir()` as
+    JSON, never pickled: whoever can write a shared results folder must not get code run on a cache hit.
     `presentation`: the task draws figures or reports (its key hashes tasks.cache.PRESENTATION too)."""
     def deco(fn):
         results = results_dir()
         policy = ManuCache(paths=paths, ignore=_RUN_IGNORE + ignore, results=results, presentation=presentation)
         return task(fn, cache_policy=policy,
-                    persist_result=True, result_storage=results, cache_result_in_memory=False, **kwargs)
+                    persist_result=True, result_storage=results, result_serializer="json",
+                    cache_result_in_memory=False, **kwargs)
     return deco
 
 
@@ -87,6 +89,14 @@ def dataset_of(spec: dict) -> mdata.Dataset:
                                validation_size=spec.get("validation_size"))
 
 
+def benchmark_forget(spec: dict) -> str | tuple[str, ...]:
+    """What the local MLLMU-Bench is read with: an official split by name, any other forget set (the
+    validation set, a list of ids) by the ids `dataset_of(spec)` resolves it to."""
+    if isinstance(spec["forget"], str) and spec["forget"] in mdata.OFFICIAL_SPLITS:
+        return spec["forget"]
+    return dataset_of(spec).split.forget_ids
+
+
 def _items_frame(items: list[mdata.EvalItem]) -> pl.DataFrame:
     return pl.DataFrame([{**asdict(it), "options": list(it.options)} for it in items],
                         schema_overrides={"options": pl.List(pl.String), "image": pl.String})
@@ -119,7 +129,7 @@ def prepare_data(spec: dict, profiles: str) -> str:
     if spec.get("benchmark"):
         from manu_core.benchmark import load_mllmu_bench
 
-        items = load_mllmu_bench(spec["benchmark"], spec["forget"], seed=spec.get("seed", 0)).items
+        items = load_mllmu_bench(spec["benchmark"], benchmark_forget(spec), seed=spec.get("seed", 0)).items
     else:
         items = mdata.eval_items(ds)
     rows = [{"split": split, "form": form, **asdict(s)} for (split, form), ss in sorted(streams.items()) for s in ss]
@@ -307,7 +317,8 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
     if spec.get("benchmark"):
         from manu_core.benchmark import load_mllmu_bench
 
-        images = load_mllmu_bench(spec["benchmark"], spec["forget"], seed=spec.get("seed", 0), sets=(set_name,)).image
+        images = load_mllmu_bench(spec["benchmark"], benchmark_forget(spec), seed=spec.get("seed", 0),
+                                  sets=(set_name,)).image
     config = EvalConfig(**settings)
     out = stage_dir()
     with device_slot():

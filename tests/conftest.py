@@ -15,6 +15,17 @@ os.environ["MANU_ARTIFACTS"] = tempfile.mkdtemp(prefix="manu-test-artifacts-")
 
 import pytest  # noqa: E402
 
+# A test is `slow` (left out of `make test-fast`) when it needs a trained model or a Prefect server:
+# it uses one of these fixtures, directly or through another fixture. Modules that train or run a
+# pipeline in their own helpers also mark themselves (`pytestmark = pytest.mark.slow`).
+SLOW_FIXTURES = {"tiny_model_dir", "prefect_harness"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:

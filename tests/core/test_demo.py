@@ -65,6 +65,8 @@ def test_cli_inspect_and_importance(manu_run, tmp_path):
     assert not (tmp_path / "x.parquet").exists()
     bad = runner.invoke(app, ["importance", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y.parquet")])
     assert bad.exit_code == 2 and "error:" in bad.output
+    bad = runner.invoke(app, ["importance", str(res.activations), "--out", str(tmp_path)])  # a folder, not a file
+    assert bad.exit_code == 2 and f"--out {tmp_path} is a folder" in bad.output and "importance.parquet" in bad.output
 
 
 def test_run_demo_on_tiny(tiny_model_dir):

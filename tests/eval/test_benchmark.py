@@ -39,6 +39,20 @@ def test_loads_four_sets_two_forms_three_tasks(root):
     assert load_mllmu_bench(root, "forget_5").items == b.items
 
 
+def test_a_forget_set_of_ids_reads_full_set(root):
+    """Any forget set that is not an official split (the validation set, a list of ids): forget is its
+    profiles' rows of Full_Set, retain every other profile of Full_Set, test their Test_Set rows."""
+    b = load_mllmu_bench(root, ["003"])
+    assert b.forget_ids == ("003",)
+    assert {it.profile_id for it in b.items if it.set == "retain"} == {"001", "002", "004"}
+    assert {it.profile_id for it in b.items if it.set == "test"} == {"003"}
+    assert {it.profile_id for it in b.items if it.set == "celebrity"} == set(fx.CELEBS)
+    forget_mc = next(it for it in b.items if (it.set, it.form, it.task) == ("forget", "multimodal", "mc"))
+    assert forget_mc.image == "mllmu:Full_Set:003" and b.image(forget_mc.image).size == fx.portrait("003").size
+    with pytest.raises(BenchmarkError, match=r"forget ids must be profiles of Full_Set .*1 are not: \['999'\]"):
+        load_mllmu_bench(root, ["003", "999"])
+
+
 def test_missing_config_and_column_are_named(root, tmp_path):
     with pytest.raises(BenchmarkError, match="folder not found"):
         load_mllmu_bench(tmp_path / "nope")

@@ -51,6 +51,20 @@ def test_second_run_is_all_cached(first_run):
     assert set(states2) == set(states) and reran(states2) == set(), states2
 
 
+def test_task_results_are_json_never_pickle(first_run):
+    """A result record on shared storage is data (the path a task returned), not a pickle to run."""
+    import json
+
+    from tasks.cache import results_dir
+
+    records = [p for p in results_dir().iterdir() if p.is_file()]
+    assert records
+    for p in records:
+        record = json.loads(p.read_bytes())
+        assert record["metadata"]["serializer"]["type"] == "json", p
+        assert isinstance(json.loads(record["result"]), str), p  # a path
+
+
 def test_run_report_has_every_figure_and_the_tables(first_run):
     import json
     from pathlib import Path

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from flows.pipeline import EvalSettings, RunConfig, SweepConfig, iterative_steps, manu, settled_task_runs, variant_label
+from flows.pipeline import METHODS, EvalSettings, RunConfig, SweepConfig, iterative_steps, manu, settled_task_runs, variant_label
 from manu_core.unlearn import random_selection
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]
@@ -126,6 +126,16 @@ def test_configs_refuse_bad_modes_and_alphas_with_the_fix():
         RunConfig(scoring="selective", scoring_options={"statistic": "median"})
     with pytest.raises(ValidationError, match="random_seeds"):
         SweepConfig(random_seeds=[])
+    with pytest.raises(ValidationError, match=r"alphas must be distinct pruning ratios in \(0, 1\); got \[\]"):
+        SweepConfig(alphas=[], ablations=True)  # once an IndexError after extraction
+    with pytest.raises(ValidationError, match=r"random_scorings must be modes of scorings \['paper'\]; got \['released'\]"):
+        SweepConfig(scorings=["paper"], random_scorings=["released"])
+    both = SweepConfig(scorings=["paper", "released"], alphas=[0.1, 0.2], random_seeds=[0, 1])
+    controls = METHODS["random"].variants(RunConfig(model="tiny"), both)
+    assert len(controls) == 8 and {v["mode"] for v in controls} == {"paper", "released"}
+    controls = METHODS["random"].variants(RunConfig(model="tiny"), both.model_copy(update={"random_scorings": ["paper"]}))
+    assert sorted((v["alpha"], v["seed"]) for v in controls) == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]
+    assert {v["mode"] for v in controls} == {"paper"}
     with pytest.raises(ValueError, match="iterative pruning is a mode of selective scoring"):
         manu.fn(RunConfig(model="tiny", iterative=True))
     sweep = SweepConfig()
@@ -167,9 +177,14 @@ def test_cli_scoring_flags(sweep_run, tmp_path):
                           (["run", "--iterative"], "--iterative is a mode of selective scoring"),
                           (["run", "--method", "rand"], "--method must be one of manu, random"),
                           (["run", "--scoring-option", "statistic"], "--scoring-option takes key=value"),
-                          (["run", "--scoring", "selective", "--scoring-option", "statistic=median"], "median")):
+                          (["run", "--scoring", "selective", "--scoring-option", "statistic=median"], "median"),
+                          (["run", "--cap", "retain"], "--cap takes set=N pairs (N >= 0 profiles, 0: no cap)"),
+                          (["run", "--cap", "retain=abc"], "got 'retain=abc'"),
+                          (["run", "--cap", "retain=2,retain=3"], "--cap retain is given twice"),
+                          (["run", "--cap", "bogus=3"], "max_profiles takes {set: N >= 0}"),
+                          (["run", "--model", "tiny", "--device", "cuda:7"], "--device cuda:7: this machine has")):
         out = runner.invoke(app, args)
-        assert out.exit_code == 2 and message in out.output, (args, out.output)
+        assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output, (args, out.output)
     # `manu importance --scoring released` on the sweep's activations: the mode's top α per tower
     from tasks.cache import pipeline_dir
 
