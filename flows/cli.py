@@ -60,6 +60,65 @@ def parse_scoring_options(items: list[str] | None) -> dict:
     return out
 
 
+RESUME_HINT = ("interrupted: finished steps are cached and nothing half-written is kept; "
+               "run the same command again to resume.")
+
+
+def exit_on_interrupt() -> None:
+    """One Ctrl-C stops `manu run` within a second: the temporary Prefect server is stopped, in-flight
+    tasks are abandoned (every write is atomic, so what they leave is a temporary the rerun removes)
+    and the process exits 130 with one line saying how to resume. Without this, Prefect's client
+    waits minutes at exit to hand its events to a server the same Ctrl-C already stopped."""
+    import signal
+    import sys
+
+    def stop(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.write("\n" + RESUME_HINT + "\n")
+        sys.stderr.flush()
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
+                proc = getattr(server, "server_process", None)
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+        finally:
+            os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
+def check_not_damaged(activations_dir: Path) -> None:
+    """An activations folder the pipeline wrote (its extract folder has a completion record) must
+    still be what was written: a file changed since fails here instead of scoring silently wrong."""
+    from tasks.cache import DONE, check_done
+
+    for folder in (activations_dir, activations_dir.parent):
+        if (folder / DONE).is_file():
+            why = check_done(folder)
+            if why:
+                raise ValueError(f"{activations_dir} is damaged: {why}. Rerun the pipeline, which recomputes a "
+                                 "damaged stage, or extract again.")
+            return
+
+
+def check_artifacts_writable() -> None:
+    """The artifacts folder must take writes before a run trains or extracts for minutes."""
+    import tempfile
+
+    from manu_core.presets import artifacts_dir
+
+    root = artifacts_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"the artifacts folder {root} is not writable ({e.strerror}); set MANU_ARTIFACTS to a "
+                         "folder you can write, e.g. MANU_ARTIFACTS=$HOME/manu-artifacts.") from None
+
+
 def parse_caps(text: str) -> dict[str, int]:
     """'retain=25,test=10' -> {'retain': 25, 'test': 10}; the sets themselves are checked by EvalSettings."""
     caps = {}
@@ -154,6 +213,7 @@ def importance(
         if out.is_dir():
             raise ValueError(f"--out {out} is a folder; --out names the Parquet file to write, e.g. "
                              f"--out {out / 'importance.parquet'}.")
+        check_not_damaged(activations_dir)
         params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=parse_weights(weights) if weights else None,
                                   scope=scope, mode=scoring, options=parse_scoring_options(scoring_option) or None)
         t0 = time.perf_counter()
@@ -268,7 +328,9 @@ def run(
                                          "the preset) or comma-separated profile ids the model learned"),
     cap: str = typer.Option("retain=25", help="per-set profile caps for evaluation, e.g. retain=25,test=10"),
     device: str = typer.Option("cpu"),
-    benchmark: Optional[Path] = typer.Option(None, help="local MLLMU-Bench folder for evaluation"),
+    benchmark: Optional[Path] = typer.Option(None, help="local MLLMU-Bench folder (hub parquet layout): the "
+                                             "streams, baselines, logit lens and evaluation read its own questions "
+                                             "and images"),
 ) -> None:
     """The `manu` Prefect flow, once: cached tasks, UI artifacts, the results table at the end."""
     from pydantic import ValidationError
@@ -291,6 +353,7 @@ def run(
             raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {seeds!r}.") from None
         caps = parse_caps(cap)
         check_device(device)
+        check_artifacts_writable()
         forget_value = (None if forget is None else forget if forget.startswith("forget_") or forget == "validation"
                         else forget.split(","))
         config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,
@@ -303,6 +366,7 @@ def run(
                                    + err["msg"].removeprefix("Value error, ") for err in e.errors())))
     except ValueError as e:
         _fail(e)
+    exit_on_interrupt()
     report_dir = manu(config, method=method)
     typer.echo(f"\nreport: {report_dir}/report.md")
 

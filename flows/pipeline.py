@@ -152,7 +152,8 @@ class RunConfig(BaseModel):
     extract_batch_size: int = Field(32, ge=1)
     device: str = "cpu"
     dtype: Optional[str] = None
-    benchmark: Optional[str] = Field(None, description="local MLLMU-Bench folder (hub parquet layout) for evaluation")
+    benchmark: Optional[str] = Field(None, description="local MLLMU-Bench folder (hub parquet layout): the activation "
+                                     "streams, baselines, logit lens and evaluation read its own questions and images")
     seed: int = 0
     eval: EvalSettings = Field(default_factory=EvalSettings)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
@@ -294,6 +295,12 @@ class Shared:
     activations: Optional[str] = None
     sums: Optional[str] = None
 
+    @property
+    def forget(self) -> str:
+        """The forget set's name: forget_5, validation, or 'N ids'."""
+        f = self.config.data_spec()["forget"]
+        return f if isinstance(f, str) else f"{len(f)} ids"
+
 
 @dataclass(frozen=True)
 class Method:
@@ -360,10 +367,11 @@ def _manu_importance(shared: Shared, variant: dict) -> str:
     imp, sums = None, shared.sums
     for i, a in enumerate(steps, 1):
         if i > 1:  # the model pruned so far, measured again
-            model = stages.prune(shared.model_dir, imp)
+            label = f"{shared.forget} step {i} of {len(steps)}"
+            model = stages.prune(shared.model_dir, imp, label=label)
             acts = stages.extract(model, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
-                                  device=c.device, dtype=c.dtype, seed=c.seed)
-            sums = stages.importance_sums(acts, tau=c.tau)
+                                  device=c.device, dtype=c.dtype, seed=c.seed, label=label)
+            sums = stages.importance_sums(acts, tau=c.tau, label=label)
         imp = _select(shared, sums, variant, a, previous=imp,
                       label=f"select-{variant['mode']}-alpha{variant['alpha']:g}-step{i}of{len(steps)}")
     return imp
@@ -371,7 +379,7 @@ def _manu_importance(shared: Shared, variant: dict) -> str:
 
 def _manu_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
     imp = _manu_importance(shared, variant)
-    return stages.prune(shared.model_dir, imp), imp
+    return stages.prune(shared.model_dir, imp, label=_run_label(shared, "manu", variant)), imp
 
 
 def _random_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
@@ -391,7 +399,7 @@ def _random_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
     imp = _manu_importance(shared, manu_variant)
     scope = variant.get("scope") or mode_defaults(variant.get("mode", "paper"))["scope"]
     drawn = stages.random_select(imp, variant["seed"], scope="layer" if scope == "layer" else "tower")
-    return stages.prune(shared.model_dir, drawn), drawn
+    return stages.prune(shared.model_dir, drawn, label=_run_label(shared, "random", variant)), drawn
 
 
 def _attribution_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
@@ -401,9 +409,9 @@ def _attribution_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[
 
 def _attribution_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
     c = shared.config
-    effects = stages.attribution(shared.model_dir, shared.data, device=c.device, dtype=c.dtype)
+    effects = stages.attribution(shared.model_dir, shared.data, device=c.device, dtype=c.dtype, label=shared.forget)
     imp = stages.attribution_select(effects, variant["alpha"])
-    return stages.prune(shared.model_dir, imp), imp
+    return stages.prune(shared.model_dir, imp, label=_run_label(shared, "attribution", variant)), imp
 
 
 def _single(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
@@ -424,7 +432,7 @@ def _gradient(method: str) -> Callable[[Shared, dict], tuple[str, Optional[str]]
         c = shared.config
         ref = None
         if LOSSES[method].frozen == "reference":
-            ref = c.reference or stages.reference_model(shared.model_dir, shared.data)
+            ref = c.reference or stages.reference_model(shared.model_dir, shared.data, label=shared.forget)
         params = {**c.baselines.params_for(shared.model_dir), **({"lr": variant["lr"]} if "lr" in variant else {})}
         return stages.baseline(shared.model_dir, shared.data, method, params, reference_dir=ref,
                                device=c.device), None
@@ -498,15 +506,15 @@ def _results(futures: list) -> list[str]:
 
 
 def _prepare(cfg: RunConfig, forget) -> Shared:
-    data = stages.prepare_data(cfg.data_spec(forget), profiles=str(MLLMU_DIR / "train_qa.jsonl"))
+    data = stages.prepare_data(cfg.data_spec(forget), profiles=str(MLLMU_DIR), benchmark=cfg.benchmark)
     return Shared(cfg, data, stages.vanilla_model(cfg.model))
 
 
 def _with_activations(shared: Shared) -> Shared:
     c = shared.config
     acts = stages.extract(shared.model_dir, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
-                          device=c.device, dtype=c.dtype, seed=c.seed)
-    return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau))
+                          device=c.device, dtype=c.dtype, seed=c.seed, label=shared.forget)
+    return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau, label=shared.forget))
 
 
 def _lens(model_dir: str, shared: Shared, label: str, system: Optional[str] = None):
@@ -515,13 +523,37 @@ def _lens(model_dir: str, shared: Shared, label: str, system: Optional[str] = No
                                     device=c.device, dtype=c.dtype, label=label, progress=False)
 
 
+def artifact_url(path: Path) -> Optional[str]:
+    """The URL of an output when the artifacts folder is served over http ($MANU_ARTIFACTS_URL, e.g. a
+    lab's static file server at the folder's root), else None: a file:// link is dead from any other
+    machine and blocked by browsers on an http page."""
+    from manu_core.presets import artifacts_dir
+
+    base = os.environ.get("MANU_ARTIFACTS_URL")
+    try:
+        rel = Path(path).resolve().relative_to(artifacts_dir())
+    except ValueError:
+        return None
+    return f"{base.rstrip('/')}/{rel.as_posix()}" if base else None
+
+
+def publish_path(key: str, path: Path, description: str) -> None:
+    """An output as an artifact: a link when `artifact_url` has one, else its path as copyable text."""
+    url = artifact_url(path)
+    if url:
+        create_link_artifact(key=key, link=url, link_text=Path(path).name, description=description)
+    else:
+        create_markdown_artifact(key=key, markdown=f"`{Path(path).resolve()}`",
+                                 description=f"{description} (a path on the machine that ran the flow; set "
+                                             "MANU_ARTIFACTS_URL to link a web server of the artifacts folder)")
+
+
 def _publish_report(report_dir: str, key: str, description: str) -> None:
     """The figures task's report as a Prefect markdown artifact (figures embedded) plus a link."""
     from manu_core.report import artifact_markdown
 
     create_markdown_artifact(key=key, markdown=artifact_markdown(report_dir), description=description)
-    create_link_artifact(key=f"{key}-html", link=(Path(report_dir) / "report.html").as_uri(),
-                         description="the same report as one self-contained HTML file")
+    publish_path(f"{key}-html", Path(report_dir) / "report.html", "the same report as one self-contained HTML file")
     get_run_logger().info("report with figures: %s", Path(report_dir) / "report.html")
 
 
@@ -534,18 +566,22 @@ def _publish(report_dir: str, shared: Shared, unlearned: str, importance: Option
         rows = pl.read_parquet(rep / "selected_per_layer.parquet").to_dicts()
         create_table_artifact(key=f"{slug}-selected-neurons", table=rows,
                               description="selected neurons per tower and layer")
-        create_link_artifact(key=f"{slug}-importance", link=(Path(importance) / "importance.parquet").as_uri(),
-                             description="importance table (Parquet, one row per neuron)")
+        publish_path(f"{slug}-importance", Path(importance) / "importance.parquet",
+                     "importance table (Parquet, one row per neuron)")
     if shared.activations:
-        create_link_artifact(key=f"{slug}-activations", link=(Path(shared.activations) / "activations").as_uri(),
-                             description="per-layer activations (Parquet; `manu inspect` it)")
-    create_link_artifact(key=f"{slug}-model", link=Path(unlearned).as_uri(), description="unlearned model")
+        publish_path(f"{slug}-activations", Path(shared.activations) / "activations",
+                     "per-layer activations (Parquet; `manu inspect` it)")
+    publish_path(f"{slug}-model", Path(unlearned), "unlearned model")
     log.info("report: %s | unlearned model: %s | importance: %s | activations: %s", rep / "report.md", unlearned,
              importance, shared.activations)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def _run_label(shared: Shared, method: str, variant: dict) -> str:
+    return f"{variant_label(method, variant)} on {shared.forget}"
 
 
 def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> tuple[str, Optional[str]]:
@@ -556,8 +592,7 @@ def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> 
     overrides = METHODS[method].eval_overrides or {}
     lens = _lens(unlearned, shared, _slug(label), overrides.get("system")) if METHODS[method].lens else None
     units = _results(_evaluate_all(unlearned, shared, _slug(label), overrides))
-    split = cfg.data_spec()["forget"]
-    split = split if isinstance(split, str) else f"{len(split)} ids"
+    split = shared.forget
     title = f"{label} on {cfg.model}, forget {split}"
     run = {"config": cfg.model_dump(), "method": method, "variant": variant, "label": label, "model": unlearned,
            "vanilla_model": shared.model_dir, "data": shared.data, "activations": shared.activations,
@@ -574,6 +609,7 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
     methods and variants (returns the sweep table)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
+    config, sweep = with_deployment_defaults(config, sweep)
     if sweep is None and config.iterative and config.scoring != "selective":
         raise ValueError(f"iterative pruning is a mode of selective scoring; got scoring={config.scoring!r} with "
                          "iterative=true. Set scoring='selective', or iterative=false.")
@@ -611,6 +647,38 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
     out = _sweep_table(config, figs, comp)
     _publish_report(str(Path(out) / "report"), _slug(f"sweep-report-{config.model}"), "tables and figures of the sweep")
     return out
+
+
+def deep_merge(base: dict, given: dict) -> dict:
+    """`given` over `base`, key by key at every depth (a dict value merges, anything else replaces)."""
+    out = dict(base)
+    for k, v in given.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_deployment_defaults(config: RunConfig, sweep: Optional[SweepConfig]) -> tuple[RunConfig, Optional[SweepConfig]]:
+    """A deployment run's config and sweep: the deployment's parameters with the run's own merged in
+    at every depth. Prefect replaces a whole parameter (`--param config='{"alpha": 0.1}'` would drop the
+    deployment's evaluation caps); here a run that sets one field keeps every other the deployment set.
+    (A cap is lifted by setting it to 0.) Outside a deployment run: unchanged."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    if run is None or run.deployment_id is None:
+        return config, sweep
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        defaults = client.read_deployment(run.deployment_id).parameters or {}
+    given = run.parameters or {}
+
+    def merged(name: str, model, value):
+        d, g = defaults.get(name), given.get(name)
+        return model(**deep_merge(d, g)) if isinstance(d, dict) and isinstance(g, dict) else value
+
+    return merged("config", RunConfig, config), merged("sweep", SweepConfig, sweep)
 
 
 def _chosen_alpha(config: RunConfig, sweep: Optional[SweepConfig]) -> Optional[float]:

@@ -20,14 +20,13 @@ Canonical site names (TransformerLens-style, used in logs and errors): "language
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
-TOWERS = ("language", "vision")
+from manu_core.vocab import TOWERS, did_you_mean
 
 
 class ArchError(ValueError):
@@ -58,7 +57,6 @@ class MlpKind:
 
 GATED = MlpKind("gated", rows=("gate_proj", "up_proj"), cols=("down_proj",))  # LLaMA, Mistral, Qwen
 PLAIN = MlpKind("plain", rows=("fc1",), cols=("fc2",))  # CLIP, SigLIP, Qwen2-VL vision
-MLP_KINDS = {k.name: k for k in (GATED, PLAIN)}
 
 
 @dataclass(frozen=True)
@@ -236,8 +234,7 @@ register(ArchAdapter(
 
 def _unknown(kind: str, value: object, available) -> str:
     available = sorted(str(a) for a in available)
-    close = difflib.get_close_matches(str(value), available, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(value, available)
     return f"Unknown {kind} {value!r}.{hint} Available: {', '.join(available)}."
 
 

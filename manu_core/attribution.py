@@ -126,7 +126,8 @@ def _batch_attribution(model, sites: Sequence[MlpSite], enc: dict, device) -> di
 
 
 def unit_attribution(model, processor, samples: Sequence[Sample], *, batch_size: int = 8,
-                     device: str | torch.device = "cpu", progress: bool = True) -> dict[tuple[str, int], np.ndarray]:
+                     device: str | torch.device = "cpu", progress: bool = True,
+                     images=None) -> dict[tuple[str, int], np.ndarray]:
     """Mean over `samples` of Σ_t |a_u(t)·∂L/∂a_u(t)| per unit: (tower, layer) -> (width,) float64.
 
     Every live site of both towers is returned; vision units get 0 from text-only samples (the mean
@@ -151,7 +152,7 @@ def unit_attribution(model, processor, samples: Sequence[Sample], *, batch_size:
         with torch.enable_grad():
             for chunk, multimodal in tqdm(batches, desc="attribution", disable=not progress):
                 run = sites if multimodal else [s for s in sites if s.tower == "language"]
-                for key, v in _batch_attribution(model, run, encode_samples(processor, chunk), device).items():
+                for key, v in _batch_attribution(model, run, encode_samples(processor, chunk, images=images), device).items():
                     totals[key] += v
     finally:
         model.train(was_training)

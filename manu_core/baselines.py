@@ -181,10 +181,11 @@ def unlearn_gradient(
     frozen=None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    images=None,
 ):
     """Run the method's loss over the forget samples (of `cfg.forms`), pairing each forget batch with
     a retain batch of the same form when the loss uses one. Returns (model, loss curve); with LoRA the
-    returned model has the adapters merged."""
+    returned model has the adapters merged. `images` resolves image keys (None: embedded portraits)."""
     loss = LOSSES[cfg.method]
     if loss.frozen and frozen is None:
         raise BaselineError(f"{cfg.method} needs the frozen {loss.frozen} model (pass frozen=...).")
@@ -211,11 +212,11 @@ def unlearn_gradient(
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         for batch in _batches(forget, cfg.batch_size, rng):
-            f_enc = encode_samples(processor, batch)
+            f_enc = encode_samples(processor, batch, images=images)
             r_enc = None
             if loss.uses_retain:
                 pool = retain_by_form[batch[0].form]
-                r_enc = encode_samples(processor, rng.sample(pool, min(len(pool), cfg.batch_size)))
+                r_enc = encode_samples(processor, rng.sample(pool, min(len(pool), cfg.batch_size)), images=images)
             value = loss.fn(trained, f_enc, r_enc, frozen, cfg, device)
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from manu_core.data import EvalItem
+from manu_core.data import FORMS, EvalItem, Sample
 from manu_core.scoring import LETTERS
 
 FORGET_CONFIGS = ("forget_5", "forget_10", "forget_15")
 TASK_COLUMNS = ("Classification_Task", "Generation_Task", "Mask_Task")
 _FORM_OF_TYPE = {"Image_Textual": "multimodal", "Pure_Text": "text"}
 _MC_KEYS = {"multimodal": "Image_Textual_Questions", "text": "Pure_Text_Questions"}
+_FORM_TAG = {"multimodal": "mm", "text": "txt"}  # the form in a sample id, as manu_core.data writes it
 
 
 class BenchmarkError(ValueError):
@@ -53,6 +54,24 @@ class Benchmark:
     @property
     def forget_ids(self) -> tuple[str, ...]:
         return tuple(sorted({it.profile_id for it in self.items if it.set == "forget"}))
+
+    def streams(self) -> dict[tuple[str, str], list[Sample]]:
+        """MANU's four activation streams (split, form) from the benchmark itself: the forget and
+        retain profiles' generation QA pairs, the image+text ones with the profile's own image, the
+        text-only ones as the benchmark words them (the person named, no image). Load the forget and
+        retain sets for this. The i-th question of each form of a profile share a pair id
+        (`<profile>/<i>`), which the retain subsample keeps together (extract.match_retain)."""
+        out: dict[tuple[str, str], list[Sample]] = {(s, f): [] for s in ("forget", "retain") for f in FORMS}
+        for it in self.items:
+            if it.task == "gen" and it.set in ("forget", "retain"):
+                i = it.item_id.split("/")[2]
+                out[(it.set, it.form)].append(Sample(f"{it.profile_id}/{i}/{_FORM_TAG[it.form]}", it.profile_id,
+                                                     it.form, it.question, it.answer, it.image))
+        empty = [k for k, v in out.items() if not v]
+        if empty:
+            raise BenchmarkError(f"no generation QA pairs for the streams {empty} under {self.root}: load the forget "
+                                 "and retain sets (sets=('forget', 'retain', ...)), whose rows have Generation_Task.")
+        return out
 
 
 def _decode(store: dict, key: str) -> Image.Image:

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS  # noqa: F401  (re-exported)
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 MLLMU_DIR = DATA_DIR / "mllmu_bench"
-FORMS = ("multimodal", "text")
-EVAL_SETS = ("forget", "test", "retain", "celebrity")
-OFFICIAL_SPLITS = ("forget_5", "forget_10", "forget_15")
 
 
 class DataError(ValueError):
@@ -72,7 +71,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One evaluation question (issue 2 stand-ins; the real benchmark loader fills the same fields)."""
+    """One evaluation question (the embedded stand-ins; the real benchmark loader fills the same fields)."""
 
     item_id: str
     set: str  # forget | test | retain | celebrity
@@ -507,7 +506,8 @@ def build_dataset(
         if missing:
             raise DataError(
                 f"forget names {len(missing)} profile(s) the model never learned: {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''}. Unlearning needs people the model knows: forget "
+                f"{f' and {len(missing) - 10} more' if len(missing) > 10 else ''}. Unlearning needs people the "
+                "model knows: forget "
                 f"{_learned_hint(learned, learn)}.")
         split = Split(asked.name, asked.forget_ids, tuple(i for i in learned if i not in set(asked.forget_ids)))
     keep = set(learned)

@@ -25,7 +25,6 @@ from manu_core.prune import save_pruned
 from manu_core.unlearn import manu_unlearn
 
 log = logging.getLogger(__name__)
-SETS = ("forget", "test", "retain", "celebrity")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from manu_core.judge import Judge, make_judge
 from manu_core.portraits import image_for
 from manu_core.prompts import build_prompt, encode, model_inputs
 from manu_core.scoring import LETTERS, cloze_correct, cloze_prompt, extract_letter, gen_prompt, mc_prompt, rouge_l
+from manu_core.vocab import EVAL_SETS
 
 log = logging.getLogger(__name__)
 TASKS = ("mc", "cloze", "gen")  # the order a unit answers them in
@@ -463,7 +464,6 @@ def read_answers(out_dir: str | Path) -> pl.DataFrame:
 # ----------------------------------------------------------------------------------------------
 # Reports
 
-SET_ORDER = ("forget", "test", "retain", "celebrity")
 
 
 def fmt_value(metric: str, v: float) -> str:
@@ -479,7 +479,7 @@ def summary_table(summaries: Sequence[Summary]) -> dict[tuple[str, str, str, str
     table: dict[tuple[str, str, str, str], dict[str, Summary]] = defaultdict(dict)
     for s in summaries:
         table[(s.set, s.task, s.metric, s.scorer)][s.form] = s
-    order = {k: i for i, k in enumerate(SET_ORDER)}
+    order = {k: i for i, k in enumerate(EVAL_SETS)}
     tasks = {t: i for i, t in enumerate(TASKS)}
     return dict(sorted(table.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], tasks.get(kv[0][1], 9),
                                                       kv[0][2])))

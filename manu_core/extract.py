@@ -57,7 +57,6 @@ float rounding) give the same bytes on the same machine and thread count.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -72,15 +71,15 @@ from tqdm.auto import tqdm
 
 from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites
 from manu_core.data import Dataset, Sample, samples as profile_samples
-from manu_core.io import atomic_dir, atomic_write_json
+from manu_core.io import atomic_dir
 from manu_core.prompts import encode_samples, model_inputs
 from manu_core.store import FORMS, SPLITS, TOKEN_STATS, TOKEN_TAU, write_partition
+from manu_core.vocab import did_you_mean
 
 log = logging.getLogger(__name__)
 
 AGGREGATIONS = ("mean", "answer", "last")
 PART_BYTES = 256 * 2**20  # about this much host memory per written chunk of samples (all sites together)
-MANIFEST = "extraction.json"
 
 
 class ExtractionError(ValueError):
@@ -89,8 +88,7 @@ class ExtractionError(ValueError):
 
 def _check_aggregation(aggregation: str, with_answers: bool = True) -> None:
     if aggregation not in AGGREGATIONS:
-        close = difflib.get_close_matches(str(aggregation), AGGREGATIONS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(aggregation, AGGREGATIONS)
         raise ExtractionError(f"Unknown aggregation {aggregation!r}.{hint} Available: {', '.join(AGGREGATIONS)}.")
     if aggregation == "answer" and not with_answers:
         raise ExtractionError(
@@ -390,13 +388,15 @@ def iter_stream(
     desc: str = "extract",
     prefetch: bool | None = None,
     token_stats: bool = False,
+    images=None,
 ) -> Iterator[tuple]:
     """Per batch: (its samples, site -> (B, width) activations). Vision sites are dropped for a
     text-only stream. The model runs where it is, in its dtype, in eval mode. `prefetch` encodes the
     next batch in a thread during the forward (default: on when the model is on an accelerator,
     where the GPU would otherwise wait for tokenising and image processing; off on CPU, where both
     compete for the same cores). With `token_stats`, each batch also yields its `BatchTokens` (the
-    store's token statistics: position counts, per-unit token sums, largest |a_t| per site)."""
+    store's token statistics: position counts, per-unit token sums, largest |a_t| per site).
+    `images` resolves the samples' image keys (None: the embedded portraits; see prompts.encode_samples)."""
     _check_aggregation(aggregation, with_answers)
     if batch_size < 1:
         raise ExtractionError(f"batch_size must be >= 1; got {batch_size}.")
@@ -417,7 +417,8 @@ def iter_stream(
     model.eval()
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     prefetch = device.type != "cpu" if prefetch is None else prefetch
-    encoded = _encoded(processor, batches, prefetch, with_answers=with_answers, padding_side=padding_side)
+    encoded = _encoded(processor, batches, prefetch, with_answers=with_answers, padding_side=padding_side,
+                       images=images)
     try:
         with activation_hooks(model, sites, aggregation, token_stats) as rec, torch.inference_mode():
             for chunk, enc in tqdm(encoded, total=len(batches), desc=desc, disable=not progress, unit="batch"):
@@ -462,13 +463,20 @@ def build_streams(
     (all of them if retain has fewer); an int = that many per form; None = every retain sample.
     The subsample comes from one seeded order of the retain QA pairs, shared by both forms.
     """
-    if not (retain_size is None or retain_size == "match" or (isinstance(retain_size, int) and retain_size >= 1)):
-        raise ExtractionError(f"retain_size must be 'match', an integer >= 1 or None (all); got {retain_size!r}.")
     streams: dict[tuple[str, str], list[Sample]] = {}
     for split, ids in (("forget", dataset.split.forget_ids), ("retain", dataset.split.retain_ids)):
         every = [s for pid in ids for s in profile_samples(dataset.profile(pid))]
         for form in FORMS:
             streams[(split, form)] = [s for s in every if s.form == form]
+    return match_retain(streams, retain_size, seed)
+
+
+def match_retain(streams: dict[tuple[str, str], list[Sample]], retain_size: int | str | None = "match",
+                 seed: int = 0) -> dict[tuple[str, str], list[Sample]]:
+    """The retain streams subsampled (see `build_streams`): one seeded order of the retain QA pairs
+    (sample ids without their form), shared by both forms."""
+    if not (retain_size is None or retain_size == "match" or (isinstance(retain_size, int) and retain_size >= 1)):
+        raise ExtractionError(f"retain_size must be 'match', an integer >= 1 or None (all); got {retain_size!r}.")
     if retain_size is None:
         return streams
     pairs = sorted({s.sample_id.rsplit("/", 1)[0] for f in FORMS for s in streams[("retain", f)]})
@@ -512,6 +520,7 @@ def extract_activations(
     progress: bool = True,
     prefetch: bool | None = None,
     token_stats: bool = True,
+    images=None,
 ) -> Path:
     """Extract every live site over the four streams into the activation store at `root`.
 
@@ -523,6 +532,7 @@ def extract_activations(
     `root` appears only once complete (see the module docstring); an existing `root` is replaced.
     `token_stats` (default on) also stores each sample's token statistics (store.py), which the
     `released` and `selective` scoring modes read; off, the store holds the per-sample means only.
+    `images` resolves image keys (None: the embedded portraits; a local MLLMU-Bench's `Benchmark.image`).
     """
     _check_aggregation(aggregation, with_answers)
     if isinstance(dtype, str):
@@ -550,32 +560,19 @@ def extract_activations(
     if rows_per_part % batch_size:
         raise ExtractionError(f"part_rows must be a multiple of batch_size ({batch_size}); got {rows_per_part}.")
     root = Path(root)
-    manifest = {
-        "model_type": get_adapter(model).model_type,
-        "aggregation": aggregation,
-        "with_answers": with_answers,
-        "vision_positions": "all positions of the sample's images (CLIP: CLS included)",
-        "batch_size": batch_size,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "retain_size": retain_size,
-        "seed": seed,
-        "sites": [{"tower": s.tower, "layer": s.layer, "width": s.width, "module": s.hook_path} for s in sites],
-        "streams": {f"{k[0]}/{k[1]}": len(v) for k, v in sorted(streams.items())},
-    }
     with atomic_dir(root) as tmp:
         for (split, form), ss in sorted(streams.items()):
             part, rows = 0, []
             it = iter_stream(
                 model, processor, ss, sites=sites, aggregation=aggregation, batch_size=batch_size,
                 with_answers=with_answers, progress=progress, desc=f"extract {split}/{form}", prefetch=prefetch,
-                token_stats=token_stats,
+                token_stats=token_stats, images=images,
             )
             for i, batch in enumerate(it, 1):
                 rows.append(batch)
                 if i * batch_size % rows_per_part == 0 or i * batch_size >= len(ss):
                     _write_part(tmp, split, form, rows, part)
                     part, rows = part + 1, []
-        atomic_write_json(tmp / MANIFEST, manifest)
     log.info("wrote activations of %d sites x %s streams to %s", len(sites), len(streams), root)
     return root
 

@@ -25,16 +25,16 @@ from matplotlib.figure import Figure
 
 from manu_core.io import atomic_file
 from manu_core.store import FORMS, SPLITS, inspect_activations
+from manu_core.vocab import EVAL_SETS, FORM_LABELS
 
-DPI = 80
+DPI = 100
+MIN_POINTS = 9  # at DPI 100: 12.5 px text
 RESULT_COLUMNS = ("method", "set", "form", "task", "metric", "value")
-FORM_NAMES = {"multimodal": "image+text", "text": "text only"}
 FORM_COLORS = {"multimodal": "#3b75af", "text": "#e1812c"}
 SPLIT_COLORS = {"forget": "#c44e52", "retain": "#55a868"}
 # (task, metric) in the paper's column order, with the axis label and the factor shown
 METRICS = (("mc", "accuracy", "MC accuracy (pp)", 100.0), ("gen", "rougeL_f1", "ROUGE-L F1 (pp)", 100.0),
            ("gen", "factuality", "factuality (1-10)", 1.0), ("cloze", "accuracy", "cloze accuracy (pp)", 100.0))
-SET_ORDER = ("forget", "test", "retain", "celebrity")
 VANILLA = "vanilla"
 
 
@@ -43,10 +43,14 @@ class FigureError(ValueError):
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as PNG to `path` atomically (no timestamp or software metadata)."""
+    """Write `fig` as PNG to `path` atomically (no timestamp or software metadata). Every text is at
+    least MIN_POINTS (12.5 px at DPI 100), so labels stay legible in the Prefect artifact pane."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
+    for text in fig.findobj(lambda o: hasattr(o, "get_fontsize") and hasattr(o, "set_fontsize")):
+        if text.get_fontsize() < MIN_POINTS:
+            text.set_fontsize(MIN_POINTS)
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     return path
@@ -92,7 +96,7 @@ def plot_logit_lens(lens: pl.DataFrame, path: str | Path, *, title: str = "") ->
                     if not np.isnan(v):
                         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                                 color="black" if v > 0.6 else "white")
-            ax.set_title(f"{split} · {FORM_NAMES[form]}", fontsize=9)
+            ax.set_title(f"{split} · {FORM_LABELS[form]}", fontsize=9)
             ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
             ax.set_yticks(range(len(methods)), methods, fontsize=7)
             if r == 1:
@@ -126,9 +130,9 @@ def plot_form_bars(results: pl.DataFrame, path: str | Path, *, title: str = "") 
     if VANILLA not in results["method"].to_list():
         raise FigureError("plot_form_bars shows changes vs vanilla; the results have no 'vanilla' rows.")
     methods = [m for m in _ordered(results["method"].to_list()) if m != VANILLA]
-    sets = [s for s in SET_ORDER if s in results["set"].to_list()]
+    sets = [s for s in EVAL_SETS if s in results["set"].to_list()]
     metrics = _metrics_present(results)
-    fig = Figure(figsize=(1.0 + 3.0 * len(metrics), 0.8 + (0.5 + 0.22 * len(methods)) * len(sets)),
+    fig = Figure(figsize=(1.6 + 2.4 * len(metrics), 0.8 + (0.5 + 0.24 * len(methods)) * len(sets)),
                  layout="constrained")
     axes = fig.subplots(len(sets), len(metrics), squeeze=False)
     y = np.arange(len(methods))
@@ -140,7 +144,7 @@ def plot_form_bars(results: pl.DataFrame, path: str | Path, *, title: str = "") 
                 deltas = [(_value(results, m, set_name, form, task, metric) - base) * factor
                           if base is not None and _value(results, m, set_name, form, task, metric) is not None
                           else np.nan for m in methods]
-                ax.barh(y + (k - 0.5) * 0.4, deltas, height=0.4, color=FORM_COLORS[form], label=FORM_NAMES[form])
+                ax.barh(y + (k - 0.5) * 0.4, deltas, height=0.4, color=FORM_COLORS[form], label=FORM_LABELS[form])
             ax.axvline(0, color="black", linewidth=0.6)
             ax.set_yticks(y, methods if c == 0 else [""] * len(methods), fontsize=7)
             ax.invert_yaxis()
@@ -252,7 +256,7 @@ def plot_activations(activations: str | Path, path: str | Path, *, layers_per_to
             else:
                 ax.set_yscale("log")
                 ax.tick_params(labelsize=6)
-            ax.set_title(f"{tower} layer {layer} · {FORM_NAMES[form]}", fontsize=8)
+            ax.set_title(f"{tower} layer {layer} · {FORM_LABELS[form]}", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title or "Activation distributions, forget vs retain", fontsize=10)
     return save_figure(fig, path)

@@ -30,7 +30,6 @@ partitions was about 2x faster end to end (temporaries stay in cache).
 from __future__ import annotations
 
 import collections
-import difflib
 import functools
 import logging
 import math
@@ -61,6 +60,7 @@ from manu_core.store import (
     required_streams,
     write_table_atomic,
 )
+from manu_core.vocab import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ CHUNK_VALUES = 1 << 22  # activations per chunk (rows x width): bounds memory, k
 
 
 def _unknown(kind: str, value: str, available: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(value, available, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(value, available)
     return f"Unknown {kind} '{value}'.{hint} Available: {', '.join(available)}"
 
 

@@ -69,6 +69,7 @@ def logit_lens(
     device: str | torch.device = "cpu",
     system: str | None = None,
     progress: bool = False,
+    images=None,
 ) -> np.ndarray:
     """(n_layers,) float64: the mean over `samples` of each sample's mean answer-token probability
     decoded from language layer l's output (layer index 0 = first block). Samples with and without
@@ -90,7 +91,7 @@ def logit_lens(
         bar = tqdm(total=len(samples), desc="logit lens", unit="sample", disable=not progress)
         groups = [[s for s in samples if s.image is not None], [s for s in samples if s.image is None]]
         for chunk in (g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)):
-            batch = encode_samples(processor, chunk, with_answers=True, system=system)
+            batch = encode_samples(processor, chunk, with_answers=True, system=system, images=images)
             rows, pos, tokens = _answer_targets(batch, n_end)
             model(**model_inputs(batch, device))
             per_row = torch.bincount(rows, minlength=len(chunk)).clamp(min=1).double()

@@ -192,7 +192,8 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", 
     """(model, processor) from a preset name (`tiny`, `lite`, ...: its vanilla model, trained on
     first use by `presets.resolve_model`) or a local folder saved with `save_pretrained` (a real
     LLaVA-1.5 / Idefics2 checkpoint, or any saved model of this tool). Never downloads;
-    `trust_remote_code` stays off."""
+    `trust_remote_code` stays off. `dtype` None: the dtype the folder was saved in (a bfloat16
+    checkpoint stays bfloat16, so a model pruned or unlearned from it is saved in bfloat16 too)."""
     from manu_core.presets import resolve_model  # presets builds on this module
 
     path = resolve_model(name_or_path)
@@ -208,7 +209,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", 
             raise ModelError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}.")
         dtype = getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype or torch.float32, local_files_only=True, trust_remote_code=False
+        path, dtype=dtype or "auto", local_files_only=True, trust_remote_code=False
     )
     processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     model.to(device).eval()

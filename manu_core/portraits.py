@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageEnhance
@@ -85,6 +86,10 @@ def portrait(profile_id: str, view: int = 0, size: int = SIZE) -> Image.Image:
 
 
 def image_for(key: str, size: int = SIZE) -> Image.Image:
-    """Resolve an image key from the data module: '<profile>' or '<profile>@view<k>'."""
+    """Resolve an image key from the data module: '<profile>' or '<profile>@view<k>'. Any other key
+    (e.g. a local benchmark's 'mllmu:<config>:<id>') is an error, never a drawn stand-in."""
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_-]+(@view[0-9]+)?", key):
+        raise ValueError(f"image key {key!r} is not an embedded portrait ('<profile id>' or '<profile id>@view<k>'); "
+                         "a benchmark's image keys resolve through its Benchmark.image (pass images=...).")
     pid, _, view = key.partition("@view")
     return portrait(pid, int(view) if view else 0, size)

@@ -16,7 +16,6 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from difflib import get_close_matches
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from manu_core.models import (
     train_tokenizer,
 )
 from manu_core.train import StageConfig, train_stage
+from manu_core.vocab import did_you_mean
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -148,8 +148,7 @@ PRESETS["lite"] = replace(PRESETS[DEFAULT_RECIPE], name="lite",
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        near = get_close_matches(name, PRESETS, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
+        hint = did_you_mean(name, PRESETS)
         raise ModelError(f"Unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)} (`manu presets`).")
     return PRESETS[name]
 
@@ -233,8 +232,7 @@ def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
         return train_vanilla(preset, out, progress=progress)
     path = Path(name_or_path)
     if not path.exists():
-        near = get_close_matches(str(name_or_path), PRESETS, n=1)
-        hint = f" Did you mean the preset {near[0]!r}?" if near else ""
+        hint = did_you_mean(name_or_path, PRESETS, prefix="the preset ")
         raise ModelError(
             f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model folder.{hint}"
         )

@@ -6,7 +6,7 @@ evaluation alike, through the processor's chat template (tiny and real checkpoin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -119,18 +119,22 @@ def encode_samples(
     with_answers: bool = True,
     padding_side: str = "right",
     system: str | None = None,
+    images: Callable[[str], Image.Image] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tensors of a batch of samples (all of one form), for training and activation extraction.
+    `images` resolves a sample's image key (default: the embedded portraits, `portraits.image_for`;
+    a local MLLMU-Bench's `Benchmark.image` for its own images).
 
     With answers, the text is the QA pair as trained (prompt + answer + end of turn) and `labels` /
     `answer_mask` mark the answer; left padding is then made by moving each row's padding."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
     prompts = [build_prompt(processor, s.question, image=s.image is not None, system=system) for s in batch]
-    images = [image_for(s.image) if s.image else None for s in batch]
+    resolve = images or image_for
+    pixels = [resolve(s.image) if s.image else None for s in batch]
     if not with_answers:
-        return encode(processor, prompts, images, padding_side=padding_side)
-    enc = encode(processor, prompts, images, [s.answer for s in batch], padding_side="right")
+        return encode(processor, prompts, pixels, padding_side=padding_side)
+    enc = encode(processor, prompts, pixels, [s.answer for s in batch], padding_side="right")
     return _to_left_padding(enc) if padding_side == "left" else enc
 
 

@@ -33,6 +33,7 @@ import polars as pl
 
 from manu_core import figures as F
 from manu_core.io import atomic_file
+from manu_core.vocab import EVAL_SETS
 
 RESULTS_SCHEMA = {"forget": pl.String, "method": pl.String, "family": pl.String, "alpha": pl.Float64,
                   "lr": pl.Float64, "without": pl.String, "mode": pl.String, "seed": pl.Int64, "shadows": pl.String,
@@ -156,7 +157,7 @@ def metric_table(results: pl.DataFrame, methods: list[str], form: str | None, ca
     """Rows `methods`, columns set x metric (F.METRICS order); `form` None = average of both forms.
     Accuracy and ROUGE-L in %, factuality on its 1-10 scale. A row named in `groups` aggregates its
     member methods (each run's value first, then mean [min–max] over the runs)."""
-    sets = [s for s in F.SET_ORDER if s in results["set"].to_list()]
+    sets = [s for s in EVAL_SETS if s in results["set"].to_list()]
     metrics = F._metrics_present(results)
     header = [first] + [f"{s} {SHORT[(task, metric)]}" for s in sets for task, metric, _, _ in metrics]
     rows = []

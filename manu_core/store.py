@@ -70,10 +70,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manu_core.io import atomic_file
-
-SPLITS = ("forget", "retain")
-FORMS = ("multimodal", "text")
-TOWERS = ("language", "vision")
+from manu_core.vocab import FORMS, SPLITS, TOWERS  # noqa: F401  (re-exported: the store's partition keys)
 COLUMNS = ("sample_id", "profile_id", "activation")
 TOKEN_STATS = ("abs", "sq", "pos", "active")  # per-sample token sums write_partition takes (token_<name>)
 TOKEN_TOTALS = ("token_sum", *(f"token_{k}" for k in TOKEN_STATS))  # per-unit arrays of the token totals

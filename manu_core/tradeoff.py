@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from manu_core.figures import save_figure
 from manu_core.io import atomic_file
+from manu_core.vocab import EVAL_SETS, FORM_LABELS
 
 KEYS = ("set", "form", "task", "scorer")  # one paired drop per group
 ANSWER_COLUMNS = ("item_id", "set", "form", "task", "profile_id", "score", "scorer")
@@ -35,8 +36,6 @@ RULE = ("per method, the strongest setting whose validation retain multiple-choi
         "{budget:g} points in every form; if none qualifies, the weakest setting, flagged within_budget=False")
 SELECTIVE_RULE = (f"selective: forget drop >= {SELECTIVE_MIN_FORGET:g} points and forget drop >= "
                   f"{SELECTIVE_RATIO:g} x retain drop")
-FORM_TITLES = {"multimodal": "image+text", "text": "text only"}
-DPI = 80
 
 
 class TradeoffError(ValueError):
@@ -297,12 +296,12 @@ def tradeoff_figure(points: pl.DataFrame, path: str | Path, *, versus: str = "re
     _finite(points, ("forget_drop", xcol), "tradeoff_figure")
     has_ci = "lo" in points.columns and "hi" in points.columns
     points = points.with_columns(pl.col("strength").cast(pl.Float64))
-    forms = [f for f in FORM_TITLES if f in set(points["form"])] + sorted(set(points["form"]) - set(FORM_TITLES))
+    forms = [f for f in FORM_LABELS if f in set(points["form"])] + sorted(set(points["form"]) - set(FORM_LABELS))
     methods = sorted(set(points["method"]))
     x_all = points[xcol].to_numpy()
     x_lo, x_hi = min(0.0, float(x_all.min())), max(budget, float(x_all.max())) * 1.05
 
-    fig = Figure(figsize=(5 * len(forms), 4.2))
+    fig = Figure(figsize=(4.2 * len(forms) + 2.6, 4.2), layout="constrained")
     axes = fig.subplots(1, len(forms), squeeze=False)[0]
     for ax, form in zip(axes, forms):
         ax.axvspan(x_lo, budget, color="0.9", zorder=0, label=f"{versus} drop ≤ {budget:g} pp")
@@ -323,23 +322,17 @@ def tradeoff_figure(points: pl.DataFrame, path: str | Path, *, versus: str = "re
                     ax.errorbar(c[xcol].to_numpy(), fy, yerr=err, fmt="none", ecolor=color, capsize=2, lw=1)
         ax.set_xlim(x_lo, x_hi)
         ax.axhline(0, color="0.6", lw=0.5)
-        ax.set_title(FORM_TITLES.get(form, form))
+        ax.set_title(FORM_LABELS.get(form, form))
         ax.set_xlabel(f"{versus} drop (pp)")
         ax.set_ylabel("forget drop (pp)")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    FigureCanvasAgg(fig)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    return path
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center")
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
 # A sweep's comparison: drops of every run, curves, settings chosen on validation, headline table
 
 VALIDATION = "validation"  # the forget set settings are chosen on (manu_core.data.VALIDATION)
-SETS = ("forget", "test", "retain", "celebrity")
 
 
 def curve_name(family: str, mode: str | None, iterative: bool = False) -> str:
@@ -450,7 +443,7 @@ def comparison_markdown(points: pl.DataFrame, summary: pl.DataFrame, chosen: pl.
             h = head.filter(pl.col("forget") == forget)
             for (method, setting, form), g in h.group_by("method", "setting", "form", maintain_order=True):
                 cells = []
-                for st in SETS:
+                for st in EVAL_SETS:
                     row = g.filter(pl.col("set") == st)
                     if row.is_empty():
                         cells.append("–")
@@ -459,7 +452,7 @@ def comparison_markdown(points: pl.DataFrame, summary: pl.DataFrame, chosen: pl.
                     spread = f" seeds {r['seed_min']:+.1f}–{r['seed_max']:+.1f}" if r["seeds"] > 1 else ""
                     cells.append(_ci(r["drop"], r["lo"], r["hi"]) + spread)
                 verdict = g["selective"][0]
-                out.append(f"| {method} | {setting} | {FORM_TITLES.get(form, form)} | " + " | ".join(cells)
+                out.append(f"| {method} | {setting} | {FORM_LABELS.get(form, form)} | " + " | ".join(cells)
                            + f" | {'**yes**' if verdict else 'no'} |")
     out += ["", f"### Curves: forget drop at a retain drop of {budget:g} points, and area under the curve",
             "", f"`at budget`: the forget drop where the curve (points in strength order from the origin) "
@@ -469,7 +462,7 @@ def comparison_markdown(points: pl.DataFrame, summary: pl.DataFrame, chosen: pl.
             "|---|---|---|---|---|---|---|"]
     for r in summary.iter_rows(named=True):
         at = "–" if r["forget_at_budget"] is None else f"{r['forget_at_budget']:+.1f}"
-        out.append(f"| {r['forget']} | {r['method']} | {FORM_TITLES.get(r['form'], r['form'])} | {r['n_points']} | "
+        out.append(f"| {r['forget']} | {r['method']} | {FORM_LABELS.get(r['form'], r['form'])} | {r['n_points']} | "
                    f"{at} | {r['forget_at_max_within']:+.1f} | {r['auc']:+.1f} |")
     return "\n".join(out) + "\n"
 

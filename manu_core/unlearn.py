@@ -13,7 +13,6 @@ from pathlib import Path
 
 import polars as pl
 
-from manu_core.data import Dataset
 from manu_core.extract import extract_activations
 from manu_core.importance import ImportanceParams, compute_importance, require_selection, write_importance
 from manu_core.prune import PruneReport, prune_units
@@ -31,7 +30,7 @@ class ManuResult:
 def manu_unlearn(
     model,
     processor,
-    dataset: Dataset,
+    dataset,
     workdir: str | Path,
     params: ImportanceParams,
     *,
@@ -40,13 +39,15 @@ def manu_unlearn(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    images=None,
 ) -> ManuResult:
     """Prune `model` in place with MANU (method.md): activations of forget/retain x both forms,
     importance and top-α selection, zeroed units. Writes `activations/` and `importance.parquet`
-    under `workdir`."""
+    under `workdir`. `dataset`: the embedded Dataset, or the four streams (split, form) -> samples,
+    e.g. a local benchmark's `Benchmark.streams()` with `images=Benchmark.image`."""
     workdir = Path(workdir)
     acts = extract_activations(model, processor, dataset, workdir / "activations", aggregation=aggregation,
-                               batch_size=batch_size, device=device, seed=seed, progress=progress)
+                               batch_size=batch_size, device=device, seed=seed, progress=progress, images=images)
     table = compute_importance(acts, params)
     require_selection(table, params)
     imp = write_importance(table, workdir / "importance.parquet")

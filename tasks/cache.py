@@ -1,9 +1,9 @@
-"""Content-addressed caching for the pipeline's Prefect tasks (prefect-notes.md, "Caching").
+"""Content-addressed caching for the pipeline's Prefect tasks.
 
 A task's cache key is `<task>-<sha256>` of
   - its parameters (JSON),
   - the *content* of its path parameters: a folder written by another task is named by its
-    completion record (`_manu_done.json`, which holds every file's sha256); any other file or folder
+    completion record (`_manu_done.json`: every file's size and sha256); any other file or folder
     (a model checkpoint, a profiles file) by the sha256 of its bytes, remembered per (path, size, mtime),
   - the code it runs: every source file of `manu_core/` and `tasks/` (Prefect's TASK_SOURCE would
     only see the task function itself), except the presentation modules (`PRESENTATION`: figures
@@ -11,9 +11,9 @@ A task's cache key is `<task>-<sha256>` of
     redraws the figures, it does not rerun extraction, training or evaluation.
 The task writes its outputs into `stage_dir()` = `<artifacts>/pipeline/<task>/<key>/`, atomically,
 and `finish()` writes the completion record last. Before Prefect looks up a cached record, the policy
-checks that record's outputs: when the completion record is missing, or a file it lists is gone or
-has another size, the stale cache record is deleted, so the task reruns instead of handing a
-dangling path downstream.
+checks that record's outputs: when the completion record is missing, or a file it lists is gone,
+has another size, or was modified and has another sha256, the stale cache record is deleted, so the
+task reruns instead of handing a dangling or damaged path downstream.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -94,8 +96,11 @@ def _files(root: Path) -> list[Path]:
 def content_digest(path: str | Path) -> str:
     """What a path argument contributes to a cache key (see the module docstring)."""
     path = Path(path)
-    if (path / DONE).is_file():
-        return "done:" + hashlib.sha256((path / DONE).read_bytes()).hexdigest()
+    if (path / DONE).is_file():  # its record's content digests (not the mtimes: same bytes, same key)
+        record = json.loads((path / DONE).read_text())
+        stable = {"files": [{k: f[k] for k in ("path", "size", "sha256")} for f in record["files"]],
+                  "meta": record.get("meta", {})}
+        return "done:" + hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
     if path.is_file():
         return "file:" + file_digest(path)
     if path.is_dir():
@@ -108,20 +113,25 @@ def content_digest(path: str | Path) -> str:
 
 def finish(out_dir: str | Path, *, outputs: list[str | Path] | None = None, meta: dict | None = None) -> Path:
     """Write the completion record of a task's output folder (last, atomically): every file under
-    `out_dir` and under `outputs` (folders elsewhere, e.g. a trained model) with size and sha256."""
+    `out_dir` and under `outputs` (folders elsewhere, e.g. a trained model) with size, sha256 and
+    modification time."""
     out_dir = Path(out_dir)
     roots = [out_dir] + [Path(p).resolve() for p in outputs or []]
     files = []
     for root in roots:
         for f in ([root] if root.is_file() else _files(root)):
+            st = f.stat()
             files.append({"path": str(f.relative_to(out_dir)) if root == out_dir else str(f),
-                          "size": f.stat().st_size, "sha256": file_digest(f)})
+                          "size": st.st_size, "sha256": file_digest(f), "mtime_ns": st.st_mtime_ns})
     atomic_write_json(out_dir / DONE, {"files": files, "meta": meta or {}})
     return out_dir
 
 
 def check_done(out_dir: str | Path) -> str | None:
-    """None when `out_dir` is complete, else why not."""
+    """None when `out_dir` is complete and unchanged, else why not. Every file must exist with the size
+    it was written with; a file modified since (another mtime) must also have the same sha256, so a
+    damaged file of the same size is caught. Cost: a stat per file, and hashing only the files
+    whose mtime changed (a touched but identical file passes)."""
     out_dir = Path(out_dir)
     record = out_dir / DONE
     if not record.is_file():
@@ -134,8 +144,11 @@ def check_done(out_dir: str | Path) -> str | None:
         p = Path(f["path"]) if Path(f["path"]).is_absolute() else out_dir / f["path"]
         if not p.is_file():
             return f"{p} was deleted"
-        if p.stat().st_size != f["size"]:
-            return f"{p} has {p.stat().st_size} bytes, {f['size']} were written"
+        st = p.stat()
+        if st.st_size != f["size"]:
+            return f"{p} has {st.st_size} bytes, {f['size']} were written"
+        if "mtime_ns" in f and st.st_mtime_ns != f["mtime_ns"] and file_digest(p) != f["sha256"]:
+            return f"{p} was changed after it was written (its sha256 differs from the record's)"
     return None
 
 
@@ -177,6 +190,37 @@ def stage_key(task_name: str, inputs: dict[str, Any], *, paths: tuple[str, ...] 
         else:
             h.update(json.dumps([name, value], sort_keys=True, default=str).encode())
     return f"{task_name}-{h.hexdigest()[:20]}"
+
+
+@contextmanager
+def key_lock():
+    """Hold the running task's key: a second process (or thread) running the same task on the same
+    inputs waits here until the first is done, then writes the same bytes again, instead of both
+    writing, and cleaning up, one folder at once. An advisory lock (`fcntl.flock`) on
+    `<artifacts>/pipeline/<task>/.<key>.lock`; on a shared filesystem it holds where the filesystem
+    supports flock (NFSv4, Lustre, local disks)."""
+    import fcntl
+
+    from prefect.context import TaskRunContext
+    from prefect.transactions import get_transaction
+
+    txn, ctx = get_transaction(), TaskRunContext.get()
+    if txn is None or ctx is None or not txn.key:
+        raise RuntimeError("key_lock() is for pipeline tasks running with the ManuCache policy")
+    path = pipeline_dir() / ctx.task.name / f".{txn.key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _THREAD_LOCKS_GUARD:  # flock is per open file: threads of one process also need a lock
+        thread_lock = _THREAD_LOCKS.setdefault(str(path), threading.Lock())
+    with thread_lock, open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_THREAD_LOCKS: dict[str, Any] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
 
 
 def stage_dir() -> Path:

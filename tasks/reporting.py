@@ -69,7 +69,8 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
     return "\n\n".join(lines)
 
 
-@manu_task(name="figures", paths=("reports", "lenses"), presentation=True)
+@manu_task(name="figures", paths=("reports", "lenses"), presentation=True,
+           task_run_name=lambda parameters: f"figures-{parameters['title']}")
 def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: float | None = None) -> str:
     """The figures (figures/*.png), report.md and report.html of the given runs (one section per
     forget split)."""
@@ -123,7 +124,8 @@ def _answers(units: list[str]) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(Path(u) / "answers.parquet", columns=list(ANSWER_COLUMNS)) for u in units])
 
 
-@manu_task(name="comparison", paths=("reports",), presentation=True)
+@manu_task(name="comparison", paths=("reports",), presentation=True,
+           task_run_name=lambda parameters: f"comparison-{len(parameters['reports'])} runs")
 def comparison(reports: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot: int = 1000, seed: int = 0) -> str:
     """The sweep's comparison (manu_core/tradeoff.py): paired drops with profile-bootstrap intervals
     per run, the trade-off curves and their summaries, each method's setting chosen on the validation

@@ -6,16 +6,20 @@
 
 Every task is cached by content (`tasks.cache.ManuCache`), writes into its own `stage_dir()` and
 returns that folder's path as a string. Tasks that run the model hold a device slot (`device_slot`):
-one task per GPU at a time by default ($MANU_DEVICE_SLOTS), so parallel evaluations queue for it.
+one per device (`device="cuda"`: every visible GPU) by default ($MANU_DEVICE_SLOTS per device), each
+with its own loaded model, so parallel evaluations spread over the GPUs and queue for a free one.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import queue
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from prefect import get_run_logger, task
 
 from manu_core import data as mdata
 from manu_core.io import atomic_dir, atomic_file, atomic_write_json
-from tasks.cache import ManuCache, finish, results_dir, stage_dir
+from tasks.cache import ManuCache, finish, key_lock, results_dir, stage_dir
 
 _RUN_IGNORE = ("progress",)
 
@@ -36,44 +40,73 @@ def manu_task(*, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (), pres
     def deco(fn):
         results = results_dir()
         policy = ManuCache(paths=paths, ignore=_RUN_IGNORE + ignore, results=results, presentation=presentation)
-        return task(fn, cache_policy=policy,
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):  # one writer per cache key at a time (tasks.cache.key_lock)
+            with key_lock():
+                return fn(*args, **kwargs)
+
+        return task(locked, cache_policy=policy,
                     persist_result=True, result_storage=results, result_serializer="json",
                     cache_result_in_memory=False, **kwargs)
     return deco
 
 
-def device_slots() -> int:
-    if os.environ.get("MANU_DEVICE_SLOTS"):
-        return max(1, int(os.environ["MANU_DEVICE_SLOTS"]))
+@dataclass(frozen=True)
+class Slot:
+    """One place a model task runs: a concrete device (`cuda:1`, `cpu`) and its index among the slots."""
+
+    index: int
+    device: str
+
+
+def slot_devices(device: str) -> list[str]:
+    """The slots behind a run's `device`: `cuda` = every visible GPU (`cuda:0`, `cuda:1`, ...), `cuda:k`
+    = that GPU, anything else itself; each $MANU_DEVICE_SLOTS times (default 1: one model task per
+    device at a time, the others queue)."""
     import torch
 
-    return max(1, torch.cuda.device_count())
+    per_device = max(1, int(os.environ.get("MANU_DEVICE_SLOTS") or 1))
+    if device == "cuda" and torch.cuda.device_count() > 0:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    else:
+        devices = [device]
+    return [d for d in devices for _ in range(per_device)]
 
 
-_SLOTS = threading.BoundedSemaphore(device_slots())
+_POOLS: dict[str, queue.Queue] = {}
+_POOLS_LOCK = threading.Lock()
+_SLOT_MODELS: dict[tuple[str, int], tuple[tuple, object]] = {}
 
 
 @contextmanager
-def device_slot():
-    """Hold one of this process's device slots (a GPU) while running a model."""
-    with _SLOTS:
-        yield
+def device_slot(device: str = "cpu"):
+    """Hold one slot of `device` (see `slot_devices`) while running a model; yields the `Slot`. A task
+    holding a slot has that slot's model to itself: nothing else runs on it or hooks it meanwhile."""
+    with _POOLS_LOCK:
+        if device not in _POOLS:
+            _POOLS[device] = queue.Queue()
+            for i, d in enumerate(slot_devices(device)):
+                _POOLS[device].put(Slot(i, d))
+        pool = _POOLS[device]
+    slot = pool.get()
+    try:
+        yield slot
+    finally:
+        pool.put(slot)
 
 
-_MODEL_LOCK = threading.Lock()
-
-
-@lru_cache(maxsize=1)
-def _cached_model(model_dir: str, device: str, dtype: str | None):
+def load(model_dir: str, slot: Slot, dtype: str | None, device: str = ""):
+    """The model at `model_dir` on `slot`'s device, kept loaded in that slot for the next task that
+    asks for the same one (one model per slot; `device` names the pool the slot came from)."""
     from manu_core.models import load_model
 
-    return load_model(model_dir, device=device, dtype=dtype)
-
-
-def load(model_dir: str, device: str, dtype: str | None):
-    """The model at `model_dir`, kept loaded for the next task that asks for the same one."""
-    with _MODEL_LOCK:
-        return _cached_model(str(model_dir), device, dtype)
+    key = (str(model_dir), slot.device, dtype)
+    held = _SLOT_MODELS.get((device, slot.index))
+    if held is None or held[0] != key:
+        _SLOT_MODELS.pop((device, slot.index), None)  # free the slot's previous model first
+        _SLOT_MODELS[(device, slot.index)] = (key, load_model(model_dir, device=slot.device, dtype=dtype))
+    return _SLOT_MODELS[(device, slot.index)][1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +130,35 @@ def benchmark_forget(spec: dict) -> str | tuple[str, ...]:
     return dataset_of(spec).split.forget_ids
 
 
+@lru_cache(maxsize=4)
+def _benchmark(root: str, forget: str | tuple[str, ...], seed: int, sets: tuple[str, ...], _files: tuple):
+    from manu_core.benchmark import load_mllmu_bench
+
+    return load_mllmu_bench(root, forget, seed=seed, sets=sets)
+
+
+def benchmark_of(spec: dict, sets: tuple[str, ...] = ("forget", "test", "retain", "celebrity")):
+    """The local MLLMU-Bench of a run (`spec["benchmark"]`), read once per process, set list and state
+    of its files (a file edited since is read again)."""
+    forget = benchmark_forget(spec)
+    root = Path(spec["benchmark"])
+    files = tuple(sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in root.rglob("*") if p.is_file())) if root.is_dir() else ()
+    return _benchmark(str(root), forget if isinstance(forget, str) else tuple(forget), spec.get("seed", 0),
+                      sets, files)
+
+
+def images_of(data_dir: str | Path):
+    """The image resolver of a run's samples: the local benchmark's own images when the run reads one,
+    else None (the embedded portraits)."""
+    spec = json.loads((Path(data_dir) / "split.json").read_text())["spec"]
+    return benchmark_of(spec, ("forget", "retain")).image if spec.get("benchmark") else None
+
+
+def _image_digest(image) -> str:
+    return hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+
+
 def _items_frame(items: list[mdata.EvalItem]) -> pl.DataFrame:
     return pl.DataFrame([{**asdict(it), "options": list(it.options)} for it in items],
                         schema_overrides={"options": pl.List(pl.String), "image": pl.String})
@@ -116,37 +178,55 @@ def read_streams(data_dir: str | Path) -> dict[tuple[str, str], list[mdata.Sampl
     return streams
 
 
-@manu_task(name="prepare_data", paths=("profiles",))
-def prepare_data(spec: dict, profiles: str) -> str:
+def _forget_name(forget) -> str:
+    return forget if isinstance(forget, str) else f"{len(forget)} ids"
+
+
+def _labelled(task: str):
+    """A task run name: the task and what it works on (its `label` parameter, set by the flow)."""
+    return lambda parameters: f"{task}-{parameters['label']}" if parameters.get("label") else task
+
+
+@manu_task(name="prepare_data", paths=("profiles", "benchmark"),
+           task_run_name=lambda parameters: f"prepare_data-{_forget_name(parameters['spec']['forget'])}")
+def prepare_data(spec: dict, profiles: str, benchmark: str | None = None) -> str:
     """Split the profiles into forget/retain and each sample into its two forms (method.md, "Data
-    forms"): `streams.parquet` (what extraction reads), `eval_items.parquet` (what evaluation asks;
-    from the local MLLMU-Bench when `spec["benchmark"]` is set) and `split.json`."""
-    from manu_core.extract import build_streams
+    forms"): `streams.parquet` (what extraction reads), `eval_items.parquet` (what evaluation asks)
+    and `split.json`; from the local MLLMU-Bench when `spec["benchmark"]` is set. `profiles` (the
+    embedded data folder: profiles and official split lists) and `benchmark` (that folder) are passed
+    for their content: a changed file reruns this and everything after it."""
+    from manu_core.extract import build_streams, match_retain
 
     out = stage_dir()
     ds = dataset_of(spec)
-    streams = build_streams(ds, retain_size=spec.get("retain_size", "match"), seed=spec.get("seed", 0))
-    if spec.get("benchmark"):
-        from manu_core.benchmark import load_mllmu_bench
-
-        items = load_mllmu_bench(spec["benchmark"], benchmark_forget(spec), seed=spec.get("seed", 0)).items
+    retain_size, seed = spec.get("retain_size", "match"), spec.get("seed", 0)
+    ids = {"forget_ids": list(ds.split.forget_ids), "retain_ids": list(ds.split.retain_ids),
+           "celebrity_ids": [c.id for c in ds.celebrities]}
+    if spec.get("benchmark"):  # the benchmark's own rows and images: streams, evaluation, ids
+        bench = benchmark_of(spec)
+        streams, items = match_retain(bench.streams(), retain_size, seed), bench.items
+        ids = {f"{s}_ids": sorted({it.profile_id for it in items if it.set == s}) for s in ("forget", "retain", "celebrity")}
     else:
-        items = mdata.eval_items(ds)
+        streams, items = build_streams(ds, retain_size=retain_size, seed=seed), mdata.eval_items(ds)
     rows = [{"split": split, "form": form, **asdict(s)} for (split, form), ss in sorted(streams.items()) for s in ss]
+    frame = pl.DataFrame(rows)
+    if spec.get("benchmark"):  # which image each sample was shown: checkable against the benchmark's files
+        frame = frame.with_columns(pl.Series("image_sha256", [None if r["image"] is None else
+                                                              _image_digest(bench.image(r["image"])) for r in rows],
+                                             dtype=pl.String))
     with atomic_dir(out) as tmp:
-        pl.DataFrame(rows).write_parquet(tmp / "streams.parquet")
+        frame.write_parquet(tmp / "streams.parquet")
         _items_frame(items).write_parquet(tmp / "eval_items.parquet")
         atomic_write_json(tmp / "split.json", {
-            "spec": spec, "split": ds.split.name, "forget_ids": list(ds.split.forget_ids),
-            "retain_ids": list(ds.split.retain_ids), "celebrity_ids": [c.id for c in ds.celebrities],
+            "spec": spec, "split": ds.split.name, **ids,
             "streams": {f"{k[0]}/{k[1]}": len(v) for k, v in sorted(streams.items())}, "n_eval_items": len(items),
         })
-    get_run_logger().info("data: %s forget / %s retain profiles, streams %s -> %s", len(ds.split.forget_ids),
-                          len(ds.split.retain_ids), {f"{k[0]}/{k[1]}": len(v) for k, v in streams.items()}, out)
+    get_run_logger().info("data: %s forget / %s retain profiles, streams %s -> %s", len(ids["forget_ids"]),
+                          len(ids["retain_ids"]), {f"{k[0]}/{k[1]}": len(v) for k, v in streams.items()}, out)
     return str(finish(out))
 
 
-@manu_task(name="vanilla_model")
+@manu_task(name="vanilla_model", task_run_name=lambda parameters: f"vanilla_model-{Path(parameters['model']).name}")
 def vanilla_model(model: str) -> str:
     """An embedded preset's trained vanilla model (trained on first use), or a local checkpoint."""
     from manu_core.presets import resolve_model
@@ -164,24 +244,26 @@ def vanilla_model(model: str) -> str:
 # MANU
 
 
-@manu_task(name="extract", paths=("model_dir", "data_dir"), ignore=("device",))
+@manu_task(name="extract", paths=("model_dir", "data_dir"), ignore=("device", "label"), task_run_name=_labelled("extract"))
 def extract(model_dir: str, data_dir: str, aggregation: str = "mean", batch_size: int = 32, device: str = "cpu",
-            dtype: str | None = None, seed: int = 0, progress: bool = True) -> str:
+            dtype: str | None = None, seed: int = 0, label: str = "", progress: bool = True) -> str:
     """Per-layer activations of the four streams, Parquet (manu_core/store.py)."""
     from manu_core.extract import extract_activations
 
     streams = read_streams(data_dir)
     out = stage_dir()
-    with device_slot():
-        model, processor = load(model_dir, device, dtype)
+    with device_slot(device) as slot:
+        model, processor = load(model_dir, slot, dtype, device)
         acts = extract_activations(model, processor, streams, out / "activations", aggregation=aggregation,
-                                   batch_size=batch_size, device=device, seed=seed, progress=progress)
+                                   batch_size=batch_size, device=slot.device, seed=seed, progress=progress,
+                                   images=images_of(data_dir))
     get_run_logger().info("activations (Parquet): %s", acts)
     return str(finish(out))
 
 
-@manu_task(name="importance_sums", paths=("activations_dir",))
-def importance_sums(activations_dir: str, tau: float = 0.1) -> str:
+@manu_task(name="importance_sums", paths=("activations_dir",), ignore=("label",),
+           task_run_name=_labelled("importance_sums"))
+def importance_sums(activations_dir: str, tau: float = 0.1, label: str = "") -> str:
     """The five sums per neuron and stream (method.md, "Importance functions"), in Polars."""
     from manu_core.importance import neuron_sums
 
@@ -223,9 +305,10 @@ def select(sums_dir: str, alpha: float, weights: dict[str, float] | None = None,
     return str(finish(out, meta={"n_selected": n, "n_new": n - before, "n_units": table.height, "mode": mode}))
 
 
-@manu_task(name="attribution", paths=("model_dir", "data_dir"), ignore=("device",))
+@manu_task(name="attribution", paths=("model_dir", "data_dir"), ignore=("device", "label"),
+           task_run_name=_labelled("attribution"))
 def attribution(model_dir: str, data_dir: str, batch_size: int = 8, device: str = "cpu",
-                dtype: str | None = None) -> str:
+                dtype: str | None = None, label: str = "") -> str:
     """The attribution upper bound's per-unit effects (manu_core/attribution.py): mean Σ|a·∂L/∂a| of
     each MLP unit on the forget and on the retain stream, both forms: `attribution.parquet`."""
     from manu_core.attribution import attribution_frame
@@ -235,10 +318,10 @@ def attribution(model_dir: str, data_dir: str, batch_size: int = 8, device: str 
     retain = streams[("retain", "multimodal")] + streams[("retain", "text")]
     out = stage_dir()
     out.mkdir(parents=True, exist_ok=True)
-    with device_slot():
-        model, processor = load(model_dir, device, dtype)
-        frame = attribution_frame(model, processor, forget, retain, batch_size=batch_size, device=device,
-                                  progress=False)
+    with device_slot(device) as slot:
+        model, processor = load(model_dir, slot, dtype, device)
+        frame = attribution_frame(model, processor, forget, retain, batch_size=batch_size, device=slot.device,
+                                  progress=False, images=images_of(data_dir))
     with atomic_file(out / "attribution.parquet") as tmp:
         frame.write_parquet(tmp)
     return str(finish(out))
@@ -281,8 +364,8 @@ def random_select(importance_dir: str, seed: int, scope: str = "tower") -> str:
     return str(finish(out, meta={"seed": seed, "scope": scope, "n_selected": int(table["selected"].sum())}))
 
 
-@manu_task(name="prune", paths=("model_dir", "importance_dir"))
-def prune(model_dir: str, importance_dir: str) -> str:
+@manu_task(name="prune", paths=("model_dir", "importance_dir"), ignore=("label",), task_run_name=_labelled("prune"))
+def prune(model_dir: str, importance_dir: str, label: str = "") -> str:
     """Zero the selected neurons' weights and save the unlearned model with `selection.parquet`."""
     from manu_core.models import load_model
     from manu_core.prune import prune_units, save_pruned
@@ -315,20 +398,18 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
     spec = json.loads((Path(data_dir) / "split.json").read_text())["spec"]
     images = image_for
     if spec.get("benchmark"):
-        from manu_core.benchmark import load_mllmu_bench
-
-        images = load_mllmu_bench(spec["benchmark"], benchmark_forget(spec), seed=spec.get("seed", 0),
-                                  sets=(set_name,)).image
+        images = benchmark_of(spec, (set_name,)).image
     config = EvalConfig(**settings)
     out = stage_dir()
-    with device_slot():
-        model, processor = load(model_dir, device, dtype)
-        evaluate_unit(model, processor, items, out / "unit", config, images=images, device=device,
-                      judge=make_judge(config.judge, device=device), model_id=model_dir, progress=progress)
+    with device_slot(device) as slot:
+        model, processor = load(model_dir, slot, dtype, device)
+        evaluate_unit(model, processor, items, out / "unit", config, images=images, device=slot.device,
+                      judge=make_judge(config.judge, device=slot.device), model_id=model_dir, progress=progress)
     return str(finish(out)) + "/unit"
 
 
-@manu_task(name="report", paths=("vanilla_units", "unlearned_units", "importance_dir"))
+@manu_task(name="report", paths=("vanilla_units", "unlearned_units", "importance_dir"),
+           task_run_name=lambda parameters: f"report-{parameters['title']}")
 def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str | None, title: str,
            run: dict) -> str:
     """The results table (vanilla vs unlearned per set, task and form), results.json and the
@@ -347,7 +428,7 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
         per_layer = (table.group_by("tower", "layer").agg(units=pl.len(), selected=pl.col("selected").sum())
                      .sort("tower", "layer"))
     out = stage_dir()
-    md = f"# {title}\n\n{comparison_table(before, after)}\n"
+    md = f"# {title}\n\n{comparison_table(before, after, label='unlearned')}\n"
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text(md)
         per_layer.write_parquet(tmp / "selected_per_layer.parquet")
@@ -368,10 +449,10 @@ def logit_lens(model_dir: str, data_dir: str, max_samples: int = 32, system: str
 
     streams = read_streams(data_dir)
     out = stage_dir()
-    with device_slot():
-        model, processor = load(model_dir, device, dtype)
-        table = lens_table(model, processor, streams, max_samples=max_samples, seed=seed, device=device,
-                           system=system, progress=progress)
+    with device_slot(device) as slot:
+        model, processor = load(model_dir, slot, dtype, device)
+        table = lens_table(model, processor, streams, max_samples=max_samples, seed=seed, device=slot.device,
+                           system=system, progress=progress, images=images_of(data_dir))
     with atomic_dir(out) as tmp:
         table.write_parquet(tmp / "lens.parquet")
         atomic_write_json(tmp / "lens.json", {"model_dir": model_dir, "data_dir": data_dir, "system": system,
@@ -384,15 +465,22 @@ def logit_lens(model_dir: str, data_dir: str, max_samples: int = 32, system: str
 
 
 def _split_samples(data_dir: str) -> tuple[list, list, dict]:
+    """Every QA pair of the forget and of the retain profiles, both forms (the baselines' data; the
+    local benchmark's own rows when the run reads one)."""
     split = json.loads((Path(data_dir) / "split.json").read_text())
+    if split["spec"].get("benchmark"):
+        streams = benchmark_of(split["spec"], ("forget", "retain")).streams()
+        return ([s for f in mdata.FORMS for s in streams[("forget", f)]],
+                [s for f in mdata.FORMS for s in streams[("retain", f)]], split)
     ds = dataset_of(split["spec"])
     forget = [s for pid in split["forget_ids"] for s in mdata.samples(ds.profile(pid))]
     retain = [s for pid in split["retain_ids"] for s in mdata.samples(ds.profile(pid))]
     return forget, retain, split
 
 
-@manu_task(name="reference_model", paths=("model_dir", "data_dir"))
-def reference_model(model_dir: str, data_dir: str, progress: bool = True) -> str:
+@manu_task(name="reference_model", paths=("model_dir", "data_dir"), ignore=("label",),
+           task_run_name=_labelled("reference_model"))
+def reference_model(model_dir: str, data_dir: str, label: str = "", progress: bool = True) -> str:
     """NPO's π_ref on an embedded preset: its training recipe on the retain profiles only (once per
     forget split, cached). A real checkpoint needs its reference passed in (RunConfig.reference)."""
     from manu_core.baselines import BaselineError, train_reference
@@ -410,7 +498,8 @@ def reference_model(model_dir: str, data_dir: str, progress: bool = True) -> str
 
 
 @manu_task(name="baseline", paths=("model_dir", "data_dir", "reference_dir"), ignore=("device",),
-           task_run_name="baseline-{method}")
+           task_run_name=lambda parameters: f"baseline-{parameters['method']}"
+                                            + (f" lr={parameters['params']['lr']:g}" if parameters["params"].get("lr") else ""))
 def baseline(model_dir: str, data_dir: str, method: str, params: dict, reference_dir: str | None = None,
              device: str = "cpu", progress: bool = True) -> str:
     """A gradient baseline's unlearned model (merged when trained with LoRA) and its loss curve."""
@@ -420,11 +509,12 @@ def baseline(model_dir: str, data_dir: str, method: str, params: dict, reference
     cfg = BaselineConfig(method, **params)
     forget, retain, _ = _split_samples(data_dir)
     frozen = {"vanilla": model_dir, "reference": reference_dir}.get(LOSSES[method].frozen)
-    with device_slot():
+    with device_slot(device) as slot:
+        device = slot.device
         model, processor = load_model(model_dir, device=device)  # a private copy to train
         frozen_model = load_model(frozen, device=device)[0] if frozen else None
         out_model, curve = unlearn_gradient(model, processor, forget, retain, cfg, frozen=frozen_model,
-                                            device=device, progress=progress)
+                                            device=device, progress=progress, images=images_of(data_dir))
     out = stage_dir()
     save_model(out_model, processor, out / "model")
     atomic_write_json(out / "loss_curve.json", curve)

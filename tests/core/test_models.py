@@ -99,6 +99,42 @@ def test_load_rejects_bad_dtype(tiny_model_dir):
         load_model(tiny_model_dir, dtype="float33")
 
 
+@pytest.mark.slow
+def test_a_bfloat16_model_stays_bfloat16_through_prune_and_baseline(tiny_model_dir, tmp_path):
+    """Loading keeps the saved dtype, so the pruned and the unlearned model are saved in bfloat16,
+    as the prune and baseline tasks do it (load_model without a dtype, then save)."""
+    import polars as pl
+    from safetensors import safe_open
+
+    from manu_core.baselines import BaselineConfig, unlearn_gradient
+    from manu_core.data import samples
+    from manu_core.models import save_model
+    from manu_core.presets import preset_dataset
+    from manu_core.prune import prune_units, save_pruned
+
+    model, processor = load_model(tiny_model_dir, dtype="bfloat16")
+    save_model(model, processor, tmp_path / "bf16")
+
+    def saved_dtypes(folder):
+        with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as f:
+            return {str(f.get_tensor(k).dtype) for k in f.keys()}
+
+    assert saved_dtypes(tmp_path / "bf16") == {"torch.bfloat16"}
+    model, processor = load_model(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+    table = pl.DataFrame({"tower": ["language"], "layer": [0], "unit": [0], "selected": [True]})
+    save_pruned(model, processor, table, tmp_path / "pruned", report=prune_units(model, table))
+    assert saved_dtypes(tmp_path / "pruned") == {"torch.bfloat16"}
+    assert load_model(tmp_path / "pruned")[0].dtype == torch.bfloat16
+    model, processor = load_model(tmp_path / "bf16")
+    ds = preset_dataset(PRESETS["tiny"])
+    forget = samples(ds.profile(ds.split.forget_ids[0]))[:4]
+    unlearned, _ = unlearn_gradient(model, processor, forget, [], BaselineConfig("ga", lr=1e-4, lora=False),
+                                    progress=False)
+    save_model(unlearned, processor, tmp_path / "ga")
+    assert saved_dtypes(tmp_path / "ga") == {"torch.bfloat16"}
+
+
 def test_presets_keep_forget_profiles():
     for preset in PRESETS.values():
         ds = preset_dataset(preset)

@@ -3,6 +3,8 @@
 import io
 from pathlib import Path
 
+from PIL import ImageOps
+
 from manu_core.portraits import portrait
 
 FICTITIOUS = ["001", "002", "003", "004"]
@@ -11,8 +13,10 @@ CELEBS = ["c01", "c02"]
 
 
 def _png(pid: str, view: int = 0) -> bytes:
+    """A PNG of the fixture's own: the stand-in portrait's colours inverted, so its pixels differ from
+    every embedded portrait (a stage showing the model a stand-in instead is caught)."""
     buf = io.BytesIO()
-    portrait(pid, view).save(buf, format="PNG")
+    ImageOps.invert(portrait(pid, view).convert("RGB")).save(buf, format="PNG")
     return buf.getvalue()
 
 

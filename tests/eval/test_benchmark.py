@@ -53,6 +53,34 @@ def test_a_forget_set_of_ids_reads_full_set(root):
         load_mllmu_bench(root, ["003", "999"])
 
 
+def test_streams_are_the_benchmarks_own_questions_and_images(root):
+    """MANU's activation streams on a real benchmark: the forget/retain profiles' generation pairs,
+    image+text with the profile's own image key, text only without one; never an embedded portrait."""
+    from manu_core.extract import match_retain
+    from manu_core.portraits import image_for
+
+    b = load_mllmu_bench(root, "forget_5", sets=("forget", "retain"))
+    streams = b.streams()
+    assert [s.sample_id for s in streams[("forget", "multimodal")]] == ["001/00/mm"]
+    [mm], [txt] = streams[("forget", "multimodal")], streams[("forget", "text")]
+    assert mm.image == "mllmu:forget_5:001" and mm.question == "What does this person do?"
+    assert txt.image is None and txt.question == "What does Person 001 do?" and txt.answer == "Person 001 is a baker."
+    assert {s.profile_id for s in streams[("retain", "text")]} == {"002", "003", "004"}
+    matched = match_retain(streams, "match", seed=0)
+    assert len(matched[("retain", "multimodal")]) == len(matched[("retain", "text")]) == 1
+    # the retain pair kept is the same question in both forms
+    assert matched[("retain", "multimodal")][0].sample_id[:-3] == matched[("retain", "text")][0].sample_id[:-4]
+    import io
+
+    from PIL import Image
+
+    assert b.image(mm.image).tobytes() == Image.open(io.BytesIO(fx._png("001"))).convert("RGB").tobytes()
+    with pytest.raises(ValueError, match="is not an embedded portrait"):
+        image_for(mm.image)
+    with pytest.raises(BenchmarkError, match="no generation QA pairs for the streams"):
+        load_mllmu_bench(root, "forget_5", sets=("celebrity",)).streams()
+
+
 def test_missing_config_and_column_are_named(root, tmp_path):
     with pytest.raises(BenchmarkError, match="folder not found"):
         load_mllmu_bench(tmp_path / "nope")

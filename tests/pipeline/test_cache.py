@@ -1,6 +1,7 @@
-"""The content-addressed cache policy, without a Prefect server."""
+"""The content-addressed cache policy (and, where said, its key lock in a flow)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,10 @@ def test_finished_folder_is_named_by_its_record(tmp_path):
     (out / "sub" / "p.parquet").write_bytes(b"ab")  # damaged (truncated)
     assert "has 2 bytes, 3 were written" in check_done(out)
     (out / "sub" / "p.parquet").write_bytes(b"abc")
+    assert check_done(out) is None  # rewritten with the same bytes: content checked, still whole
+    (out / "sub" / "p.parquet").write_bytes(b"abd")  # damaged, same size
+    assert "was changed after it was written (its sha256 differs" in check_done(out)
+    (out / "sub" / "p.parquet").write_bytes(b"abc")
     (extra / "w.safetensors").unlink()  # an output elsewhere deleted
     assert "was deleted" in check_done(out)
     assert "is missing" in check_done(tmp_path)
@@ -67,3 +72,39 @@ def test_presentation_code_is_hashed_only_by_the_report_tasks(tmp_path):
     assert code_digest(False) != code_digest(True)
     inputs = {"alpha": 0.1}
     assert stage_key("t", inputs) == stage_key("t", inputs, presentation=False) != stage_key("t", inputs, presentation=True)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_runs_of_one_key_write_one_at_a_time(tmp_path):
+    """Two task runs with the same cache key at once (two users, or a retry beside a slow first
+    attempt): the key lock lets one write at a time, and both end with the same complete folder."""
+    import threading
+    import time
+
+    from prefect import flow
+
+    from tasks.cache import stage_dir
+    from tasks.stages import manu_task
+
+    guard, active, peak = threading.Lock(), [0], [0]
+
+    @manu_task(name="lock_probe")
+    def probe(x: int, token: str) -> str:
+        out = stage_dir()
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.3)
+        (out / "value.txt").write_text(str(x))
+        with guard:
+            active[0] -= 1
+        return str(finish(out))
+
+    @flow
+    def twice(token: str):
+        a, b = probe.submit(7, token), probe.submit(7, token)
+        return a.result(), b.result()
+
+    first, second = twice(str(tmp_path))  # a fresh key per test session
+    assert first == second and peak[0] == 1
+    assert (Path(first) / "value.txt").read_text() == "7" and check_done(first) is None

@@ -2,6 +2,7 @@
 deploy` from prefect.yaml, a worker, `prefect deployment run manu/smoke --watch`; then everything
 started here is stopped (SIGINT for the worker, which ignores SIGTERM for a long while)."""
 
+import json
 import os
 import signal
 import socket
@@ -68,17 +69,25 @@ def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
                                   stderr=subprocess.STDOUT)
         watched = cli("deployment", "run", "manu/smoke", "--watch", timeout=900)
         assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
+        # One field overridden from the command line: the deployment's other settings (its evaluation
+        # caps and token budget) still apply, where Prefect alone would replace the whole config.
+        watched = cli("deployment", "run", "manu/smoke", "--param", 'config={"alpha": 0.07}', "--watch", timeout=900)
+        assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
+        pipeline = Path(os.environ["MANU_ARTIFACTS"]) / "pipeline"
+        runs = [json.loads(p.read_text())["run"] for p in pipeline.glob("report/*/results.json")]
+        [overridden] = [r for r in runs if r["config"]["alpha"] == 0.07]
+        assert overridden["config"]["model"] == "tiny" and overridden["config"]["eval"]["max_new_tokens"] == 16
+        assert overridden["config"]["eval"]["max_profiles"] == {"forget": 2, "test": 2, "retain": 2, "celebrity": 2}
 
         artifacts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=10).json()
         keys = {a["key"] for a in artifacts if a.get("key")}
         assert any(k.endswith("-results") for k in keys), keys
         assert any(k.endswith("-selected-neurons") for k in keys), keys
-        # Link artifacts are stored as markdown "[text](url)": each points at an existing output.
-        links = {a["key"]: a["data"] for a in artifacts if (a.get("key") or "").endswith(("-activations", "-importance", "-model"))}
-        assert len(links) == 3, links
-        for key, data in links.items():
-            url = data.rsplit("(", 1)[-1].rstrip(")")
-            assert url.startswith("file://") and Path(url.removeprefix("file://")).exists(), (key, data)
+        # Without MANU_ARTIFACTS_URL an output is its path as copyable text (no dead file:// link).
+        paths = {a["key"]: a["data"] for a in artifacts if (a.get("key") or "").endswith(("-activations", "-importance", "-model"))}
+        assert len(paths) == 6, paths  # activations, importance and model of each of the two runs
+        for key, data in paths.items():
+            assert "file://" not in data and Path(data.strip("`")).exists(), (key, data)
     finally:
         if worker is not None:
             _stop(worker)  # SIGINT: a worker ignores SIGTERM for 20 s or more

@@ -142,6 +142,18 @@ def test_configs_refuse_bad_modes_and_alphas_with_the_fix():
     assert sweep.alphas == [0.02, 0.05, 0.1, 0.2] and sweep.scorings == MODES and "random" in sweep.methods
 
 
+def test_outputs_are_linked_only_where_a_web_server_serves_them(monkeypatch, tmp_path):
+    from flows.pipeline import artifact_url
+
+    monkeypatch.setenv("MANU_ARTIFACTS", str(tmp_path))
+    monkeypatch.delenv("MANU_ARTIFACTS_URL", raising=False)
+    out = tmp_path / "pipeline" / "prune" / "prune-abc" / "model"
+    assert artifact_url(out) is None
+    monkeypatch.setenv("MANU_ARTIFACTS_URL", "http://lab-files:8080/manu/")
+    assert artifact_url(out) == "http://lab-files:8080/manu/pipeline/prune/prune-abc/model"
+    assert artifact_url(Path("/models/llava")) is None  # outside the artifacts folder: no URL to give
+
+
 def test_variant_labels_name_the_mode():
     assert variant_label("manu", {"mode": "released", "alpha": 0.1}) == "manu[released] α=0.1"
     assert variant_label("manu", {"mode": "paper", "alpha": 0.05, "weights": {"abs": 1, "var": 0}}) == \
@@ -185,6 +197,12 @@ def test_cli_scoring_flags(sweep_run, tmp_path):
                           (["run", "--model", "tiny", "--device", "cuda:7"], "--device cuda:7: this machine has")):
         out = runner.invoke(app, args)
         assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output, (args, out.output)
+    # An artifacts folder that cannot be written (here: under a file, which even root cannot write
+    # into) is refused before any training or task.
+    (tmp_path / "a-file").write_text("x")
+    unwritable = tmp_path / "a-file" / "artifacts"
+    out = runner.invoke(app, ["run", "--model", "tiny"], env={"MANU_ARTIFACTS": str(unwritable)})
+    assert out.exit_code == 2 and f"the artifacts folder {unwritable} is not writable" in out.output, out.output
     # `manu importance --scoring released` on the sweep's activations: the mode's top α per tower
     from tasks.cache import pipeline_dir
 
@@ -196,3 +214,15 @@ def test_cli_scoring_flags(sweep_run, tmp_path):
     for tower, n in table.group_by("tower").len().rows():
         k = table.filter((pl.col("tower") == tower) & pl.col("selected")).height
         assert 0 < math.floor(0.1 * n) <= k < 0.1 * n + 5  # top 10% per tower (the released code keeps ties)
+    # A byte flipped in one activation file (same size): refused, not scored.
+    import shutil
+
+    copy = tmp_path / "extract-copy"
+    shutil.copytree(acts.parent, copy)
+    part = sorted((copy / "activations").rglob("*.parquet"))[0]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    out = runner.invoke(app, ["importance", str(copy / "activations"), "--out", str(tmp_path / "bad.parquet")])
+    assert out.exit_code == 2 and "is damaged" in out.output and "sha256 differs" in out.output, out.output
+    assert not (tmp_path / "bad.parquet").exists()
