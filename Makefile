@@ -35,7 +35,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The pure tests: no trained model, no Prefect server (under a minute on 2 cores).
+# The pure tests: no trained model, no Prefect server (about a minute on 2 cores).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
