@@ -24,7 +24,20 @@ from pathlib import Path
 
 from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS  # noqa: F401  (re-exported)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _data_dir() -> Path:
+    """`data/` of the checkout, or its copy shipped in an installed wheel (`manu_core/_data`,
+    mapped in pyproject.toml): the same files either way."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "_data", here.parent / "data"):
+        if (d / "mllmu_bench" / "train_qa.jsonl").is_file():
+            return d
+    raise FileNotFoundError(f"the embedded MLLMU-Bench data is in neither {here / '_data'} (installed) nor "
+                            f"{here.parent / 'data'} (checkout): reinstall manu (pip install .) or restore data/")
+
+
+DATA_DIR = _data_dir()
 MLLMU_DIR = DATA_DIR / "mllmu_bench"
 
 

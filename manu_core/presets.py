@@ -41,8 +41,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def artifacts_dir() -> Path:
-    """Where outputs go: $MANU_ARTIFACTS, else `artifacts/` in the checkout."""
-    return Path(os.environ.get("MANU_ARTIFACTS", REPO / "artifacts")).resolve()
+    """Where outputs go: $MANU_ARTIFACTS, else `artifacts/` of the checkout when running from one,
+    else `artifacts/` in the current folder (an installed wheel has no checkout to write into)."""
+    if os.environ.get("MANU_ARTIFACTS"):
+        return Path(os.environ["MANU_ARTIFACTS"]).resolve()
+    in_checkout = (REPO / "pyproject.toml").is_file() and (REPO / "manu_core").is_dir()
+    return ((REPO if in_checkout else Path.cwd()) / "artifacts").resolve()
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class Preset:
         h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         h.update((mdata.MLLMU_DIR / "train_qa.jsonl").read_bytes())
         for mod in ("data", "prompts", "portraits", "train"):
-            h.update((REPO / "manu_core" / f"{mod}.py").read_bytes())
+            h.update((Path(__file__).with_name(f"{mod}.py")).read_bytes())
         for obj in (TinySpec, train_tokenizer, build_processor, tiny_config, build_tiny_model, train_vanilla):
             h.update(inspect.getsource(obj).encode())
         h.update((LLAVA_CHAT_TEMPLATE + IDEFICS2_CHAT_TEMPLATE).encode())
