@@ -32,10 +32,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR, OFFICIAL_SPLITS
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
+from manu_core.vocab import did_you_mean
 from tasks import reporting, stages
 
 DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
@@ -120,6 +121,32 @@ class BaselineSettings(BaseModel):
 EMBEDDED_BASELINE = {"lora": False, "epochs": 1, "batch_size": 4}
 
 
+class ImportanceWeights(BaseModel):
+    """The weights of the four importance functions in MANU's score (docs/method.md, "Scores"). A
+    field left empty takes the scoring mode's default: paper 1 each; released abs 2, freq 0, var 2,
+    rms 2; selective scores one statistic (scoring_options.statistic) and ignores them. Given
+    weights replace the defaults; a field left empty beside given ones is 1 (0 drops a function)."""
+
+    model_config = ConfigDict(extra="forbid")
+    abs: Optional[float] = Field(None, ge=0, description="mean |activation| ratio; empty: the mode's default")
+    freq: Optional[float] = Field(None, ge=0, description="share of activations above τ; empty: the mode's default")
+    var: Optional[float] = Field(None, ge=0, description="variance ratio; empty: the mode's default")
+    rms: Optional[float] = Field(None, ge=0, description="root mean square ratio; empty: the mode's default")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data):
+        for k in data if isinstance(data, dict) else ():
+            if k not in WEIGHT_NAMES:
+                raise ValueError(f"unknown importance weight {k!r}: the weights are {', '.join(WEIGHT_NAMES)}."
+                                 f"{did_you_mean(k, WEIGHT_NAMES)}")
+        return data
+
+    def given(self) -> Optional[dict[str, float]]:
+        """The weights set, or None when none is (the mode's defaults)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None} or None
+
+
 class RunConfig(BaseModel):
     """One MANU run: model, data, scoring mode, importance and selection, evaluation.
 
@@ -137,7 +164,8 @@ class RunConfig(BaseModel):
         "paper", description="scoring mode: paper (default) | released (the authors' code) | selective (Pochinkov & Schoots)")
     scoring_options: dict = Field(default_factory=dict, description="the mode's options: released {pool_layers: bool, "
                                   "clamp: float|null}; selective {statistic: abs|freq|std|rms}")
-    weights: Optional[dict[str, float]] = Field(None, description="importance weights abs/freq/var/rms; None: the mode's")
+    weights: ImportanceWeights = Field(default_factory=ImportanceWeights,
+                                       description="importance weights abs/freq/var/rms; empty: the mode's defaults")
     eps: Optional[float] = Field(None, description="ε of the ratios and the score; None: the mode's (1e-5; selective 1e-3)")
     tau: float = 0.1
     scope: Optional[Literal["global", "tower", "layer"]] = Field(
@@ -164,7 +192,7 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self):
         ImportanceParams(alpha=self.alpha if self.alpha is not None else 0.5, eps=self.eps, tau=self.tau,
-                         weights=self.weights, scope=self.scope, mode=self.scoring,
+                         weights=self.weights.given(), scope=self.scope, mode=self.scoring,
                          options=self.scoring_options or None)  # raises with the rule, the value and the fix
         if not self.random_seeds or len(set(self.random_seeds)) != len(self.random_seeds):
             raise ValueError(f"random_seeds must be a non-empty list of distinct integers; got {self.random_seeds}. "
@@ -316,7 +344,7 @@ def _variant(cfg: RunConfig, mode: str, alpha: float) -> dict:
     """A full-weight MANU variant: the config's importance settings for its own scoring mode, the
     mode's defaults (None) for the other modes of a sweep."""
     own = mode == cfg.scoring
-    v = {"mode": mode, "alpha": alpha, "weights": cfg.weights if own else None, "eps": cfg.eps if own else None,
+    v = {"mode": mode, "alpha": alpha, "weights": cfg.weights.given() if own else None, "eps": cfg.eps if own else None,
          "scope": cfg.scope if own else None, "options": (cfg.scoring_options or None) if own else None}
     if mode == "selective" and cfg.iterative:
         v.update(iterative=True, step=cfg.step)
@@ -336,7 +364,7 @@ def _manu_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[dict]:
     out = _full_variants(cfg, sweep)
     if sweep is not None and sweep.ablations and "paper" in sweep.scorings:
         mid = sorted(sweep.alphas)[len(sweep.alphas) // 2]
-        base = (cfg.weights if cfg.scoring == "paper" and cfg.weights else None) or DEFAULT_WEIGHTS
+        base = (cfg.weights.given() if cfg.scoring == "paper" else None) or DEFAULT_WEIGHTS
         out += [{**_variant(cfg, "paper", mid), "weights": {**base, k: 0.0}} for k in WEIGHT_NAMES if base.get(k)]
     return out
 
@@ -714,7 +742,7 @@ def _sweep_table(config: RunConfig, figures_dir: str, comparison_dir: str) -> st
                              description="every method and variant per forget split")
     # the report beside the table: report.md, report.html and figures/, copied from the figures task
     with atomic_dir(out / "report") as tmp:
-        for name in ("report.md", "report.html", "results.parquet"):
+        for name in ("report.md", "report.html", "results.parquet", "sources.json"):
             shutil.copy2(Path(figures_dir) / name, tmp / name)
         shutil.copytree(Path(figures_dir) / "figures", tmp / "figures")
     # the comparison (intervals, curves, settings chosen on validation, headline) beside them

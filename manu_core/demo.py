@@ -16,12 +16,13 @@ from pathlib import Path
 import polars as pl
 
 from manu_core import data as mdata
-from manu_core.evaluate import EvalConfig, Summary, evaluate, fmt_delta, fmt_value, summary_table
+from manu_core.evaluate import EvalConfig, evaluate
 from manu_core.importance import ImportanceParams
 from manu_core.io import atomic_write_json, atomic_write_text
 from manu_core.models import load_model
 from manu_core.presets import EMBEDDED_EVAL, Preset, artifacts_dir, get_preset, preset_dataset, resolve_model
 from manu_core.prune import save_pruned
+from manu_core.report import counts_note, run_tables, summaries_frame, tables_markdown
 from manu_core.unlearn import manu_unlearn
 
 log = logging.getLogger(__name__)
@@ -39,25 +40,6 @@ def demo_items(ds: mdata.Dataset, preset: Preset, retain_profiles: int = 25) -> 
     retain = set(random.Random(f"demo-retain/{preset.seed}").sample(list(ds.split.retain_ids),
                                                                     min(retain_profiles, len(ds.split.retain_ids))))
     return [it for it in mdata.eval_items(ds) if it.set != "retain" or it.profile_id in retain]
-
-
-def comparison_table(before: list[Summary], after: list[Summary], label: str = "MANU") -> str:
-    """Markdown: one row per (set, task, metric, scorer), vanilla and unlearned per form, and the change."""
-    b, a = summary_table(before), summary_table(after)
-    lines = [
-        f"| set | task | metric (scorer) | vanilla image+text | {label} image+text | Δ | vanilla text | {label} text | Δ | n |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for key, forms in b.items():
-        set_, task, metric, scorer = key
-        cells = []
-        for form in ("multimodal", "text"):
-            x, y = forms.get(form), a.get(key, {}).get(form)
-            cells += [fmt_value(metric, x.value) if x else "-", fmt_value(metric, y.value) if y else "-",
-                      fmt_delta(metric, y.value - x.value) if x and y else "-"]
-        n = "/".join(str(forms[f].n) for f in ("multimodal", "text") if f in forms)
-        lines.append(f"| {set_} | {task} | {metric} ({scorer}) | " + " | ".join(cells) + f" | {n} |")
-    return "\n".join(lines)
 
 
 def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress: bool = True) -> DemoResult:
@@ -79,7 +61,8 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
     pruned_dir = save_pruned(model, processor, pl.read_parquet(res.importance), out / "model", report=res.report)
     after = evaluate(model, processor, items, out / "eval-manu", config, model_id=str(pruned_dir), progress=progress)
 
-    table = comparison_table(before, after)
+    frame = summaries_frame({"vanilla": before, "MANU": after})
+    table = tables_markdown(run_tables(frame, "MANU"))
     report = "\n".join([
         f"# MANU demo: preset `{preset.name}` (embedded MLLMU-Bench-lite, stand-in images and items)",
         "",
@@ -92,6 +75,8 @@ def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress:
         "are the bare questions the tiny models were trained on. Retain: 25 seeded profiles.",
         "",
         table,
+        "",
+        counts_note(frame),
         "",
         "Outputs:",
         f"- activations (Parquet): `{res.activations}`",

@@ -33,7 +33,7 @@ from manu_core.judge import Judge, make_judge
 from manu_core.portraits import image_for
 from manu_core.prompts import build_prompt, encode, model_inputs
 from manu_core.scoring import LETTERS, cloze_correct, cloze_prompt, extract_letter, gen_prompt, mc_prompt, rouge_l
-from manu_core.vocab import EVAL_SETS
+from manu_core.vocab import EVAL_SETS, fmt_change, fmt_metric
 
 log = logging.getLogger(__name__)
 TASKS = ("mc", "cloze", "gen")  # the order a unit answers them in
@@ -466,14 +466,6 @@ def read_answers(out_dir: str | Path) -> pl.DataFrame:
 
 
 
-def fmt_value(metric: str, v: float) -> str:
-    return f"{v:.1%}" if metric in ("accuracy", "recall") else f"{v:.3f}" if metric == "rougeL_f1" else f"{v:.2f}"
-
-
-def fmt_delta(metric: str, v: float) -> str:
-    return f"{v * 100:+.1f}" if metric in ("accuracy", "recall") else f"{v:+.3f}" if metric == "rougeL_f1" else f"{v:+.2f}"
-
-
 def summary_table(summaries: Sequence[Summary]) -> dict[tuple[str, str, str, str], dict[str, Summary]]:
     """{(set, task, metric, scorer): {form: Summary}} in report order (sets, then tasks)."""
     table: dict[tuple[str, str, str, str], dict[str, Summary]] = defaultdict(dict)
@@ -490,21 +482,20 @@ def _report_rows(summaries: Sequence[Summary]) -> Iterable[tuple[tuple[str, str,
     for key, forms in summary_table(summaries).items():
         metric = key[2]
         mm, tx = forms.get("multimodal"), forms.get("text")
-        cells = [fmt_value(metric, x.value) if x else "-" for x in (mm, tx)]
-        cells.append(fmt_value(metric, (mm.value + tx.value) / 2) if mm and tx else "-")
-        cells.append(fmt_delta(metric, mm.value - tx.value) if mm and tx else "-")
+        cells = [fmt_metric(metric, x.value) if x else "-" for x in (mm, tx)]
+        cells.append(fmt_metric(metric, (mm.value + tx.value) / 2) if mm and tx else "-")
+        cells.append(fmt_change(metric, mm.value - tx.value) if mm and tx else "-")
         cells.append("/".join(str(x.n) for x in (mm, tx) if x))
         yield key, cells
 
 
-def format_report(summaries: Sequence[Summary]) -> str:
-    """Markdown: one row per (set, task, metric, scorer); image+text, text only, their average and
-    the gap (image+text minus text: the imbalance MANU addresses). Accuracy in %, gap in points."""
-    lines = ["| set | task | metric | scorer | image+text | text only | average | gap | n |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key, cells in _report_rows(summaries):
-        lines.append("| " + " | ".join([*key, *cells]) + " |")
-    return "\n".join(lines)
+def format_report(summaries: Sequence[Summary], name: str = "model") -> str:
+    """Markdown: a row per set, a column per metric, each cell image+text / text only (the project's
+    one results-table builder, `report.model_table`), then the questions and scorers behind them."""
+    from manu_core.report import counts_note, model_table, summaries_frame
+
+    frame = summaries_frame({name: list(summaries)})
+    return model_table(frame, name).markdown() + "\n\n" + counts_note(frame)
 
 
 def format_summaries(summaries: Sequence[Summary]) -> str:

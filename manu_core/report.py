@@ -14,11 +14,12 @@ writes under `out_dir`:
     report.md     the tables (Table 1; Table 2 and Table 7 when the results have them) and the figures, linked
     report.html   the same, with the images embedded: one file to mail or open anywhere
 
-Tables follow the paper: Table 1 = methods x sets x metrics, per form and averaged, each MANU scoring
-mode followed by its random control (family "random": the same number of neurons per tower drawn
-uniformly, one run per seed, shown as mean [min–max] over the seeds); Table 2 = MANU at each pruning
-ratio α, a row block per scoring mode; Table 7 = MANU with each importance function left out, at one
-α. The figures draw each random control as one method, the mean over its seeds.
+Tables follow the paper, laid out to fit Prefect's artifact pane: every cell holds both forms,
+"image+text / text only". Table 1 = methods x metrics, one table per set, each MANU scoring mode
+followed by its random control (family "random": the same number of neurons per tower drawn
+uniformly, one run per seed, shown as the mean over the seeds and, in the row below, their min–max);
+Table 2 = MANU at each pruning ratio α, a row block per set; Table 7 = MANU with each importance
+function left out, at one α. The figures draw each random control as one method, the mean over its seeds.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from __future__ import annotations
 import base64
 import html
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from manu_core import figures as F
 from manu_core.io import atomic_file
-from manu_core.vocab import EVAL_SETS
+from manu_core.vocab import EVAL_SETS, FORMS, METRIC_LABELS, fmt_change, fmt_metric, fmt_range
 
 RESULTS_SCHEMA = {"forget": pl.String, "method": pl.String, "family": pl.String, "alpha": pl.Float64,
                   "lr": pl.Float64, "without": pl.String, "mode": pl.String, "seed": pl.Int64, "shadows": pl.String,
@@ -116,12 +117,6 @@ def _in_order(frame: pl.DataFrame, order: list[str]) -> pl.DataFrame:
     return frame.sort(pl.col("method").replace_strict(rank, default=len(rank), return_dtype=pl.Int64), maintain_order=True)
 
 
-def _fmt(metric: str, v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.1f}" if metric in ("accuracy", "rougeL_f1") else f"{v:.2f}"
-
-
 @dataclass
 class Table:
     caption: str
@@ -141,45 +136,74 @@ class Table:
                 f"<tbody>{body}</tbody></table>")
 
 
-SHORT = {("mc", "accuracy"): "MC", ("gen", "rougeL_f1"): "ROUGE-L", ("gen", "factuality"): "Fact",
-         ("cloze", "accuracy"): "Cloze"}
+# Every results table of the project is built here (the sweep report's Tables 1, 2 and 7, a run's
+# vanilla-vs-unlearned table, `manu evaluate`'s table): rows are methods (or sets), columns the metrics,
+# and each cell holds both forms, "image+text / text only", so a table stays five or six columns wide
+# (it fits Prefect's artifact pane) and the two forms of one metric sit side by side.
+CELL_NOTE = "each cell: image+text / text only; accuracy and ROUGE-L in %, factuality 1-10"
 
 
-def _cell(metric: str, vals: list[float]) -> str:
-    """One run's value, or a group's (random seeds) mean [min–max]."""
-    if len(vals) <= 1:
-        return _fmt(metric, vals[0] if vals else None)
-    return f"{_fmt(metric, sum(vals) / len(vals))} [{_fmt(metric, min(vals))}–{_fmt(metric, max(vals))}]"
+def _per_form(results: pl.DataFrame, runs: list[str], set_name: str, task: str, metric: str) -> list[list[float]]:
+    return [[v for r in runs if (v := F._value(results, r, set_name, form, task, metric)) is not None]
+            for form in FORMS]
 
 
-def metric_table(results: pl.DataFrame, methods: list[str], form: str | None, caption: str,
-                 first: str = "method", groups: dict[str, list[str]] | None = None) -> Table:
-    """Rows `methods`, columns set x metric (F.METRICS order); `form` None = average of both forms.
-    Accuracy and ROUGE-L in %, factuality on its 1-10 scale. A row named in `groups` aggregates its
-    member methods (each run's value first, then mean [min–max] over the runs)."""
-    sets = [s for s in EVAL_SETS if s in results["set"].to_list()]
-    metrics = F._metrics_present(results)
-    header = [first] + [f"{s} {SHORT[(task, metric)]}" for s in sets for task, metric, _, _ in metrics]
-    rows = []
-    for m in methods:
-        cells = [m]
-        for s in sets:
-            for task, metric, _, _ in metrics:
-                per_run = []
-                for run in (groups or {}).get(m, [m]):
-                    vals = [F._value(results, run, s, f, task, metric) for f in ([form] if form else F.FORMS)]
-                    vals = [v for v in vals if v is not None]
-                    if vals:
-                        per_run.append(sum(vals) / len(vals))
-                cells.append(_cell(metric, per_run))
-        rows.append(cells)
-    return Table(caption, header, rows)
+def form_cells(results: pl.DataFrame, runs: list[str], set_name: str) -> tuple[list[str], list[str] | None]:
+    """Per metric "image+text / text only" (the mean over `runs`, usually one), and when there are
+    several runs (a random control's seeds) their spread "min–max / min–max"."""
+    main, spread = [], []
+    for task, metric, _, _ in F._metrics_present(results):
+        vals = _per_form(results, runs, set_name, task, metric)
+        main.append(" / ".join(fmt_metric(metric, sum(v) / len(v) if v else None) for v in vals))
+        spread.append(" / ".join(fmt_range(metric, min(v), max(v)) if v else "-" for v in vals))
+    return main, (spread if len(runs) > 1 else None)
+
+
+def change_cells(results: pl.DataFrame, base: str, other: str, set_name: str) -> list[str]:
+    """Per metric, `other` minus `base` per form (points for accuracy and ROUGE-L)."""
+    cells = []
+    for task, metric, _, _ in F._metrics_present(results):
+        b, o = (_per_form(results, [m], set_name, task, metric) for m in (base, other))
+        cells.append(" / ".join(fmt_change(metric, y[0] - x[0]) if x and y else "-" for x, y in zip(b, o)))
+    return cells
+
+
+def metric_header(results: pl.DataFrame) -> list[str]:
+    return [METRIC_LABELS[(task, metric)] for task, metric, _, _ in F._metrics_present(results)]
+
+
+def sets_of(results: pl.DataFrame) -> list[str]:
+    return [s for s in EVAL_SETS if s in results["set"].to_list()]
+
+
+def set_tables(results: pl.DataFrame, methods: list[str], caption: str, *, groups: dict[str, list[str]] | None = None,
+               change: tuple[str, str] | None = None) -> list[Table]:
+    """One table per evaluated set: a row per method (a row named in `groups`: the mean of its runs,
+    then a "seeds min–max" row), and with `change` = (base, other) a last row `other` minus `base`."""
+    tables = []
+    for s in sets_of(results):
+        rows = []
+        for m in methods:
+            main, spread = form_cells(results, (groups or {}).get(m, [m]), s)
+            rows.append([m, *main])
+            if spread:
+                rows.append(["↳ seeds min–max", *spread])
+        if change:
+            rows.append(["change", *change_cells(results, *change, s)])
+        tables.append(Table(f"{caption} · {s} ({CELL_NOTE})", ["method", *metric_header(results)], rows))
+    return tables
+
+
+def by_set_table(results: pl.DataFrame, keyed: list[tuple[list[str], str]], left: list[str], caption: str) -> Table:
+    """One table, a row block per set: a row per (label cells, method) of `keyed`."""
+    rows = [[s, *labels, *form_cells(results, [m], s)[0]] for s in sets_of(results) for labels, m in keyed]
+    return Table(f"{caption} ({CELL_NOTE})", ["set", *left, *metric_header(results)], rows)
 
 
 def paper_tables(results: pl.DataFrame, chosen_alpha: float | None = None) -> list[Table]:
-    """Table 1 (image+text, text only, average; each random control right after the MANU variant it
-    shadows, as mean [min–max] over its seeds), and Tables 2 and 7 when the results have them, for
-    one forget split's rows."""
+    """Table 1 (a table per set; each random control right after the MANU variant it shadows, as the
+    mean over its seeds and their spread), and Tables 2 and 7 when the results have them, for one
+    forget split's rows."""
     methods = method_order(results)
     manu = results.filter(pl.col("family") == "manu")
     ablated = set(manu.filter(pl.col("without").is_not_null())["method"].to_list())
@@ -189,9 +213,7 @@ def paper_tables(results: pl.DataFrame, chosen_alpha: float | None = None) -> li
     for label, runs in groups.items():  # after the MANU variant it shadows, else at the end
         shadow = _shadow_of(results, runs)
         main.insert(main.index(shadow) + 1 if shadow in main else len(main), label)
-    note = "; random: mean [min–max] over seeds" if any(len(r) > 1 for r in groups.values()) else ""
-    tables = [metric_table(results, main, form, f"Table 1 ({name}): methods x sets x metrics{note}", groups=groups)
-              for form, name in (("multimodal", "image+text"), ("text", "text only"), (None, "average of both forms"))]
+    tables = set_tables(results, main, "Table 1", groups=groups)
     full = manu.filter(pl.col("without").is_null())
     variants = full.select("mode", "alpha", "method").unique(maintain_order=True).drop_nulls("alpha")
     modes = sorted(set(variants["mode"].to_list()), key=_mode_rank)
@@ -199,28 +221,53 @@ def paper_tables(results: pl.DataFrame, chosen_alpha: float | None = None) -> li
         keyed = sorted(variants.iter_rows(named=True), key=lambda r: (_mode_rank(r["mode"]), r["alpha"]))
         keyed = list({(r["mode"], r["alpha"]): r for r in keyed}.values())
         named = any(m is not None for m in modes)
-        t = metric_table(results, [r["method"] for r in keyed], None,
-                         "Table 2: MANU at each pruning ratio α" + (", per scoring mode" if named else "")
-                         + " (average of both forms)", first="α")
-        for row, r in zip(t.rows, keyed):
-            row[0] = f"{r['alpha']:g}"
-            if named:
-                row.insert(0, r["mode"] or "-")
-        if named:
-            t.header.insert(0, "scoring")
-        tables.append(t)
+        tables.append(by_set_table(
+            results, [([r["mode"] or "-"] * named + [f"{r['alpha']:g}"], r["method"]) for r in keyed],
+            ["scoring"] * named + ["α"],
+            "Table 2: MANU at each pruning ratio α" + (", per scoring mode" if named else "")))
     if ablated:
         abl = manu.filter(pl.col("without").is_not_null())
         a, mode = abl["alpha"][0], abl["mode"][0]
         ref = full.filter((pl.col("alpha") == a) & pl.col("mode").eq_missing(mode))["method"].to_list()[:1]
         rows = ref + [m for m in methods if m in ablated]
-        t = metric_table(results, rows, None, f"Table 7: importance ablation at α={a:g}"
-                         + (f", {mode} scoring" if mode else "") + " (average of both forms)", first="importance")
-        for row in t.rows:
-            w = manu.filter(pl.col("method") == row[0])["without"].to_list()
-            row[0] = f"without {w[0]}" if w and w[0] else "all four"
-        tables.append(t)
+
+        def label(m: str) -> str:
+            w = manu.filter(pl.col("method") == m)["without"].to_list()
+            return f"without {w[0]}" if w and w[0] else "all four"
+
+        tables.append(by_set_table(results, [([label(m)], m) for m in rows], ["importance"],
+                                   f"Table 7: importance ablation at α={a:g}" + (f", {mode} scoring" if mode else "")))
     return tables
+
+
+def run_tables(results: pl.DataFrame, label: str) -> list[Table]:
+    """A run's table per set: vanilla, the unlearned model (`label`) and the change."""
+    return set_tables(results, ["vanilla", label], "Results", change=("vanilla", label))
+
+
+def model_table(results: pl.DataFrame, method: str, caption: str = "Results") -> Table:
+    """One model's results, a row per set (`manu evaluate`)."""
+    return by_set_table(results, [([], method)], [], caption)
+
+
+def summaries_frame(named: dict[str, list]) -> pl.DataFrame:
+    """The results table of evaluation summaries (`evaluate.Summary` or their dicts) per method name."""
+    return results_frame([{"method": m, "family": m, **(s if isinstance(s, dict) else asdict(s))}
+                          for m, ss in named.items() for s in ss])
+
+
+def counts_note(results: pl.DataFrame) -> str:
+    """Questions and scorers behind the numbers: n per set (image+text / text only), scorer per metric."""
+    first = results.filter(pl.col("method") == results["method"][0])
+    n = [f"{s} {' / '.join(str(first.filter((pl.col('set') == s) & (pl.col('form') == f))['n'].max() or 0) for f in FORMS)}"
+         for s in sets_of(results)]
+    scorers = (results.select("task", "metric", "scorer").unique().sort("task", "metric").iter_rows())
+    return ("Questions per set (image+text / text only): " + ", ".join(n) + ". Scorers: "
+            + ", ".join(f"{METRIC_LABELS.get((t, m), m)} `{sc}`" for t, m, sc in scorers) + ".")
+
+
+def tables_markdown(tables: list[Table]) -> str:
+    return "\n\n".join(t.markdown() for t in tables)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,3 +23,27 @@ def did_you_mean(value: object, choices: Iterable[object], prefix: str = "") -> 
     """' Did you mean <prefix>'x'?' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     return f" Did you mean {prefix}{close[0]!r}?" if close else ""
+
+
+# How every report writes a metric: fractions (accuracy, recall, ROUGE-L F1) as points (%, one
+# decimal), the judge's factuality on its 1-10 scale (two decimals); changes signed, in the same units.
+PERCENT_METRICS = ("accuracy", "recall", "rougeL_f1")
+METRIC_LABELS = {("mc", "accuracy"): "MC", ("gen", "rougeL_f1"): "ROUGE-L", ("gen", "factuality"): "Fact",
+                 ("cloze", "accuracy"): "Cloze", ("gen", "recall"): "Recall"}
+
+
+def fmt_metric(metric: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}" if metric in PERCENT_METRICS else f"{v:.2f}"
+
+
+def fmt_change(metric: str, d: float | None) -> str:
+    if d is None:
+        return "-"
+    return f"{100 * d:+.1f}" if metric in PERCENT_METRICS else f"{d:+.2f}"
+
+
+def fmt_range(metric: str, lo: float, hi: float) -> str:
+    """A spread, compact (whole points; factuality to one decimal)."""
+    return f"{100 * lo:.0f}–{100 * hi:.0f}" if metric in PERCENT_METRICS else f"{lo:.1f}–{hi:.1f}"

@@ -65,7 +65,7 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
     if any(r["method"] == "random" for r in runs):
         lines.append("random(manu[…] α=…): the control of that MANU variant, as many neurons per tower as it "
                      "selects (per layer when it selects per layer), drawn uniformly, one run per seed; the tables "
-                     "show the mean [min–max] over the seeds, the figures their mean.")
+                     "show the mean over the seeds with their spread (min–max) in the row below, the figures their mean.")
     return "\n\n".join(lines)
 
 
@@ -74,6 +74,16 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
 def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: float | None = None) -> str:
     """The figures (figures/*.png), report.md and report.html of the given runs (one section per
     forget split)."""
+    out = stage_dir()
+    paths = write_report(out, reports, lenses, title, chosen_alpha)
+    get_run_logger().info("report: %s (%d figures)", out / "report.html", len(paths) - 2)
+    return str(finish(out))
+
+
+def write_report(out: Path, reports: list[str], lenses: list[str], title: str,
+                 chosen_alpha: float | None = None) -> dict[str, Path]:
+    """The `figures` task's work, without Prefect: `out`/report.md, report.html, figures/,
+    results.parquet and sources.json (its inputs, so `docs/make_example.py --redraw` can redo it)."""
     from manu_core.report import build_report, results_frame
 
     runs, rows, activations, selected = [], [], {}, {}
@@ -107,15 +117,13 @@ def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: flo
     lens = pl.concat(frames).unique(subset=["forget", "method", "split", "form", "layer"], maintain_order=True) \
         if frames else None
 
-    out = stage_dir()
     paths = build_report(out, title, results, lens=lens, activations=activations, selected=selected,
                          chosen_alpha=chosen_alpha, notes=_notes(runs, results))
     with atomic_file(out / "results.parquet") as tmp:
         results.write_parquet(tmp)
     atomic_write_json(out / "sources.json", {"title": title, "chosen_alpha": chosen_alpha,
                                              "reports": list(reports), "lenses": list(lenses)})
-    get_run_logger().info("report: %s (%d figures)", out / "report.html", len(paths) - 2)
-    return str(finish(out))
+    return paths
 
 
 def _answers(units: list[str]) -> pl.DataFrame:

@@ -414,8 +414,8 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
            run: dict) -> str:
     """The results table (vanilla vs unlearned per set, task and form), results.json and the
     selected neurons per tower/layer."""
-    from manu_core.demo import comparison_table
     from manu_core.evaluate import Summary
+    from manu_core.report import counts_note, run_tables, summaries_frame, tables_markdown
 
     def summaries(units):
         return [Summary(**s) for u in units for s in json.loads((Path(u) / "summary.json").read_text())]
@@ -428,7 +428,8 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
         per_layer = (table.group_by("tower", "layer").agg(units=pl.len(), selected=pl.col("selected").sum())
                      .sort("tower", "layer"))
     out = stage_dir()
-    md = f"# {title}\n\n{comparison_table(before, after, label='unlearned')}\n"
+    frame = summaries_frame({"vanilla": before, "unlearned": after})
+    md = f"# {title}\n\n{tables_markdown(run_tables(frame, 'unlearned'))}\n\n{counts_note(frame)}\n"
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text(md)
         per_layer.write_parquet(tmp / "selected_per_layer.parquet")

@@ -78,8 +78,9 @@ def test_run_demo_on_tiny(tiny_model_dir):
     assert {s["set"] for s in saved["vanilla"]} == {"forget", "test", "retain", "celebrity"}
     assert (result.out_dir / "model" / "selection.parquet").is_file()
     assert (result.out_dir / "report.md").read_text().startswith("# MANU demo")
-    assert "| forget | mc | accuracy (likelihood)" in result.report
-    assert "| celebrity | gen | factuality (offline-keyfact-overlap)" in result.report
+    assert "**Results · forget (each cell: image+text / text only" in result.report
+    assert "| MANU |" in result.report and "| change |" in result.report
+    assert "MC `likelihood`" in result.report and "Fact `offline-keyfact-overlap`" in result.report
     assert (result.out_dir / "eval-manu" / "forget-text" / "answers.parquet").is_file()
     reloaded, _ = load_model(result.out_dir / "model")
     assert reloaded is not None

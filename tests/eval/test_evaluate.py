@@ -130,8 +130,12 @@ def test_evaluate_all_units_and_report(tiny_model, items, tmp_path):
     summaries = evaluate(model, processor, capped, tmp_path, EvalConfig(mc_scorer="likelihood", instructions=False,
                                                                         max_new_tokens=16), progress=False)
     report = format_report(summaries)
-    assert "| forget | mc | accuracy | likelihood |" in report
-    assert report.count("\n") == 1 + 4 * 2  # header + 4 sets x (mc, cloze)
+    table = [l for l in report.splitlines() if l.startswith("|")]
+    assert table[0] == "| set | MC | Cloze |" and [l.split(" | ")[0] for l in table[2:]] == [
+        "| forget", "| test", "| retain", "| celebrity"]  # a row per set, both forms in each cell
+    mc = {(s.set, s.form): s.value for s in summaries if s.task == "mc"}
+    assert table[2].split(" | ")[1] == f"{100 * mc['forget', 'multimodal']:.1f} / {100 * mc['forget', 'text']:.1f}"
+    assert "MC `likelihood`" in report and "Cloze `substring`" in report
     assert read_answers(tmp_path).height == len(capped)
     assert cap_profiles(items, 1, seed=0) == cap_profiles(items, 1, seed=0)
 
@@ -146,7 +150,7 @@ def test_cli_evaluate(tiny_model_dir, tmp_path):
             "--sets", "forget,retain", "--tasks", "mc,cloze"]
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert "| forget | mc | accuracy | likelihood |" in out.output  # embedded model: likelihood by default
+    assert "| set | MC | Cloze |" in out.output and "MC `likelihood`" in out.output  # embedded: likelihood by default
     assert "bare questions" in out.output and "`offline-keyfact-overlap` (deterministic, not an LLM)" in out.output
     assert (tmp_path / "ev" / "report.md").is_file()
     assert sorted(p.name for p in (tmp_path / "ev").iterdir() if p.is_dir()) == [

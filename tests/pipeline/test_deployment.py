@@ -64,6 +64,15 @@ def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
         cli("work-pool", "create", "manu-pool", "--type", "process")
         deployed = cli("--no-prompt", "deploy", "--all")
         assert "manu/smoke" in deployed and "manu/full-sweep" in deployed
+        # The run form (the deployment's parameter schema, as the UI reads it): the importance weights
+        # are four labelled number fields, each saying what empty means, not an empty JSON editor.
+        [smoke] = httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {"any_": ["smoke"]}}},
+                             timeout=10).json()
+        schema = smoke["parameter_openapi_schema"]
+        weights = schema["definitions"]["RunConfig"]["properties"]["weights"]
+        fields = schema["definitions"][weights["$ref"].rsplit("/", 1)[-1]]["properties"]
+        assert sorted(fields) == ["abs", "freq", "rms", "var"]
+        assert all("the mode's default" in f["description"] and f["default"] is None for f in fields.values())
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "manu-pool", "--limit", "1",
                                    "--install-policy", "never"], env=env, cwd=REPO, stdout=logs["worker"],
                                   stderr=subprocess.STDOUT)

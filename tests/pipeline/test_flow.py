@@ -307,7 +307,7 @@ def test_baselines_are_methods_of_the_same_flow(first_run):
     assert not any(n.startswith("baseline") for n in prompting)
     # The system prompt makes other evaluations than the vanilla model's (same weights).
     assert sum(s == "Completed" for n, s in prompting.items() if n.startswith("evaluate-prompting-")) == 8
-    assert "| forget | gen |" in (Path(report) / "report.md").read_text()
+    assert "| method | MC | ROUGE-L | Fact | Cloze |" in (Path(report) / "report.md").read_text()
     _, npo = run_method(config(), "npo")
     assert npo["reference_model"] == "Completed" and npo["baseline-npo"] == "Completed"
     _, again = run_method(config(), "npo")

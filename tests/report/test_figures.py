@@ -147,19 +147,20 @@ def test_tradeoff_points_are_the_forget_drop_and_retain_accuracy():
 def test_paper_tables_have_table_2_and_7_only_when_the_sweep_has_them():
     tables = paper_tables(results())
     captions = [t.caption for t in tables]
-    assert captions[:3] == ["Table 1 (image+text): methods x sets x metrics", "Table 1 (text only): methods x sets x metrics",
-                            "Table 1 (average of both forms): methods x sets x metrics"]
+    assert [c.split(" (")[0] for c in captions[:4]] == [f"Table 1 · {s}" for s in SETS]  # a table per set
     assert any(c.startswith("Table 2") for c in captions) and any(c.startswith("Table 7") for c in captions)
     t1 = tables[0]
     assert [r[0] for r in t1.rows] == ["vanilla", "ga", "manu α=0.05", "manu α=0.1"]  # ablations in Table 7 only
-    assert t1.header[1] == "forget MC" and len(t1.header) == 1 + 4 * 4
-    assert t1.rows[0][1] == "90.0"  # vanilla forget MC accuracy, in %
+    assert t1.header == ["method", "MC", "ROUGE-L", "Fact", "Cloze"]  # narrow: fits the artifact pane
+    vanilla = results().filter((pl.col("method") == "vanilla") & (pl.col("set") == "forget") & (pl.col("task") == "mc"))
+    mm, text = (vanilla.filter(pl.col("form") == f)["value"][0] for f in ("multimodal", "text"))
+    assert t1.rows[0][1] == f"{100 * mm:.1f} / {100 * text:.1f}"  # image+text / text only, in %
     t2 = next(t for t in tables if t.caption.startswith("Table 2"))
-    assert [r[0] for r in t2.rows] == ["0.05", "0.1"]
+    assert [r[:2] for r in t2.rows[:2]] == [["forget", "0.05"], ["forget", "0.1"]]
     t7 = next(t for t in tables if t.caption.startswith("Table 7"))
-    assert [r[0] for r in t7.rows] == ["all four", "without var"]
+    assert [r[1] for r in t7.rows[:2]] == ["all four", "without var"]
     single = paper_tables(results(methods=METHODS[:3]))
-    assert len(single) == 3  # one α, no ablation: Table 1 only
+    assert len(single) == 4  # one α, no ablation: Table 1 only (one per set)
 
 
 def test_report_links_every_figure_and_embeds_them_in_html(tmp_path, activations):
@@ -174,10 +175,20 @@ def test_report_links_every_figure_and_embeds_them_in_html(tmp_path, activations
         assert f"(figures/{name})" in md
     page = paths["report.html"].read_text()
     assert page.count("<img src='data:image/png;base64,") == 5 and "<b>fixture</b>" in page
-    assert page.count("<table>") == 5  # Table 1 x 3 forms, Table 2, Table 7
+    assert page.count("<table>") == 6  # Table 1 x 4 sets, Table 2, Table 7
     embedded = artifact_markdown(tmp_path / "rep")
     assert "(figures/" not in embedded and embedded.count("data:image/png;base64,") == 5
     again = build_report(tmp_path / "rep2", "Sweep on fixture", results(), lens=lens(),
                          activations={"forget_5": activations}, selected={"forget_5": PER_LAYER}, chosen_alpha=0.05,
                          notes="made from a **fixture**")
     assert again["report.html"].read_bytes() == page.encode()  # same inputs, same bytes
+
+
+def test_figures_have_an_opaque_background_for_the_dark_theme(tmp_path):
+    """Prefect's dark theme shows a PNG on a dark page: transparent pixels would put black labels on
+    black. Every pixel of a figure is opaque."""
+    from PIL import Image
+
+    path = F.plot_form_bars(results(), tmp_path / "bars.png", title="t")
+    alpha = Image.open(path).convert("RGBA").getchannel("A")
+    assert alpha.getextrema() == (255, 255)

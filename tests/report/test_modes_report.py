@@ -1,4 +1,4 @@
-"""The report with scoring modes and the random control: random runs grouped over seeds (mean [min–max]),
+"""The report with scoring modes and the random control: random runs grouped over seeds (their mean, then their min–max),
 each beside the MANU variant it shadows; Table 2 a row block per mode; the figures draw one mean per group."""
 
 import itertools
@@ -55,35 +55,34 @@ def test_random_groups_collect_the_seeds_of_each_shadowed_variant():
 
 
 def test_table_1_puts_each_random_control_after_its_manu_variant_as_mean_and_range():
-    t_mm, t_text, t_avg = paper_tables(frame())[:3]
-    assert t_mm.caption.endswith("; random: mean [min–max] over seeds")
-    assert [r[0] for r in t_mm.rows] == [
+    forget, retain = paper_tables(frame())[:2]  # a table per set, both forms in each cell
+    assert forget.caption.startswith("Table 1 · forget (each cell: image+text / text only")
+    assert forget.header == ["method", "MC", "Fact"]
+    assert [r[0] for r in forget.rows] == [
         "vanilla", "ga", "manu[paper] α=0.05", "manu[paper] α=0.1", "random(manu[paper] α=0.1), seeds 0,1,2",
-        "manu[released] α=0.05", "random(manu[released] α=0.05), seed 0", "manu[released] α=0.1"]
-    col = t_mm.header.index("forget MC")
-    by = {r[0]: r for r in t_mm.rows}
-    # image+text: seeds 0.5, 0.35, 0.2 -> mean 0.35, range 0.2–0.5 (in %)
-    assert by["random(manu[paper] α=0.1), seeds 0,1,2"][col] == "35.0 [20.0–50.0]"
-    # text only: each 0.1 higher
-    assert {r[0]: r for r in t_text.rows}["random(manu[paper] α=0.1), seeds 0,1,2"][col] == "45.0 [30.0–60.0]"
-    # average of the forms per seed first (0.55, 0.4, 0.25), then over seeds
-    assert {r[0]: r for r in t_avg.rows}["random(manu[paper] α=0.1), seeds 0,1,2"][col] == "40.0 [25.0–55.0]"
-    # all seeds equal: the range collapses to one number's bounds
-    fact = t_mm.header.index("retain Fact")
-    assert by["random(manu[paper] α=0.1), seeds 0,1,2"][fact] == "0.80 [0.80–0.80]"
-    assert by["random(manu[released] α=0.05), seed 0"][col] == "40.0"  # one seed: its value
-    assert by["manu[paper] α=0.1"][col] == "60.0" and by["vanilla"][col] == "90.0"
+        "↳ seeds min–max", "manu[released] α=0.05", "random(manu[released] α=0.05), seed 0", "manu[released] α=0.1"]
+    by = {r[0]: r for r in forget.rows}
+    rnd = forget.rows.index(by["random(manu[paper] α=0.1), seeds 0,1,2"])
+    # image+text: seeds 0.5, 0.35, 0.2 -> mean 0.35 (in %); text only: each 0.1 higher
+    assert forget.rows[rnd][1] == "35.0 / 45.0"
+    assert forget.rows[rnd + 1][1] == "20–50 / 30–60"  # the seeds' spread, per form, the row below
+    # all seeds equal: the spread collapses to one number's bounds
+    assert {r[0]: r for r in retain.rows}["random(manu[paper] α=0.1), seeds 0,1,2"][2] == "0.80 / 0.80"
+    assert retain.rows[retain.rows.index({r[0]: r for r in retain.rows}["random(manu[paper] α=0.1), seeds 0,1,2"]) + 1][2] == "0.8–0.8 / 0.8–0.8"
+    assert by["random(manu[released] α=0.05), seed 0"][1] == "40.0 / 40.0"  # one seed: its value, no spread row
+    assert by["manu[paper] α=0.1"][1] == "60.0 / 60.0" and by["vanilla"][1] == "90.0 / 90.0"
 
 
 def test_table_2_has_a_row_block_per_mode_and_table_7_the_paper_ablation():
     tables = {t.caption.split(":")[0]: t for t in paper_tables(frame())}
     t2 = tables["Table 2"]
-    assert t2.header[:3] == ["scoring", "α", "forget MC"] and "per scoring mode" in t2.caption
-    assert [r[:3] for r in t2.rows] == [["paper", "0.05", "60.0"], ["paper", "0.1", "60.0"],
-                                        ["released", "0.05", "70.0"], ["released", "0.1", "70.0"]]
+    assert t2.header[:4] == ["set", "scoring", "α", "MC"] and "per scoring mode" in t2.caption
+    assert [r[:4] for r in t2.rows[:4]] == [["forget", "paper", "0.05", "60.0 / 60.0"], ["forget", "paper", "0.1", "60.0 / 60.0"],
+                                            ["forget", "released", "0.05", "70.0 / 70.0"], ["forget", "released", "0.1", "70.0 / 70.0"]]
+    assert [r[0] for r in t2.rows] == ["forget"] * 4 + ["retain"] * 4
     t7 = tables["Table 7"]
-    assert [r[0] for r in t7.rows] == ["all four", "without var"] and "paper scoring" in t7.caption
-    assert t7.rows[0][1] == "60.0"  # the paper-mode reference at α=0.05, not the released one
+    assert [r[1] for r in t7.rows[:2]] == ["all four", "without var"] and "paper scoring" in t7.caption
+    assert t7.rows[0][2] == "60.0 / 60.0"  # the paper-mode reference at α=0.05, not the released one
 
 
 def test_seed_means_gives_the_figures_one_method_per_random_control():
@@ -99,5 +98,5 @@ def test_seed_means_gives_the_figures_one_method_per_random_control():
 def test_report_of_modes_and_random_controls_renders(tmp_path):
     paths = build_report(tmp_path / "rep", "modes", frame())
     md = paths["report.md"].read_text()
-    assert "| random(manu[paper] α=0.1), seeds 0,1,2 | 35.0 [20.0–50.0] |" in md
-    assert md.count("**Table") == 5 and (tmp_path / "rep" / "figures" / "forget_5-fig4-form-bars.png").is_file()
+    assert "| random(manu[paper] α=0.1), seeds 0,1,2 | 35.0 / 45.0 |" in md
+    assert md.count("**Table") == 4  # Table 1 for forget and retain, Table 2, Table 7 and (tmp_path / "rep" / "figures" / "forget_5-fig4-form-bars.png").is_file()
