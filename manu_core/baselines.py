@@ -241,9 +241,18 @@ def train_reference(preset, vanilla_dir, forget_ids: Sequence[str], out, *, prog
     from manu_core import data as mdata
     from manu_core.models import build_tiny_model, load_model, save_model
     from manu_core.presets import preset_dataset
+    from manu_core.train import torch_threads, train_stage
+
+    with torch_threads(preset.threads):
+        return _train_reference(preset, vanilla_dir, forget_ids, out, progress=progress)
+
+
+def _train_reference(preset, vanilla_dir, forget_ids: Sequence[str], out, *, progress: bool):
+    from manu_core import data as mdata
+    from manu_core.models import build_tiny_model, load_model, save_model
+    from manu_core.presets import preset_dataset
     from manu_core.train import train_stage
 
-    torch.set_num_threads(preset.threads)
     _, processor = load_model(vanilla_dir)
     ds = preset_dataset(preset)
     gone = set(forget_ids)

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites
 from manu_core.data import Dataset, Sample, samples as profile_samples
 from manu_core.io import atomic_dir
+from manu_core.models import as_dtype
 from manu_core.prompts import encode_samples, model_inputs
 from manu_core.store import FORMS, SPLITS, TOKEN_STATS, TOKEN_TAU, write_partition
 from manu_core.vocab import did_you_mean
@@ -535,10 +536,7 @@ def extract_activations(
     `images` resolves image keys (None: the embedded portraits; a local MLLMU-Bench's `Benchmark.image`).
     """
     _check_aggregation(aggregation, with_answers)
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ExtractionError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}.")
-        dtype = getattr(torch, dtype)
+    dtype = as_dtype(dtype)
     if getattr(model, "hf_device_map", None) is None and (device is not None or dtype is not None):
         model.to(device=device, dtype=dtype)
     if isinstance(data, Dataset):

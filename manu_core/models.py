@@ -188,15 +188,24 @@ def build_tiny_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: i
 # Loading
 
 
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name ('bfloat16'), a dtype, or None (keep what the weights have)."""
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ModelError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}.")
+        return getattr(torch, dtype)
+    return dtype
+
+
 def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
-    """(model, processor) from a preset name (`tiny`, `lite`, ...: its vanilla model, trained on
-    first use by `presets.resolve_model`) or a local folder saved with `save_pretrained` (a real
+    """(model, processor) from a preset name (`tiny`, `lite`, ...: its trained vanilla model; loading
+    never trains: `presets.resolve_model` trains a preset on first use) or a local folder saved with `save_pretrained` (a real
     LLaVA-1.5 / Idefics2 checkpoint, or any saved model of this tool). Never downloads;
     `trust_remote_code` stays off. `dtype` None: the dtype the folder was saved in (a bfloat16
     checkpoint stays bfloat16, so a model pruned or unlearned from it is saved in bfloat16 too)."""
     from manu_core.presets import resolve_model  # presets builds on this module
 
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, train=False)  # loading loads: a preset is trained by resolve_model
     if not path.is_dir():
         raise ModelError(
             f"model path is not a folder: {path}. Pass a folder with config.json and safetensors weights "
@@ -204,10 +213,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", 
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json; it is not a saved transformers model folder.")
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ModelError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}.")
-        dtype = getattr(torch, dtype)
+    dtype = as_dtype(dtype)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or "auto", local_files_only=True, trust_remote_code=False
     )

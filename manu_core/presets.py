@@ -33,7 +33,7 @@ from manu_core.models import (
     tiny_config,
     train_tokenizer,
 )
-from manu_core.train import StageConfig, train_stage
+from manu_core.train import StageConfig, torch_threads, train_stage
 from manu_core.vocab import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,9 @@ def check_items(ds: mdata.Dataset, preset: Preset) -> list[mdata.EvalItem]:
     return [it for it in mdata.eval_items(ds) if it.set in ("forget", "retain", "celebrity") and it.profile_id in keep]
 
 
-def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
-    """A preset name -> its trained vanilla model folder (trained on first use); a path -> itself."""
+def resolve_model(name_or_path: str | Path, *, progress: bool = True, train: bool = True) -> Path:
+    """A preset name -> its trained vanilla model folder (trained on first use; with `train` False,
+    a ModelError instead of training); a path -> itself."""
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
         key = preset.key()
@@ -232,6 +233,10 @@ def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
         same = sorted(p for p in out.parent.glob(f"*-{key}") if (p / "manu_preset.json").is_file())
         if same:
             return same[0]
+        if not train:
+            raise ModelError(f"preset {preset.name!r} has no trained model under {out.parent} yet. Train it first: "
+                             f"presets.resolve_model({preset.name!r}) (or `manu run --model {preset.name}`), then load "
+                             "the folder it returns.")
         log.info("training the vanilla model of preset %r into %s", preset.name, out)
         return train_vanilla(preset, out, progress=progress)
     path = Path(name_or_path)

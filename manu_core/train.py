@@ -10,6 +10,8 @@ different thread count changes the bits, not the accuracy). Answer tokens only c
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import random
 import time
@@ -127,3 +129,14 @@ def train_stage(
     bar.close()
     model.eval()
     return curve
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` inside the block, restored after (also on error)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

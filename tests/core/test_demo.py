@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from manu_core.importance import ImportanceParams
 from manu_core.models import load_model
+from manu_core.prune import pruned_weights_are_zero
 from manu_core.presets import get_preset, preset_dataset
 from manu_core.unlearn import manu_unlearn, random_selection
 
@@ -83,4 +84,5 @@ def test_run_demo_on_tiny(tiny_model_dir):
     assert "MC `likelihood`" in result.report and "Fact `offline-keyfact-overlap`" in result.report
     assert (result.out_dir / "eval-manu" / "forget-text" / "answers.parquet").is_file()
     reloaded, _ = load_model(result.out_dir / "model")
-    assert reloaded is not None
+    pruned = pl.read_parquet(result.out_dir / "model" / "selection.parquet").filter(pl.col("selected"))
+    assert pruned.height == saved["prune"]["n_pruned"] and pruned_weights_are_zero(reloaded, pruned)

@@ -53,11 +53,31 @@ def form_samples(ds, form, n=None):
     return out[:n] if n else out
 
 
+# Where each architecture's MLP blocks are, written here from the models' own module trees (not
+# from manu_core.arch), so the reference does not reuse the implementation's hook sites.
+MLP_BLOCKS = {("llava", "language"): "model.language_model.layers.{}.mlp",
+              ("llava", "vision"): "model.vision_tower.encoder.layers.{}.mlp",
+              ("idefics2", "language"): "model.text_model.layers.{}.mlp",
+              ("idefics2", "vision"): "model.vision_model.encoder.layers.{}.mlp",
+              ("qwen2_vl", "language"): "model.language_model.layers.{}.mlp",
+              ("qwen2_vl", "vision"): "model.visual.blocks.{}.mlp"}
+
+
+def _hidden(mlp, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's hidden units computed from its input: act(gate(x))·up(x) (gated: Llama, Mistral,
+    Qwen2) or act(fc1(x)) (plain: CLIP, SigLIP, Qwen2-VL's vision blocks)."""
+    if hasattr(mlp, "gate_proj"):
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    act = mlp.activation_fn if hasattr(mlp, "activation_fn") else mlp.act  # Qwen2-VL's VisionMlp: `act`
+    return act(mlp.fc1(x))
+
+
 def capture(model, sites, enc):
-    """Reference: the full (.., d_mlp) input of every site's down_proj/fc2."""
+    """Reference: every site's full (.., d_mlp) hidden units, recomputed from the MLP block's input."""
     caps = {}
-    handles = [model.get_submodule(s.hook_path).register_forward_pre_hook(
-        lambda m, a, s=s: caps.__setitem__(s, a[0].detach().clone())) for s in sites]
+    arch = model.config.model_type
+    handles = [model.get_submodule(MLP_BLOCKS[arch, s.tower].format(s.layer)).register_forward_pre_hook(
+        lambda m, a, s=s: caps.__setitem__(s, _hidden(m, a[0]).detach().clone())) for s in sites]
     try:
         with torch.no_grad():
             model(**model_inputs(enc))
@@ -404,7 +424,7 @@ def test_bad_stream_inputs(tmp_path, ds, models):
         extract_activations(model, proc, {("forget", "text"): mm}, tmp_path / "x", progress=False)
     with pytest.raises(ExtractionError, match="mixes multimodal and text-only"):
         extract_stream(model, proc, mm + form_samples(ds, "text", 1), progress=False)
-    with pytest.raises(ExtractionError, match="dtype must name a torch dtype"):
+    with pytest.raises(ValueError, match="dtype must name a torch dtype"):
         extract_activations(model, proc, ds, tmp_path / "x", dtype="float33", progress=False)
 
 

@@ -115,6 +115,33 @@ def test_hand_computed_importances(paper_store):
     assert df["selected"].to_list() == [False, True, False]  # k = ⌊0.5·3⌋ = 1
 
 
+def test_hand_computed_with_unequal_stream_sizes(tmp_path):
+    """Means where method.md says mean, counts where it says count: with M != T a sum-based A or Q, or
+    a share-based N, gives other numbers. One unit, ε = 0, τ = 0.1:
+    forget: image+text 0.5, 0.25, 0 (M = 3), text 0.75 (T = 1); retain: image+text 0.5, -0.5 (M = 2),
+    text 0.5, -0.5, 0.5, -0.5 (T = 4)."""
+    put(tmp_path, "forget", "multimodal", "language", 0, [[0.5], [0.25], [0.0]])
+    put(tmp_path, "forget", "text", "language", 0, [[0.75]])
+    put(tmp_path, "retain", "multimodal", "language", 0, [[0.5], [-0.5]])
+    put(tmp_path, "retain", "text", "language", 0, [[0.5], [-0.5], [0.5], [-0.5]])
+    df = compute_importance(tmp_path, ImportanceParams(eps=0.0, alpha=0.5))
+    # A_m = 0.75/3 = 0.25, A_t = 0.75 -> 0.5 / 1.0 (sums 0.75 vs 0.75 would give 0)
+    assert df["forget_abs"][0] == pytest.approx(0.5, abs=1e-12)
+    # N_m = 2 (0 is not > τ), N_t = 1 -> 1/3 (shares 2/3 vs 1 would give 0.2)
+    assert df["forget_freq"][0] == pytest.approx(1 / 3, abs=1e-12)
+    # V_m = (0.25 + 0.0625 + 0)/3 − 0.25² = 1/24, V_t = 0
+    assert df["forget_var"][0] == pytest.approx(math.sqrt(1 / 24), abs=1e-12)
+    # Q_m = 0.3125/3 = 5/48, Q_t = 27/48 -> sqrt(22/32) (sums 0.3125 vs 0.5625 would give sqrt(2/7))
+    assert df["forget_rms"][0] == pytest.approx(math.sqrt(11 / 16), abs=1e-12)
+    forget = 0.5 + 1 / 3 + math.sqrt(1 / 24) + math.sqrt(11 / 16)
+    # retain: A 0.5 vs 0.5 -> 0; N 2 vs 4 -> 2/6; V 0.25 and 0.25 -> sqrt(0.5); Q 0.25 vs 0.25 -> 0
+    assert df["retain_abs"][0] == 0.0 and df["retain_rms"][0] == 0.0
+    assert df["retain_freq"][0] == pytest.approx(1 / 3, abs=1e-12)
+    retain = 1 / 3 + math.sqrt(0.5)
+    assert df["retain_importance"][0] == pytest.approx(retain, abs=1e-12)
+    assert df["score"][0] == pytest.approx(forget / retain, abs=1e-12)
+
+
 def test_hand_computed_with_default_eps(paper_store):
     df = compute_importance(paper_store, ImportanceParams())
     eps = 1e-5

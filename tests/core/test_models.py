@@ -85,7 +85,7 @@ def test_bad_inputs():
         TinySpec(arch="qwen")
 
 
-def test_load_rejects_folder_without_config_and_bad_dtype(tmp_path):
+def test_load_rejects_a_folder_without_config_and_a_file(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path)
     (tmp_path / "file").write_text("x")
@@ -93,8 +93,17 @@ def test_load_rejects_folder_without_config_and_bad_dtype(tmp_path):
         load_model(tmp_path / "file")
 
 
+def test_dtype_names_are_parsed_once_and_checked():
+    from manu_core.models import as_dtype
+
+    assert as_dtype("bfloat16") is torch.bfloat16 and as_dtype(torch.float16) is torch.float16 and as_dtype(None) is None
+    for bad in ("float33", "Tensor", "nn"):  # not a name, or a torch attribute that is not a dtype
+        with pytest.raises(ModelError, match=f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got '{bad}'"):
+            as_dtype(bad)
+
+
 @pytest.mark.slow
-def test_load_rejects_bad_dtype(tiny_model_dir):
+def test_load_rejects_bad_dtype_before_reading_weights(tiny_model_dir):
     with pytest.raises(ModelError, match="dtype must name a torch dtype"):
         load_model(tiny_model_dir, dtype="float33")
 
@@ -169,3 +178,22 @@ def test_load_model_takes_a_preset_name_or_a_path(tiny_model_dir):
     by_path, _ = load_model(tiny_model_dir)
     assert type(proc).__name__ == "LlavaProcessor"
     assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values()))
+
+
+def test_loading_a_preset_never_trains_it(tmp_path, monkeypatch):
+    """`load_model` loads; training a preset is `presets.resolve_model`'s job (said in the error)."""
+    monkeypatch.setenv("MANU_ARTIFACTS", str(tmp_path))  # no trained model here
+    with pytest.raises(ModelError, match=r"preset 'tiny' has no trained model .* presets.resolve_model\('tiny'\)"):
+        load_model("tiny")
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_torch_threads_are_restored_also_on_error():
+    from manu_core.train import torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

@@ -71,6 +71,18 @@ def test_rouge_l_equals_rouge_score(pred, ref):
     assert rouge_l(pred, ref) == pytest.approx(want, abs=0)
 
 
+@pytest.mark.parametrize("pred, ref, want", [
+    # LCS over tokens; P = LCS/len(pred), R = LCS/len(ref), F = 2PR/(P+R). Tokens are lower-cased words.
+    ("she was born in riga", "this person was born in riga latvia", 2 * (4 / 5) * (4 / 7) / (4 / 5 + 4 / 7)),
+    ("born riga", "riga born", 0.5),  # LCS 1 of 2 and 2 -> P = R = 0.5
+    ("The Engineer", "an engineer", 0.5),  # "engineer" matches across case: LCS 1, P = R = 1/2
+    ("a b c", "x y z", 0.0),
+    ("", "this person is female", 0.0),
+])
+def test_rouge_l_hand_computed(pred, ref, want):
+    assert rouge_l(pred, ref) == pytest.approx(want, abs=1e-12)
+
+
 def test_rouge_l_uses_stemming():
     assert rouge_l("runs", "running") == 1.0
     assert rouge_l("a b c", "x y z") == 0.0

@@ -1,0 +1,50 @@
+"""Golden files: the rendered reports, byte for byte, so a formatting change is a reviewed diff.
+
+    MANU_UPDATE_GOLDEN=1 pytest tests/report/test_golden.py   # rewrite them after an intended change
+
+The inputs are fixed tables (no model), so the files only move when the rendering does."""
+
+import os
+from pathlib import Path
+
+from manu_core.evaluate import Summary, format_report
+from manu_core.report import build_report, counts_note, run_tables, summaries_frame, tables_markdown
+from tests.report.test_figures import results as sweep_results
+from tests.report.test_modes_report import frame as modes_frame
+
+GOLDEN = Path(__file__).with_name("golden")
+
+
+def check(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("MANU_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.is_file(), f"{path} missing: run with MANU_UPDATE_GOLDEN=1 to write it"
+    assert text == path.read_text(), f"{name} changed: review the diff, then MANU_UPDATE_GOLDEN=1 to accept it"
+
+
+def summaries(shift: float) -> list[Summary]:
+    out = []
+    for i, (s, form) in enumerate((s, f) for s in ("forget", "test", "retain", "celebrity") for f in ("multimodal", "text")):
+        for task, metric, scorer, v in (("mc", "accuracy", "likelihood", 0.9), ("gen", "rougeL_f1", "rouge-score", 0.8),
+                                        ("gen", "factuality", "offline-keyfact-overlap", 8.0), ("cloze", "accuracy", "substring", 0.4)):
+            scale = 10 if metric == "factuality" else 1
+            out.append(Summary(set=s, form=form, task=task, metric=metric, scorer=scorer,
+                               value=v - shift * scale * (i % 3) / 4, n=12 + i))
+    return out
+
+
+def test_sweep_report_markdown(tmp_path):
+    paths = build_report(tmp_path, "Sweep on fixture", sweep_results(), chosen_alpha=0.05, notes="Fixture notes.")
+    check("sweep-report.md", paths["report.md"].read_text())
+
+
+def test_modes_report_markdown(tmp_path):
+    check("modes-report.md", build_report(tmp_path, "modes", modes_frame())["report.md"].read_text())
+
+
+def test_run_report_and_evaluate_tables():
+    frame = summaries_frame({"vanilla": summaries(0.0), "unlearned": summaries(0.2)})
+    check("run-report.md", tables_markdown(run_tables(frame, "unlearned")) + "\n\n" + counts_note(frame) + "\n")
+    check("evaluate-report.md", format_report(summaries(0.1)) + "\n")
+
