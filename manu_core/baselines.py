@@ -238,10 +238,7 @@ def unlearn_gradient(
 def train_reference(preset, vanilla_dir, forget_ids: Sequence[str], out, *, progress: bool = True):
     """π_ref for NPO: the preset's own training recipe (celebrity base, then the fine-tune, with the
     same tokenizer and seed) on the retain profiles only. Saved atomically into `out`."""
-    from manu_core import data as mdata
-    from manu_core.models import build_tiny_model, load_model, save_model
-    from manu_core.presets import preset_dataset
-    from manu_core.train import torch_threads, train_stage
+    from manu_core.train import torch_threads
 
     with torch_threads(preset.threads):
         return _train_reference(preset, vanilla_dir, forget_ids, out, progress=progress)

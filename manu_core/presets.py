@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
 
 from manu_core import data as mdata
 from manu_core.evaluate import evaluate_basic, format_summaries
@@ -80,7 +79,7 @@ class Preset:
         h.update((mdata.MLLMU_DIR / "train_qa.jsonl").read_bytes())
         for mod in ("data", "prompts", "portraits", "train"):
             h.update((Path(__file__).with_name(f"{mod}.py")).read_bytes())
-        for obj in (TinySpec, train_tokenizer, build_processor, tiny_config, build_tiny_model, train_vanilla):
+        for obj in (TinySpec, train_tokenizer, build_processor, tiny_config, build_tiny_model, _train_vanilla):
             h.update(inspect.getsource(obj).encode())
         h.update((LLAVA_CHAT_TEMPLATE + IDEFICS2_CHAT_TEMPLATE).encode())
         return h.hexdigest()[:12]
@@ -179,8 +178,13 @@ def tokenizer_corpus(ds: mdata.Dataset) -> list[str]:
 
 def train_vanilla(preset: Preset, out: Path, *, progress: bool = True) -> Path:
     """Train the preset's vanilla model into `out` (atomic): base on celebrities, then fine-tune on
-    all fictitious profiles, both forms. Writes config, loss curve and recall beside the weights."""
-    torch.set_num_threads(preset.threads)
+    all fictitious profiles, both forms. Writes config, loss curve and recall beside the weights.
+    torch's thread count is the preset's while it trains, and restored after."""
+    with torch_threads(preset.threads):
+        return _train_vanilla(preset, out, progress=progress)
+
+
+def _train_vanilla(preset: Preset, out: Path, *, progress: bool) -> Path:
     ds = preset_dataset(preset)
     tokenizer = train_tokenizer(tokenizer_corpus(ds), preset.spec.vocab_size)
     processor = build_processor(preset.spec, tokenizer)
