@@ -331,6 +331,10 @@ def run(
     benchmark: Optional[Path] = typer.Option(None, help="local MLLMU-Bench folder (hub parquet layout): the "
                                              "streams, baselines, logit lens and evaluation read its own questions "
                                              "and images"),
+    relearn: bool = typer.Option(False, "--relearn", help="relearning attacks on the unlearned model: a brief "
+                                 "fine-tune on half the forget profiles (text only, image+text) or on retain only, "
+                                 "then the other half evaluated (manu_core/relearn.py)"),
+    relearn_steps: int = typer.Option(20, "--relearn-steps", help="--relearn: optimizer steps per attack"),
 ) -> None:
     """The `manu` Prefect flow, once: cached tasks, UI artifacts, the results table at the end."""
     from pydantic import ValidationError
@@ -359,7 +363,7 @@ def run(
         config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,
                            scoring_options=parse_scoring_options(scoring_option), iterative=iterative, step=step,
                            random_seeds=seed_list, benchmark=str(benchmark) if benchmark else None,
-                           eval=EvalSettings(max_profiles=caps))
+                           eval=EvalSettings(max_profiles=caps), relearn={"enabled": relearn, "steps": relearn_steps})
         config.check_data()  # forget among the profiles the model learned, before any server or task
     except ValidationError as e:  # the rule, the value and the fix, without pydantic's echo of every field
         _fail(ValueError("; ".join((".".join(map(str, err["loc"])) + ": " if err["loc"] else "")

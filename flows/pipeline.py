@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR, OFFICIAL_SPLITS
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
+from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS, check as relearn_check
 from manu_core.vocab import did_you_mean
 from tasks import reporting, stages
 
@@ -115,6 +116,46 @@ class BaselineSettings(BaseModel):
         return {**base, "forms": tuple(self.forms), "beta": self.beta}
 
 
+class RelearnSettings(BaseModel):
+    """Relearning attacks on every unlearned model of a run (manu_core/relearn.py): a brief fine-tune
+    on an attack set, then the held-out half of the forget profiles evaluated in both forms. Off by
+    default (it adds a fine-tune and two evaluations per attack, mask and model)."""
+
+    enabled: bool = False
+    attacks: list[str] = Field(default_factory=lambda: list(RELEARN_ATTACKS),
+                               description="forget-text | forget-multimodal (the attack half of the forget profiles, "
+                                           "one form) | retain (retain profiles only)")
+    masks: list[str] = Field(default_factory=lambda: list(RELEARN_MASKS),
+                             description="free (every weight trains) | frozen (pruned units held at 0; pruning "
+                                         "methods only)")
+    steps: int = Field(20, ge=1, description="optimizer steps of the fine-tune")
+    lr: Optional[float] = Field(None, gt=0, description="None: the preset's fine-tune lr (tiny models), else 2e-5")
+    batch_size: int = Field(4, ge=1)
+    lora: Optional[bool] = Field(None, description="None: full fine-tune of a tiny model, LoRA (r 16) of a checkpoint")
+    tasks: list[str] = Field(default_factory=lambda: ["mc"], description="evaluation tasks of the held-out half")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for a in self.attacks:
+            relearn_check(a, "free")
+        for m in self.masks:
+            relearn_check("retain", m)
+        if not self.attacks or not self.masks:
+            raise ValueError("relearn.attacks and relearn.masks must each name at least one; "
+                             f"got attacks={self.attacks}, masks={self.masks}.")
+        return self
+
+    def params_for(self, model_dir: str) -> dict:
+        """The fine-tune's StageConfig fields for this model."""
+        from manu_core.presets import preset_of
+
+        preset = preset_of(model_dir)
+        lora = self.lora if self.lora is not None else preset is None
+        lr = self.lr or (preset.finetune.lr if preset else 2e-5)
+        return {"epochs": 10_000, "max_steps": self.steps, "lr": lr, "batch_size": self.batch_size,
+                "lora_r": 16 if lora else 0}
+
+
 # The tiny models train fully (no LoRA). The benchmark unlearns at the learning rate its vanilla
 # model was fine-tuned with (2e-5); the same rule on a tiny model gives its preset's fine-tune lr
 # (1e-3): at 2e-5 or 1e-4 for one epoch a tiny model does not move. Not tuned on the evaluation sets.
@@ -188,6 +229,7 @@ class RunConfig(BaseModel):
     reference: Optional[str] = Field(None, description="NPO's reference model (fine-tuned on retain only); "
                                      "None: trained here for an embedded preset")
     lens_samples: int = Field(32, ge=0, description="logit lens (report Fig. 2): QA pairs per (split, form); 0 = all")
+    relearn: RelearnSettings = Field(default_factory=RelearnSettings)
 
     @model_validator(mode="after")
     def _check(self):
@@ -528,6 +570,33 @@ def _evaluate_all(model_dir: str, shared: "Shared", label: str, overrides: Optio
             for s in cfg.eval.sets for f in cfg.eval.forms]
 
 
+def _held_out(model_dir: str, shared: "Shared", label: str, overrides: Optional[dict] = None) -> list:
+    """The held-out half of the forget profiles (relearn.halves), both forms, the relearning tasks."""
+    cfg = shared.config
+    settings = {**cfg.eval.config_for(shared.model_dir), **(overrides or {})}
+    return [stages.evaluate.submit(model_dir, shared.data, "forget", f, settings, 0, device=cfg.device, dtype=cfg.dtype,
+                                   label=label, progress=False, held_out=True, tasks=cfg.relearn.tasks)
+            for f in cfg.eval.forms]
+
+
+def _relearn(shared: "Shared", unlearned: str, label: str, overrides: Optional[dict]) -> dict[str, list[str]]:
+    """Every attack x mask on the unlearned model, then the held-out half evaluated; with the vanilla
+    and the unlearned model on the same questions: {stage: [evaluation unit folders]}."""
+    cfg = shared.config
+    prunes = (Path(unlearned) / "selection.parquet").is_file()
+    runs = {"vanilla": _held_out(shared.model_dir, shared, "vanilla", overrides),
+            "unlearned": _held_out(unlearned, shared, label, overrides)}
+    params = cfg.relearn.params_for(shared.model_dir)
+    for attack in cfg.relearn.attacks:
+        for mask in cfg.relearn.masks:
+            if mask == "frozen" and not prunes:
+                continue
+            model = stages.relearn(unlearned, shared.data, attack, mask, params, seed=cfg.seed, device=cfg.device,
+                                   label=label, progress=False)
+            runs[f"{attack}/{mask}"] = _held_out(model, shared, f"{label}-{attack}-{mask}", overrides)
+    return {stage: _results(fs) for stage, fs in runs.items()}
+
+
 def _results(futures: list) -> list[str]:
     wait(futures)
     return [f.result() for f in futures]
@@ -626,7 +695,10 @@ def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> 
            "vanilla_model": shared.model_dir, "data": shared.data, "activations": shared.activations,
            "system": overrides.get("system"), "mode": variant.get("mode"), "seed": variant.get("seed"),
            "shadows": variant.get("shadows")}
-    rep = stages.report(vanilla_units, units, imp, title, run=run)
+    relearn = _relearn(shared, unlearned, _slug(label), overrides) if cfg.relearn.enabled and method != "prompting" else {}
+    rep = stages.report(vanilla_units, units, imp, title, run=run,
+                        relearn_units=[u for us in relearn.values() for u in us],
+                        relearn_labels=[stage for stage, us in relearn.items() for _ in us])
     _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{label}"))
     return rep, lens.result() if lens is not None else None
 

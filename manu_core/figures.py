@@ -155,6 +155,67 @@ def plot_form_bars(results: pl.DataFrame, path: str | Path, *, title: str = "") 
     return save_figure(fig, path)
 
 
+RELEARN_COLUMNS = ("method", "stage", "form", "task", "metric", "value")
+
+
+def relearn_stages(relearn: pl.DataFrame) -> list[str]:
+    """vanilla, unlearned, then <attack>/<mask> in attack order (free before frozen)."""
+    from manu_core.relearn import ATTACKS, MASKS
+
+    def rank(stage: str) -> tuple:
+        if stage in ("vanilla", "unlearned"):
+            return (0, stage != "vanilla")
+        attack, _, mask = stage.partition("/")
+        return (1, ATTACKS.index(attack) if attack in ATTACKS else 9, MASKS.index(mask) if mask in MASKS else 9)
+
+    return sorted(set(relearn["stage"].to_list()), key=rank)
+
+
+def relearn_value(relearn: pl.DataFrame, method: str, stage: str, form: str) -> float | None:
+    """Held-out forget multiple-choice accuracy of one method after one stage, in one form."""
+    q = relearn.filter((pl.col("method") == method) & (pl.col("stage") == stage) & (pl.col("form") == form)
+                       & (pl.col("task") == "mc") & (pl.col("metric") == "accuracy"))
+    return float(q["value"].mean()) if q.height else None
+
+
+def plot_relearn(relearn: pl.DataFrame, path: str | Path, *, mask: str = "free", title: str = "") -> Path:
+    """Per form (panels), per method (rows): held-out forget MC accuracy after unlearning and after
+    each relearning attack with `mask`; the dashed line is the vanilla model."""
+    _need(relearn, RELEARN_COLUMNS, "plot_relearn")
+    methods = _ordered(relearn["method"].to_list())
+    stages = [s for s in relearn_stages(relearn) if s == "unlearned" or s.endswith(f"/{mask}")]
+    fig = Figure(figsize=(10.0, 1.6 + 0.25 * len(methods) * max(1, len(stages))), layout="constrained")
+    axes = fig.subplots(1, len(FORMS), squeeze=False)[0]
+    y = np.arange(len(methods))
+    h = 0.8 / max(1, len(stages))
+    colors = plt_colors(len(stages))
+    for ax, form in zip(axes, FORMS):
+        vanilla = [relearn_value(relearn, m, "vanilla", form) for m in methods]
+        for k, stage in enumerate(stages):
+            vals = [relearn_value(relearn, m, stage, form) for m in methods]
+            ax.barh(y - 0.4 + (k + 0.5) * h, [100 * v if v is not None else np.nan for v in vals], height=h,
+                    color=colors[k], label=stage.replace(f"/{mask}", ""))
+        v = [x for x in vanilla if x is not None]
+        if v:
+            ax.axvline(100 * sum(v) / len(v), color="black", linestyle="--", linewidth=1, label="vanilla")
+        ax.set_yticks(y, methods if form == FORMS[0] else [""] * len(methods))
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("held-out forget MC accuracy (%)")
+        ax.set_title(FORM_LABELS[form])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    fig.suptitle(title or f"Relearning ({mask}): held-out forget accuracy", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plt_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
 def tradeoff_points(results: pl.DataFrame) -> pl.DataFrame:
     """Per method: forget MC-accuracy drop vs vanilla and retain / celebrity MC accuracy, each the
     average of the two forms (the numbers `plot_tradeoff` draws)."""

@@ -88,7 +88,7 @@ def selection_frame(selection: pl.DataFrame | Iterable[tuple[str, int, int]]) ->
     )
 
 
-def _grouped(model, df: pl.DataFrame) -> list[tuple[MlpSite, torch.Tensor]]:
+def unit_groups(model, df: pl.DataFrame) -> list[tuple[MlpSite, torch.Tensor]]:
     """Validate rows against the model: (site, unit indices) per (tower, layer)."""
     bad_towers = sorted(set(df["tower"].to_list()) - set(TOWERS))
     if bad_towers:
@@ -118,7 +118,7 @@ def prune_units(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]])
     """Zero every weight of each selected unit, in place (method.md, "Pruning"). An empty selection
     (α = 0) changes nothing. Returns what was pruned."""
     df = selection_frame(selection)
-    groups = _grouped(model, df)
+    groups = unit_groups(model, df)
     per_site = []
     with torch.no_grad():
         for site, idx in groups:
@@ -131,7 +131,7 @@ def prune_units(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]])
 
 def pruned_weights_are_zero(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]]) -> bool:
     """True when every weight slice of every selected unit is exactly zero."""
-    for site, idx in _grouped(model, selection_frame(selection)):
+    for site, idx in unit_groups(model, selection_frame(selection)):
         for w in unit_weights(model, site):
             if bool(w.param.detach().index_select(w.dim, idx.to(w.param.device)).any()):
                 return False

@@ -240,6 +240,22 @@ def paper_tables(results: pl.DataFrame, chosen_alpha: float | None = None) -> li
     return tables
 
 
+def relearn_tables(relearn: pl.DataFrame, methods: list[str], note: str = "") -> list[Table]:
+    """Relearning: a table per mask, a row per method, a column per stage (vanilla, unlearned, each
+    attack), each cell the held-out forget MC accuracy "image+text / text only" (%)."""
+    stages = F.relearn_stages(relearn)
+    tables = []
+    for mask in [m for m in ("free", "frozen") if any(s.endswith(f"/{m}") for s in stages)]:
+        cols = [s for s in stages if "/" not in s or s.endswith(f"/{mask}")]
+        rows = []
+        for m in [m for m in methods if m in relearn["method"].to_list()]:
+            cells = [" / ".join(fmt_metric("accuracy", F.relearn_value(relearn, m, st, f)) for f in FORMS) for st in cols]
+            rows.append([m, *cells])
+        tables.append(Table(f"Relearning ({mask}): held-out forget MC accuracy after each attack (each cell: "
+                            f"image+text / text only, %){note}", ["method", *[c.split("/")[0] for c in cols]], rows))
+    return tables
+
+
 def run_tables(results: pl.DataFrame, label: str) -> list[Table]:
     """A run's table per set: vanilla, the unlearned model (`label`) and the change."""
     return set_tables(results, ["vanilla", label], "Results", change=("vanilla", label))
@@ -339,12 +355,15 @@ FIGURE_NOTES = {
     "fig5": "x: forget multiple-choice accuracy drop vs vanilla; y: retain / celebrity accuracy (both forms "
             "averaged). Top right is better.",
     "fig6": "Distributions of the stored per-sample neuron activations, forget vs retain, per form.",
+    "relearn": "Held-out half of the forget profiles, multiple-choice accuracy per form, after unlearning and "
+               "after each relearning attack (free: every weight trains); dashed: the vanilla model.",
 }
 
 
 def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens: pl.DataFrame | None = None,
                  activations: dict[str, str | Path] | None = None, selected: dict[str, pl.DataFrame] | None = None,
-                 chosen_alpha: float | None = None, notes: str = "") -> dict[str, Path]:
+                 chosen_alpha: float | None = None, notes: str = "", relearn: pl.DataFrame | None = None,
+                 relearn_note: str = "") -> dict[str, Path]:
     """Figures, tables, report.md and report.html under `out_dir`, one section per forget split.
     `lens` has columns forget, method, split, form, layer, prob; `activations` and `selected` are keyed
     by forget split (the selected-neuron count per tower and layer of the chosen MANU variant)."""
@@ -374,6 +393,11 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
             sec.figures.append((f"Fig. 6 · {FIGURE_NOTES['fig6']}",
                                 F.plot_activations(activations[forget], figs / f"{tag}-fig6-activations.png",
                                                    title=f"Activation distributions (vanilla model), {forget}")))
+        rel = relearn.filter(pl.col("forget") == forget) if relearn is not None else None
+        if rel is not None and rel.height:
+            sec.tables += relearn_tables(rel, method_order(results.filter(pl.col("forget") == forget)), relearn_note)
+            sec.figures.append((f"Relearning · {FIGURE_NOTES['relearn']}",
+                                F.plot_relearn(rel, figs / f"{tag}-relearn.png", title=f"Relearning (free), {forget}")))
         if selected and forget in selected and selected[forget].height:
             at = f" at α={chosen_alpha:g}" if chosen_alpha is not None else ""
             sec.figures.append((f"Neurons MANU selected{at}, per tower and layer.",

@@ -10,11 +10,10 @@ different thread count changes the bits, not the accuracy). Answer tokens only c
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -36,6 +35,7 @@ class StageConfig:
     lora_r: int = 0  # > 0: train LoRA adapters of this rank on the language model only, then merge
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (a brief fine-tune, e.g. a relearning attack)
 
 
 def form_batches(samples: Sequence[Sample], batch_size: int, rng: random.Random) -> list[list[Sample]]:
@@ -75,10 +75,12 @@ def train_stage(
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[int], dict] | None = None,
     progress: bool = True,
+    images: Callable | None = None,
 ) -> list[dict]:
     """Train `model` in place on `samples` (loss on answer tokens). Returns the loss curve:
     one record per step ({stage, epoch, step, loss, lr}) plus per-epoch records from `on_epoch_end`.
-    With `cfg.lora_r` the language model gets LoRA adapters (the rest frozen), merged back at the end."""
+    With `cfg.lora_r` the language model gets LoRA adapters (the rest frozen), merged back at the end.
+    `images` resolves image keys (None: the embedded portraits)."""
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 
@@ -89,7 +91,7 @@ def train_stage(
                                                 target_modules=get_adapter(model).lora_targets(model), bias="none"))
         # peft injects the adapters into `model`'s own modules: train it, only the adapters need grads
         curve = train_stage(model, processor, samples, replace(cfg, lora_r=0), seed=seed, name=name, device=device,
-                            on_epoch_end=on_epoch_end, progress=progress)
+                            on_epoch_end=on_epoch_end, progress=progress, images=images)
         merged = peft.merge_and_unload()
         assert merged is model  # merged in place: the caller's model now carries the fine-tune
         return curve
@@ -97,6 +99,8 @@ def train_stage(
     torch.manual_seed(seed)
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size) + 2  # +2: one partial batch per form
     total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * total), total)
     curve: list[dict] = []
@@ -104,9 +108,13 @@ def train_stage(
     step = 0
     bar = tqdm(total=total, desc=name, disable=not progress, unit="step")
     for epoch in range(1, cfg.epochs + 1):
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
         t0, losses = time.perf_counter(), []
         for batch in form_batches(samples, cfg.batch_size, rng):
-            enc = encode_samples(processor, batch)
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+            enc = encode_samples(processor, batch, images=images)
             loss = answer_loss(model, enc, device)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

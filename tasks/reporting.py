@@ -69,6 +69,14 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
     return "\n\n".join(lines)
 
 
+def _relearn_note(runs: list[dict]) -> str:
+    r = runs[0]["config"].get("relearn") or {}
+    lr = f"lr {r['lr']:g}" if r.get("lr") else "the preset's fine-tune lr (2e-5 for a checkpoint)"
+    return (f"; {r.get('steps')} steps of batch {r.get('batch_size')} at {lr}; the forget profiles split in seeded "
+            "halves: attack on one, evaluate the other; forget-text / forget-multimodal: the attack half in one form, "
+            "retain: retain profiles only")
+
+
 @manu_task(name="figures", paths=("reports", "lenses"), presentation=True,
            task_run_name=lambda parameters: f"figures-{parameters['title']}")
 def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: float | None = None) -> str:
@@ -86,12 +94,13 @@ def write_report(out: Path, reports: list[str], lenses: list[str], title: str,
     results.parquet and sources.json (its inputs, so `docs/make_example.py --redraw` can redo it)."""
     from manu_core.report import build_report, results_frame
 
-    runs, rows, activations, selected = [], [], {}, {}
+    runs, rows, activations, selected, relearn_rows = [], [], {}, {}, []
     for rep in reports:
         res = json.loads((Path(rep) / "results.json").read_text())
         run, forget = res["run"], _forget_name(res["run"]["config"]["forget"])
         runs.append(run)
         rows += summary_rows(res)
+        relearn_rows += [{"forget": forget, "method": run.get("label", run["method"]), **r} for r in res.get("relearn", [])]
         if run.get("activations"):
             activations[forget] = str(Path(run["activations"]) / "activations")
         variant = run.get("variant") or {}
@@ -117,8 +126,10 @@ def write_report(out: Path, reports: list[str], lenses: list[str], title: str,
     lens = pl.concat(frames).unique(subset=["forget", "method", "split", "form", "layer"], maintain_order=True) \
         if frames else None
 
+    relearn = pl.DataFrame(relearn_rows) if relearn_rows else None
     paths = build_report(out, title, results, lens=lens, activations=activations, selected=selected,
-                         chosen_alpha=chosen_alpha, notes=_notes(runs, results))
+                         chosen_alpha=chosen_alpha, notes=_notes(runs, results), relearn=relearn,
+                         relearn_note=_relearn_note(runs) if relearn_rows else "")
     with atomic_file(out / "results.parquet") as tmp:
         results.write_parquet(tmp)
     atomic_write_json(out / "sources.json", {"title": title, "chosen_alpha": chosen_alpha,

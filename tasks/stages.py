@@ -387,13 +387,21 @@ def prune(model_dir: str, importance_dir: str, label: str = "") -> str:
 @manu_task(name="evaluate", paths=("model_dir", "data_dir"), ignore=("device", "label"),
            task_run_name="evaluate-{label}-{set_name}-{form}")
 def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: dict, max_profiles: int = 0,
-             device: str = "cpu", dtype: str | None = None, label: str = "model", progress: bool = True) -> str:
-    """One (set, form) unit of MLLMU-Bench (manu_core/evaluate.py): answers.parquet + summary.json."""
+             device: str = "cpu", dtype: str | None = None, label: str = "model", progress: bool = True,
+             held_out: bool = False, tasks: list[str] | None = None) -> str:
+    """One (set, form) unit of MLLMU-Bench (manu_core/evaluate.py): answers.parquet + summary.json.
+    `held_out`: only the held-out half of the forget profiles (relearning, manu_core/relearn.py);
+    `tasks`: only these tasks (None: all)."""
     from manu_core.evaluate import EvalConfig, cap_profiles, evaluate_unit
     from manu_core.judge import make_judge
     from manu_core.portraits import image_for
+    from manu_core.relearn import halves
 
-    items = [it for it in read_items(Path(data_dir) / "eval_items.parquet") if it.set == set_name and it.form == form]
+    items = [it for it in read_items(Path(data_dir) / "eval_items.parquet") if it.set == set_name and it.form == form
+             and (tasks is None or it.task in tasks)]
+    if held_out:
+        _, keep = halves(json.loads((Path(data_dir) / "split.json").read_text())["forget_ids"], settings.get("seed", 0))
+        items = [it for it in items if it.profile_id in keep]
     items = cap_profiles(items, max_profiles, settings.get("seed", 0))
     spec = json.loads((Path(data_dir) / "split.json").read_text())["spec"]
     images = image_for
@@ -408,12 +416,40 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
     return str(finish(out)) + "/unit"
 
 
-@manu_task(name="report", paths=("vanilla_units", "unlearned_units", "importance_dir"),
+@manu_task(name="relearn", paths=("model_dir", "data_dir"), ignore=("device", "label"),
+           task_run_name="relearn-{label}-{attack}-{mask}")
+def relearn(model_dir: str, data_dir: str, attack: str, mask: str, params: dict, seed: int = 0, device: str = "cpu",
+            label: str = "model", progress: bool = True) -> str:
+    """A relearning attack on an unlearned model (manu_core/relearn.py): a private copy fine-tuned on
+    the attack set and saved here; the unlearned model on disk is never touched."""
+    from manu_core.models import load_model, save_model
+    from manu_core.relearn import attack_samples, halves, relearn as relearn_model
+    from manu_core.train import StageConfig
+
+    forget, retain, split = _split_samples(data_dir)
+    attack_ids, held = halves(split["forget_ids"], seed)
+    samples = attack_samples(attack, forget, retain, attack_ids, seed)
+    selection = pl.read_parquet(Path(model_dir) / "selection.parquet") if mask == "frozen" else None
+    with device_slot(device) as slot:
+        model, processor = load_model(model_dir, device=slot.device)  # a private copy to train
+        curve = relearn_model(model, processor, samples, StageConfig(**params), selection=selection, seed=seed,
+                              device=slot.device, images=images_of(data_dir), progress=progress)
+    out = stage_dir()
+    save_model(model, processor, out / "model")
+    atomic_write_json(out / "loss_curve.json", curve)
+    get_run_logger().info("relearn %s (%s): %d samples of %d profiles, %d steps -> %s", attack, mask, len(samples),
+                          len(attack_ids), sum("step" in r for r in curve), out / "model")
+    return str(finish(out, meta={"attack": attack, "mask": mask, "attack_ids": list(attack_ids),
+                                 "held_out_ids": list(held), "samples": len(samples), "params": params})) + "/model"
+
+
+@manu_task(name="report", paths=("vanilla_units", "unlearned_units", "importance_dir", "relearn_units"),
            task_run_name=lambda parameters: f"report-{parameters['title']}")
 def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str | None, title: str,
-           run: dict) -> str:
+           run: dict, relearn_units: list[str] | None = None, relearn_labels: list[str] | None = None) -> str:
     """The results table (vanilla vs unlearned per set, task and form), results.json and the
-    selected neurons per tower/layer."""
+    selected neurons per tower/layer. `relearn_units` (with their stage in `relearn_labels`: vanilla,
+    unlearned, <attack>/<mask>) are the held-out forget evaluations of the relearning attacks."""
     from manu_core.evaluate import Summary
     from manu_core.report import counts_note, run_tables, summaries_frame, tables_markdown
 
@@ -436,7 +472,10 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
         atomic_write_json(tmp / "results.json", {"run": run, "vanilla": [asdict(s) for s in before],
                                                  "unlearned": [asdict(s) for s in after],
                                                  "units": {"vanilla": list(vanilla_units),
-                                                           "unlearned": list(unlearned_units)}})
+                                                           "unlearned": list(unlearned_units)},
+                                                 "relearn": [{"stage": stage, **asdict(s)} for stage, unit in
+                                                             zip(relearn_labels or [], relearn_units or [])
+                                                             for s in summaries([unit])]})
     return str(finish(out))
 
 

@@ -1,0 +1,108 @@
+"""Relearning attacks: does what an unlearning method removed come back after a brief fine-tune?
+
+Knowledge that unlearning only hides returns after a few steps of fine-tuning, even on other data
+(Lynch et al. 2024, "Eight methods to evaluate robust unlearning in LLMs"; Hu et al. 2024, "Jogging
+the memory of unlearned LLMs through targeted relearning"). Here the forget profiles are split in
+two seeded halves: the model is fine-tuned on an *attack set*, then the *held-out* half is evaluated
+in both forms, which says how much comes back, and through which form.
+
+Attack sets (`ATTACKS`):
+  forget-text        the attack half's QA pairs, text only (the name in the question)
+  forget-multimodal  the attack half's QA pairs, image + question
+  retain             retain profiles' QA pairs only, both forms, as many as forget-text has
+
+Masks (`MASKS`) for a model with pruned units (MANU, its random control, the attribution bound):
+  free    every weight trainable: zeroed units can be relearned
+  frozen  the pruned units' weights held at exactly zero (their gradients masked; re-zeroed after
+          a LoRA merge, which would otherwise write into them)
+A method that prunes nothing has only `free`.
+
+What to expect (tests/core/test_relearn.py): a unit whose weights are all zero has zero gradient
+(gated: h = act(gate·x)·(up·x), and act(0) = 0; plain: likewise through fc2's zero column), so full
+fine-tuning leaves it at zero in both masks; only a LoRA merge writes into it. Relearning after
+pruning therefore goes through the *other* units.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import polars as pl
+import torch
+
+from manu_core.arch import unit_weights
+from manu_core.data import Sample
+from manu_core.prune import unit_groups, prune_units, selection_frame
+from manu_core.train import StageConfig, train_stage
+from manu_core.vocab import did_you_mean
+
+ATTACKS = ("forget-text", "forget-multimodal", "retain")
+MASKS = ("free", "frozen")
+
+
+class RelearnError(ValueError):
+    """Bad relearning input: the message names the rule, the value and the fix."""
+
+
+def check(attack: str, mask: str) -> None:
+    if attack not in ATTACKS:
+        raise RelearnError(f"unknown relearning attack {attack!r}; attacks are {', '.join(ATTACKS)}."
+                           f"{did_you_mean(attack, ATTACKS)}")
+    if mask not in MASKS:
+        raise RelearnError(f"unknown relearning mask {mask!r}; masks are {', '.join(MASKS)}.{did_you_mean(mask, MASKS)}")
+
+
+def halves(forget_ids: Sequence[str], seed: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(attack half, held-out half) of the forget profiles: a seeded shuffle, ⌊n/2⌋ to the attack."""
+    ids = sorted(set(forget_ids))
+    if len(ids) < 2:
+        raise RelearnError(f"relearning needs at least 2 forget profiles (one to relearn, one held out); got {ids}.")
+    random.Random(f"relearn/{seed}").shuffle(ids)
+    k = len(ids) // 2
+    return tuple(sorted(ids[:k])), tuple(sorted(ids[k:]))
+
+
+def attack_samples(attack: str, forget: Sequence[Sample], retain: Sequence[Sample], attack_ids: Sequence[str],
+                   seed: int = 0) -> list[Sample]:
+    """The samples an attack fine-tunes on (see the module docstring)."""
+    check(attack, "free")
+    mine = [s for s in forget if s.profile_id in set(attack_ids)]
+    text = [s for s in mine if s.form == "text"]
+    if attack == "forget-text":
+        return text
+    if attack == "forget-multimodal":
+        return [s for s in mine if s.form == "multimodal"]
+    pool = sorted(retain, key=lambda s: s.sample_id)
+    return random.Random(f"relearn-retain/{seed}").sample(pool, min(len(pool), len(text)))
+
+
+def _mask_gradients(model, selection: pl.DataFrame) -> list:
+    """Gradient hooks that zero the selected units' slices of every weight that trains."""
+    handles = []
+    for site, idx in unit_groups(model, selection_frame(selection)):
+        for w in unit_weights(model, site):
+            if not w.param.requires_grad:
+                continue
+            keep = torch.ones_like(w.param, dtype=torch.bool).index_fill_(w.dim, idx.to(w.param.device), False)
+            handles.append(w.param.register_hook(lambda g, keep=keep: g * keep))
+    return handles
+
+
+def relearn(model, processor, samples: Sequence[Sample], cfg: StageConfig, *, selection: pl.DataFrame | None = None,
+            seed: int = 0, device: str | torch.device = "cpu", images: Callable | None = None,
+            progress: bool = True) -> list[dict]:
+    """Fine-tune `model` in place on `samples` (the preset's recipe, `cfg`, usually with max_steps);
+    with `selection` (a pruned model's selection table) its units stay exactly zero. Returns the loss curve."""
+    if not samples:
+        raise RelearnError("the attack set is empty: no QA pair to relearn from.")
+    handles = _mask_gradients(model, selection) if selection is not None else []
+    try:
+        curve = train_stage(model, processor, samples, cfg, seed=seed, name="relearn", device=device,
+                            progress=progress, images=images)
+    finally:
+        for h in handles:
+            h.remove()
+    if selection is not None:
+        prune_units(model, selection)  # exact zeros after a LoRA merge too (a no-op otherwise)
+    return curve

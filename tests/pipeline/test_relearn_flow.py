@@ -1,0 +1,76 @@
+"""Relearning attacks in the `manu` flow on the embedded tiny preset: every attack x mask on the
+unlearned model, the held-out half evaluated, the report's tables and figure, the cache."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from flows.pipeline import EvalSettings, RunConfig, manu, settled_task_runs
+from manu_core.models import load_model
+from manu_core.prune import pruned_weights_are_zero
+from tasks.cache import DONE, file_digest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]
+CAPS = {"forget": 1, "test": 1, "retain": 1, "celebrity": 1}
+
+
+def run(method: str, steps: int):
+    cfg = RunConfig(model="tiny", alpha=0.05, extract_batch_size=16,
+                    eval=EvalSettings(max_new_tokens=8, sets=["forget", "retain"], max_profiles=CAPS),
+                    relearn={"enabled": True, "steps": steps, "attacks": ["forget-text", "retain"]})
+    state = manu(cfg, method=method, return_state=True)
+    assert state.is_completed(), state
+    return Path(state.result()), {r.name: r.state.name for r in settled_task_runs(state)}
+
+
+def test_relearning_attacks_every_unlearned_model_and_leaves_the_cached_one_untouched():
+    report, states = run("manu", steps=3)
+    relearns = sorted(n for n in states if n.startswith("relearn-"))
+    assert [n.split("-0-05-")[1] for n in relearns] == ["forget-text-free", "forget-text-frozen", "retain-free",
+                                                        "retain-frozen"], relearns
+    results = json.loads((report / "results.json").read_text())
+    rows = pl.DataFrame(results["relearn"])
+    assert set(rows["stage"]) == {"vanilla", "unlearned", "forget-text/free", "forget-text/frozen", "retain/free",
+                                  "retain/frozen"}
+    assert set(rows["task"]) == {"mc"} and set(rows["form"]) == {"multimodal", "text"} and set(rows["set"]) == {"forget"}
+    # The held-out half only: tiny forgets 3 profiles, 1 attacks and the other 2 are evaluated, uncapped.
+    meta = [json.loads(p.read_text())["meta"] for p in Path(results["run"]["model"]).parents[2].glob(f"relearn/*/{DONE}")]
+    attack_ids, held = meta[0]["attack_ids"], meta[0]["held_out_ids"]
+    assert len(attack_ids) == 1 and len(held) == 2 and not set(attack_ids) & set(held)
+    items = pl.read_parquet(Path(results["run"]["data"]) / "eval_items.parquet").filter(
+        (pl.col("set") == "forget") & (pl.col("task") == "mc") & pl.col("profile_id").is_in(held))
+    for form in ("multimodal", "text"):
+        assert set(rows.filter(pl.col("form") == form)["n"]) == {items.filter(pl.col("form") == form).height}
+    # The unlearned model on disk is the one the prune task wrote (its completion record still matches).
+    unlearned = Path(results["run"]["model"])
+    record = json.loads((unlearned.parent / DONE).read_text())
+    for f in record["files"]:
+        assert file_digest(unlearned.parent / f["path"]) == f["sha256"], f["path"]
+    # A relearned model differs from it; the frozen one keeps every pruned unit at zero.
+    pipeline = unlearned.parent.parent.parent
+    before, _ = load_model(unlearned)
+    selection = pl.read_parquet(unlearned / "selection.parquet")
+    relearned = {json.loads((d / DONE).read_text())["meta"]["mask"]: d / "model"
+                 for d in (pipeline / "relearn").iterdir() if (d / DONE).is_file()
+                 and json.loads((d / DONE).read_text())["meta"]["attack"] == "forget-text"}
+    for mask, folder in relearned.items():
+        after, _ = load_model(folder)
+        assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+        assert pruned_weights_are_zero(after, selection)  # frozen by the mask; free because a zeroed unit has no gradient
+    md = (report.parent.parent / "figures").glob("*/report.md")
+    text = "\n".join(p.read_text() for p in md)
+    assert "Relearning (free)" in text and "Relearning (frozen)" in text and "-relearn.png" in text
+    # Another relearning budget reruns the relearning and its evaluations, nothing else.
+    _, states2 = run("manu", steps=4)
+    reran = {n for n, s in states2.items() if s != "Cached"}
+    assert {n for n in reran if n.startswith("relearn-")} == set(relearns)
+    assert not any(n.startswith(("extract", "prune", "select", "evaluate-vanilla", "prepare_data")) for n in reran), reran
+
+
+def test_a_baseline_has_only_the_free_attack():
+    _, states = run("ga", steps=3)
+    relearns = sorted(n.rsplit("-", 1)[-1] for n in states if n.startswith("relearn-"))
+    assert relearns == ["free", "free"]
