@@ -349,6 +349,8 @@ def run(
         if iterative and scoring != "selective":
             raise ValueError(f"--iterative is a mode of selective scoring; got --scoring {scoring}. "
                              "Add --scoring selective, or drop --iterative.")
+        if relearn_steps != 20 and not relearn:
+            raise ValueError("--relearn-steps sets the relearning attacks' budget; add --relearn.")
         if step != 0.02 and not iterative:
             raise ValueError("--step sets the iterative pruning step; add --iterative (with --scoring selective).")
         try:

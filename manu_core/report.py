@@ -248,7 +248,8 @@ def relearn_tables(relearn: pl.DataFrame, methods: list[str], note: str = "") ->
     for mask in [m for m in ("free", "frozen") if any(s.endswith(f"/{m}") for s in stages)]:
         cols = [s for s in stages if "/" not in s or s.endswith(f"/{mask}")]
         rows = []
-        for m in [m for m in methods if m in relearn["method"].to_list()]:
+        attacked = set(relearn.filter(pl.col("stage").str.ends_with(f"/{mask}"))["method"].to_list())
+        for m in [m for m in methods if m in attacked]:  # a method that prunes nothing has no frozen attack
             cells = [" / ".join(fmt_metric("accuracy", F.relearn_value(relearn, m, st, f)) for f in FORMS) for st in cols]
             rows.append([m, *cells])
         tables.append(Table(f"Relearning ({mask}): held-out forget MC accuracy after each attack (each cell: "

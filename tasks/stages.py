@@ -28,7 +28,7 @@ from prefect import get_run_logger, task
 
 from manu_core import data as mdata
 from manu_core.io import atomic_dir, atomic_file, atomic_write_json
-from tasks.cache import ManuCache, finish, key_lock, results_dir, stage_dir
+from tasks.cache import ManuCache, content_digest, finish, key_lock, results_dir, stage_dir
 
 _RUN_IGNORE = ("progress",)
 
@@ -412,7 +412,10 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
     with device_slot(device) as slot:
         model, processor = load(model_dir, slot, dtype, device)
         evaluate_unit(model, processor, items, out / "unit", config, images=images, device=slot.device,
-                      judge=make_judge(config.judge, device=slot.device), model_id=model_dir, progress=progress)
+                      judge=make_judge(config.judge, device=slot.device), progress=progress,
+                      # the model's content, as in the cache key: two folders with the same weights (e.g. a free
+                      # and a frozen relearning that trained alike) are one evaluation, whichever runs first
+                      model_id=content_digest(model_dir))
     return str(finish(out)) + "/unit"
 
 

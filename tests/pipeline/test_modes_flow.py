@@ -194,7 +194,9 @@ def test_cli_scoring_flags(sweep_run, tmp_path):
                           (["run", "--cap", "retain=abc"], "got 'retain=abc'"),
                           (["run", "--cap", "retain=2,retain=3"], "--cap retain is given twice"),
                           (["run", "--cap", "bogus=3"], "max_profiles takes {set: N >= 0}"),
-                          (["run", "--model", "tiny", "--device", "cuda:7"], "--device cuda:7: this machine has")):
+                          (["run", "--model", "tiny", "--device", "cuda:7"], "--device cuda:7: this machine has"),
+                          (["run", "--relearn-steps", "5"], "--relearn-steps sets the relearning attacks' budget; add --relearn"),
+                          (["run", "--relearn", "--relearn-steps", "0"], "relearn.steps: Input should be greater than or equal to 1")):
         out = runner.invoke(app, args)
         assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output, (args, out.output)
     # An artifacts folder that cannot be written (here: under a file, which even root cannot write

@@ -74,3 +74,29 @@ def test_a_baseline_has_only_the_free_attack():
     _, states = run("ga", steps=3)
     relearns = sorted(n.rsplit("-", 1)[-1] for n in states if n.startswith("relearn-"))
     assert relearns == ["free", "free"]
+
+
+def test_two_folders_with_the_same_weights_are_one_evaluation(tiny_model_dir, tmp_path):
+    """A free and a frozen relearning of a pruned model train alike (a zeroed unit has no gradient), so
+    their folders hold the same weights and their evaluations one cache key. Run at once, the second
+    waits for the first and reuses its answers (it once failed: the answers' manifest named a path)."""
+    import shutil
+
+    from prefect import flow
+
+    from flows.pipeline import MLLMU_DIR
+    from tasks import stages
+
+    copies = [shutil.copytree(tiny_model_dir, tmp_path / name) for name in ("free", "frozen")]
+
+    @flow
+    def both():
+        cfg = RunConfig(model="tiny")
+        data = stages.prepare_data(cfg.data_spec(cfg.data_spec()["forget"]), profiles=str(MLLMU_DIR))
+        settings = cfg.eval.config_for(str(tiny_model_dir))
+        futures = [stages.evaluate.submit(str(m), data, "forget", "text", settings, 1, label=m.name, progress=False)
+                   for m in copies]
+        return [f.result() for f in futures]
+
+    a, b = both()
+    assert a == b and (Path(a) / "summary.json").is_file()

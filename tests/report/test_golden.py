@@ -8,7 +8,10 @@ import os
 from pathlib import Path
 
 from manu_core.evaluate import Summary, format_report
-from manu_core.report import build_report, counts_note, run_tables, summaries_frame, tables_markdown
+import polars as pl
+
+from manu_core.report import (build_report, counts_note, relearn_tables, run_tables, summaries_frame,
+                              tables_markdown)
 from tests.report.test_figures import results as sweep_results
 from tests.report.test_modes_report import frame as modes_frame
 
@@ -48,3 +51,13 @@ def test_run_report_and_evaluate_tables():
     check("run-report.md", tables_markdown(run_tables(frame, "unlearned")) + "\n\n" + counts_note(frame) + "\n")
     check("evaluate-report.md", format_report(summaries(0.1)) + "\n")
 
+
+
+def test_relearn_tables():
+    stages = ["vanilla", "unlearned", "forget-text/free", "forget-text/frozen", "retain/free", "retain/frozen"]
+    rows = [{"method": m, "stage": st, "form": f, "task": "mc", "metric": "accuracy",
+             "value": 0.9 - 0.1 * i - 0.05 * j + (0.02 if f == "text" else 0.0)}
+            for i, m in enumerate(["ga lr=0.0003", "manu[paper] α=0.1"]) for j, st in enumerate(stages)
+            for f in ("multimodal", "text") if not (m.startswith("ga") and st.endswith("frozen"))]
+    tables = relearn_tables(pl.DataFrame(rows), ["vanilla", "ga lr=0.0003", "manu[paper] α=0.1"], "; fixture")
+    check("relearn-tables.md", tables_markdown(tables) + "\n")
