@@ -90,7 +90,7 @@ def test_run_report_has_every_figure_and_the_tables(first_run):
     assert names == [f"3-ids-{n}.png" for n in ("fig2-logit-lens", "fig4-form-bars", "fig5-tradeoff",
                                                  "fig6-activations", "selected-neurons")]
     md, page = (figs / "report.md").read_text(), (figs / "report.html").read_text()
-    assert "Table 1 (image+text)" in md and "![3-ids-fig2-logit-lens](figures/3-ids-fig2-logit-lens.png)" in md and "(figures/3-ids-fig5-tradeoff.png)" in md
+    assert "Table 1 · forget" in md and "![3-ids-fig2-logit-lens](figures/3-ids-fig2-logit-lens.png)" in md and "(figures/3-ids-fig5-tradeoff.png)" in md
     assert page.count("data:image/png;base64,") == 5 and "<table>" in page
 
 
