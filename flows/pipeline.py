@@ -137,9 +137,9 @@ class RelearnSettings(BaseModel):
     @model_validator(mode="after")
     def _check(self):
         for a in self.attacks:
-            relearn_check(a, "free")
+            relearn_check(attack=a)
         for m in self.masks:
-            relearn_check("retain", m)
+            relearn_check(mask=m)
         if not self.attacks or not self.masks:
             raise ValueError("relearn.attacks and relearn.masks must each name at least one; "
                              f"got attacks={self.attacks}, masks={self.masks}.")

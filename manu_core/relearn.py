@@ -45,11 +45,12 @@ class RelearnError(ValueError):
     """Bad relearning input: the message names the rule, the value and the fix."""
 
 
-def check(attack: str, mask: str) -> None:
-    if attack not in ATTACKS:
+def check(attack: str | None = None, mask: str | None = None) -> None:
+    """Refuse an unknown attack or mask (each checked when given)."""
+    if attack is not None and attack not in ATTACKS:
         raise RelearnError(f"unknown relearning attack {attack!r}; attacks are {', '.join(ATTACKS)}."
                            f"{did_you_mean(attack, ATTACKS)}")
-    if mask not in MASKS:
+    if mask is not None and mask not in MASKS:
         raise RelearnError(f"unknown relearning mask {mask!r}; masks are {', '.join(MASKS)}.{did_you_mean(mask, MASKS)}")
 
 
@@ -66,7 +67,7 @@ def halves(forget_ids: Sequence[str], seed: int = 0) -> tuple[tuple[str, ...], t
 def attack_samples(attack: str, forget: Sequence[Sample], retain: Sequence[Sample], attack_ids: Sequence[str],
                    seed: int = 0) -> list[Sample]:
     """The samples an attack fine-tunes on (see the module docstring)."""
-    check(attack, "free")
+    check(attack=attack)
     mine = [s for s in forget if s.profile_id in set(attack_ids)]
     text = [s for s in mine if s.form == "text"]
     if attack == "forget-text":
