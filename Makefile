@@ -10,6 +10,9 @@ STAMP := $(VENV)/.manu-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): two on CI's two cores, each file on one worker (its module fixtures,
+# e.g. one flow run shared by a file's tests, run once); each worker uses one torch thread.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast bench clean-artifacts
 
@@ -33,11 +36,11 @@ demo: $(STAMP)
 	$(BIN)/manu run --model lite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The pure tests: no trained model, no Prefect server (about a minute on 2 cores).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py

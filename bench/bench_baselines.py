@@ -55,11 +55,12 @@ def one(args) -> None:
     from manu_core import data as mdata
     from manu_core.models import load_model
     from manu_core.presets import get_preset, preset_dataset, resolve_model
+    from tasks.cache import models_dir
 
     torch.set_num_threads(2)
     preset = get_preset(args.model)
     ds = preset_dataset(preset)
-    model, processor = load_model(resolve_model(args.model))
+    model, processor = load_model(resolve_model(args.model, models=models_dir()))
     import gc
 
     gc.collect()
@@ -78,7 +79,7 @@ def one(args) -> None:
 
         forget = [s for pid in ds.split.forget_ids for s in mdata.samples(ds.profile(pid))]
         retain = [s for pid in ds.split.retain_ids for s in mdata.samples(ds.profile(pid))]
-        frozen = {"vanilla": resolve_model(args.model), "reference": args.reference}.get(LOSSES[args.one].frozen)
+        frozen = {"vanilla": resolve_model(args.model, models=models_dir()), "reference": args.reference}.get(LOSSES[args.one].frozen)
         frozen_model = load_model(frozen)[0] if frozen else None
         cfg = BaselineConfig(args.one, lora=False, lr=preset.finetune.lr, epochs=1, batch_size=4)
         unlearn_gradient(model, processor, forget, retain, cfg, frozen=frozen_model, progress=False)
@@ -99,9 +100,10 @@ def main() -> None:
 
     from manu_core.baselines import train_reference
     from manu_core.presets import get_preset, preset_dataset, resolve_model
+    from tasks.cache import models_dir
 
     preset = get_preset(args.model)
-    vanilla = resolve_model(args.model)
+    vanilla = resolve_model(args.model, models=models_dir())
     ref_seconds = None
     ref_dir = Path(args.reference) if args.reference else Path(tempfile.mkdtemp(prefix="manu-ref-")) / "model"
     if not args.reference:

@@ -46,8 +46,9 @@ def sync(device: str) -> None:
 def tiny_case(args):
     from manu_core.models import load_model
     from manu_core.presets import get_preset, preset_dataset, resolve_model
+    from tasks.cache import models_dir
 
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model(args.model, models=models_dir())
     model, processor = load_model(model_dir, device=args.device)
     items = [it for it in mdata.eval_items(preset_dataset(get_preset(args.model))) if it.task == "gen"
              and it.set == "retain"]

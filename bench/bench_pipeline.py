@@ -51,7 +51,7 @@ REPO_ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 def task_seconds(state) -> dict[str, float]:
     """Wall seconds per stage: the union of its task runs' [start, end] intervals (parallel
     evaluations, and time spent queueing for the device slot, are not counted twice)."""
-    from flows.pipeline import settled_task_runs
+    from flows.runs import settled_task_runs
 
     runs = settled_task_runs(state)
     spans: dict[str, list[tuple[float, float]]] = {}
@@ -92,10 +92,11 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from manu_core.presets import resolve_model
+    from tasks.cache import models_dir
 
     # The vanilla model comes from the checkout's artifacts/ (trained there on first use), outside every timing.
     os.environ["MANU_ARTIFACTS"] = str(REPO_ARTIFACTS)
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model(args.model, models=models_dir())
     os.environ["MANU_ARTIFACTS"] = str(ROOT)
     with prefect_test_harness(server_startup_timeout=120):
         from flows.pipeline import EvalSettings, RunConfig, SweepConfig, manu
@@ -128,7 +129,7 @@ def main() -> None:
                                 methods=["manu"])
             t_sweep, state = timed(manu, base, sweep)
             sweep_tasks = task_seconds(state)
-            from flows.pipeline import settled_task_runs
+            from flows.runs import settled_task_runs
 
             names = [r.name for r in settled_task_runs(state)]
             n_extract = sum(n.startswith("extract") for n in names)

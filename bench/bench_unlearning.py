@@ -29,6 +29,7 @@ from manu_core.extract import extract_activations
 from manu_core.importance import ImportanceParams, importance_table, neuron_sums
 from manu_core.models import load_model
 from manu_core.presets import get_preset, preset_dataset, resolve_model
+from tasks.cache import models_dir
 from manu_core.prune import prune_units
 from manu_core.unlearn import random_selection
 
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--aggregation", default="mean")
     args = ap.parse_args()
     preset = get_preset(args.preset)
-    model_dir = resolve_model(preset.name, progress=False)
+    model_dir = resolve_model(preset.name, models=models_dir(), progress=False)
     ds = preset_dataset(preset)
     items = [it for it in demo_items(ds, preset) if it.set in SETS]
     model, processor = load_model(model_dir)

@@ -30,6 +30,7 @@ from manu_core.extract import build_streams, extract_activations
 from manu_core.importance import ImportanceParams, importance_table, neuron_sums
 from manu_core.models import load_model
 from manu_core.presets import PRESETS, get_preset, preset_dataset, resolve_model
+from tasks.cache import models_dir
 from manu_core.prune import prune_units
 from manu_core.unlearn import random_selection
 
@@ -63,7 +64,7 @@ def cell(drops: list[dict], set_: str) -> str:
 
 def unlearning(name: str, alphas: list[float], seeds: list[int]) -> None:
     preset = get_preset(name)
-    model_dir = resolve_model(name, progress=False)
+    model_dir = resolve_model(name, models=models_dir(), progress=False)
     ds = preset_dataset(preset)
     items = [it for it in demo_items(ds, preset) if it.set in ("forget", "retain") and it.task == "mc"]
     model, processor = load_model(model_dir)
@@ -112,7 +113,7 @@ def main() -> None:
     print(f"{'recipe':<15} {'forget MC':>13} {'forget ROUGE-L':>15} {'retain MC':>13} {'celeb MC':>13} {'d':>6}")
     ds = {}
     for name in names:
-        s = vanilla_scores(resolve_model(name, progress=False))
+        s = vanilla_scores(resolve_model(name, models=models_dir(), progress=False))
         ds[name] = (distance(s), max(s[("forget", f, "accuracy")] for f in FORMS) >= MEMORISED)
         two = lambda k, m: f"{100 * s[(k, 'multimodal', m)]:.1f}/{100 * s[(k, 'text', m)]:.1f}"  # noqa: E731
         print(f"{name:<15} {two('forget', 'accuracy'):>13} {s[('forget', 'multimodal', 'rouge_l')]:.2f}/"

@@ -107,7 +107,7 @@ def check_artifacts_writable() -> None:
     """The artifacts folder must take writes before a run trains or extracts for minutes."""
     import tempfile
 
-    from manu_core.presets import artifacts_dir
+    from tasks.cache import artifacts_dir
 
     root = artifacts_dir()
     try:
@@ -170,10 +170,11 @@ def train(preset: str = typer.Argument("lite", help="preset name (see `manu pres
     _setup_logging(verbose)
     from manu_core.models import ModelError
     from manu_core.presets import get_preset, resolve_model
+    from tasks.cache import models_dir
 
     try:
         get_preset(preset)
-        path = resolve_model(preset)
+        path = resolve_model(preset, models=models_dir())
     except ModelError as e:
         _fail(e)
     typer.echo(str(path))
@@ -253,14 +254,17 @@ def evaluate(
     """Evaluate a model the MLLMU-Bench way (evaluation.md); resumes an interrupted run in --out."""
     _setup_logging(verbose)
     from manu_core.benchmark import load_mllmu_bench
-    from manu_core.data import EVAL_SETS, FORMS, eval_items
+    from manu_core.data import eval_items
+    from manu_core.vocab import EVAL_SETS, FORMS
     from manu_core.evaluate import TASKS, EvalConfig, EvaluationError, cap_profiles, format_report
     from manu_core.evaluate import evaluate as run_evaluation
     from manu_core.io import atomic_write_text
-    from manu_core.judge import JudgeError, make_judge
+    from manu_core.judge import JudgeError
     from manu_core.models import load_model
     from manu_core.portraits import image_for
     from manu_core.presets import default_eval_settings, preset_dataset, preset_of, resolve_model
+    from tasks.cache import models_dir
+    from tasks.stages import judge_for
 
     def pick(value: str, allowed: tuple[str, ...], what: str) -> set[str]:
         chosen = {v.strip() for v in value.split(",") if v.strip()}
@@ -272,7 +276,7 @@ def evaluate(
     try:
         want_sets, want_forms, want_tasks = pick(sets, EVAL_SETS, "sets"), pick(forms, FORMS, "forms"), \
             pick(tasks, TASKS, "tasks")
-        model_dir = resolve_model(model)
+        model_dir = resolve_model(model, models=models_dir())
         settings = default_eval_settings(model_dir)
         if mc_scorer is not None:
             settings["mc_scorer"] = mc_scorer
@@ -293,7 +297,7 @@ def evaluate(
         items = [it for it in items if it.set in want_sets and it.form in want_forms and it.task in want_tasks]
         items = cap_profiles(items, max_profiles, seed)
         check_device(device)
-        the_judge = make_judge(judge, device=device)
+        the_judge = judge_for(judge, device=device)
         net, processor = load_model(model_dir, device=device)
         t0 = time.perf_counter()
         summaries = run_evaluation(net, processor, items, out, config, images=images, device=device,
@@ -373,27 +377,8 @@ def run(
     except ValueError as e:
         _fail(e)
     exit_on_interrupt()
-    report_dir = manu(config, method=method)
-    typer.echo(f"\nreport: {report_dir}/report.md")
-
-
-@app.command()
-def demo(
-    preset: str = typer.Option("lite", help="embedded preset"),
-    alpha: Optional[float] = typer.Option(None, help="MANU pruning ratio (default: the preset's documented α)"),
-    verbose: bool = False,
-) -> None:
-    """The main job on the embedded default: train the vanilla model, unlearn forget_5 with MANU,
-    evaluate both, print the results and where the artifacts are."""
-    _setup_logging(verbose)
-    from manu_core.demo import run_demo
-
-    try:
-        result = run_demo(preset, alpha=alpha)
-    except ValueError as e:
-        _fail(e)
-    typer.echo(result.report)
-    typer.echo(f"\nartifacts: {result.out_dir}")
+    results_dir = manu(config, method=method)
+    typer.echo(f"\nresults: {results_dir}/results.md")
 
 
 def main() -> None:

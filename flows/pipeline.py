@@ -18,8 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -28,16 +26,14 @@ from typing import Callable, Literal, Optional, Union
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from manu_core.data import EVAL_SETS, FORMS, MLLMU_DIR, OFFICIAL_SPLITS
+from manu_core.data import MLLMU_DIR
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
 from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS, check as relearn_check
-from manu_core.vocab import did_you_mean
+from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS, did_you_mean
 from tasks import reporting, stages
 
 DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
@@ -624,7 +620,7 @@ def artifact_url(path: Path) -> Optional[str]:
     """The URL of an output when the artifacts folder is served over http ($MANU_ARTIFACTS_URL, e.g. a
     lab's static file server at the folder's root), else None: a file:// link is dead from any other
     machine and blocked by browsers on an http page."""
-    from manu_core.presets import artifacts_dir
+    from tasks.cache import artifacts_dir
 
     base = os.environ.get("MANU_ARTIFACTS_URL")
     try:
@@ -646,7 +642,7 @@ def publish_path(key: str, path: Path, description: str) -> None:
 
 
 def _publish_report(report_dir: str, key: str, description: str) -> None:
-    """The figures task's report as a Prefect markdown artifact (figures embedded) plus a link."""
+    """The report task's report.md as a Prefect markdown artifact (figures embedded) plus a link."""
     from manu_core.report import artifact_markdown
 
     create_markdown_artifact(key=key, markdown=artifact_markdown(report_dir), description=description)
@@ -654,10 +650,10 @@ def _publish_report(report_dir: str, key: str, description: str) -> None:
     get_run_logger().info("report with figures: %s", Path(report_dir) / "report.html")
 
 
-def _publish(report_dir: str, shared: Shared, unlearned: str, importance: Optional[str], slug: str) -> None:
+def _publish(results_dir: str, shared: Shared, unlearned: str, importance: Optional[str], slug: str) -> None:
     log = get_run_logger()
-    rep = Path(report_dir)
-    create_markdown_artifact(key=f"{slug}-results", markdown=(rep / "report.md").read_text(),
+    rep = Path(results_dir)
+    create_markdown_artifact(key=f"{slug}-results", markdown=(rep / "results.md").read_text(),
                              description="vanilla vs unlearned per set, task, metric and form")
     if importance:
         rows = pl.read_parquet(rep / "selected_per_layer.parquet").to_dicts()
@@ -669,7 +665,7 @@ def _publish(report_dir: str, shared: Shared, unlearned: str, importance: Option
         publish_path(f"{slug}-activations", Path(shared.activations) / "activations",
                      "per-layer activations (Parquet; `manu inspect` it)")
     publish_path(f"{slug}-model", Path(unlearned), "unlearned model")
-    log.info("report: %s | unlearned model: %s | importance: %s | activations: %s", rep / "report.md", unlearned,
+    log.info("results: %s | unlearned model: %s | importance: %s | activations: %s", rep / "results.md", unlearned,
              importance, shared.activations)
 
 
@@ -682,7 +678,7 @@ def _run_label(shared: Shared, method: str, variant: dict) -> str:
 
 
 def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> tuple[str, Optional[str]]:
-    """Unlearn, evaluate and report one variant: (report folder, logit-lens folder or None)."""
+    """Unlearn, evaluate and record one variant: (results folder, logit-lens folder or None)."""
     cfg = shared.config
     unlearned, imp = METHODS[method].unlearn(shared, variant)
     label = variant_label(method, variant)
@@ -696,7 +692,7 @@ def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> 
            "system": overrides.get("system"), "mode": variant.get("mode"), "seed": variant.get("seed"),
            "shadows": variant.get("shadows")}
     relearn = _relearn(shared, unlearned, _slug(label), overrides) if cfg.relearn.enabled and method != "prompting" else {}
-    rep = stages.report(vanilla_units, units, imp, title, run=run,
+    rep = stages.results(vanilla_units, units, imp, title, run=run,
                         relearn_units=[u for us in relearn.values() for u in us],
                         relearn_labels=[stage for stage, us in relearn.items() for _ in us])
     _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{label}"))
@@ -718,7 +714,7 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
     for forget in splits:  # every forget set among the learned profiles, before the first task
         config.check_data(forget)
     methods = [method] if sweep is None else sweep.methods
-    reports, lenses, last = [], [], ""
+    runs, lenses, last = [], [], ""
     for forget in splits:
         cfg = config.model_copy(update={"forget": forget})
         shared = _prepare(cfg, forget)
@@ -731,20 +727,25 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
         for method in methods:
             for variant in METHODS[method].variants(cfg, sweep):
                 last, lens = run_one(shared, method, variant, vanilla_units)
-                reports.append(last)
+                runs.append(last)
                 if lens is not None:
                     lenses.append(lens)
     alpha = _chosen_alpha(config, sweep)
     if sweep is None:
         title = json.loads((Path(last) / "results.json").read_text())["run"]["label"]
-        figs = reporting.figures(reports, lenses, f"{title} on {config.model}", chosen_alpha=alpha)
-        _publish_report(figs, _slug(f"report-{config.model}-{title}"), "tables and figures of this run")
-        log.info("results: %s | report with figures: %s", Path(last) / "report.md", Path(figs) / "report.html")
-        print((Path(last) / "report.md").read_text())
+        report = reporting.report(runs, lenses, f"{title} on {config.model}", chosen_alpha=alpha)
+        _publish_report(report, _slug(f"report-{config.model}-{title}"), "tables and figures of this run")
+        log.info("results: %s | report with figures: %s", Path(last) / "results.md", Path(report) / "report.html")
+        print((Path(last) / "results.md").read_text())
         return last
-    figs = reporting.figures(reports, lenses, f"Sweep on {config.model}", chosen_alpha=alpha)
-    comp = reporting.comparison(reports, budget=sweep.retain_budget)
-    out = _sweep_table(config, figs, comp)
+    report = reporting.report(runs, lenses, f"Sweep on {config.model}", chosen_alpha=alpha)
+    comp = reporting.comparison(runs, budget=sweep.retain_budget)
+    out = reporting.sweep_table(report, comp, _slug(f"{config.model}-{'-'.join(map(str, splits))}"))
+    create_markdown_artifact(key=_slug(f"sweep-{config.model}"), markdown="# Sweep\n\n" + (Path(out) / "sweep.md").read_text(),
+                             description="every method and variant per forget set")
+    create_markdown_artifact(key=_slug(f"comparison-{config.model}"),
+                             markdown=(Path(out) / "comparison" / "comparison.md").read_text().split("\n![")[0],
+                             description="drops with 95% intervals, trade-off curves, settings chosen on validation")
     _publish_report(str(Path(out) / "report"), _slug(f"sweep-report-{config.model}"), "tables and figures of the sweep")
     return out
 
@@ -788,59 +789,3 @@ def _chosen_alpha(config: RunConfig, sweep: Optional[SweepConfig]) -> Optional[f
     if sweep is None or not sweep.alphas or alpha in sweep.alphas:
         return alpha
     return sorted(sweep.alphas)[len(sweep.alphas) // 2]
-
-
-def _sweep_table(config: RunConfig, figures_dir: str, comparison_dir: str) -> str:
-    from manu_core.io import atomic_dir, atomic_file
-    from tasks.cache import pipeline_dir
-
-    df = pl.read_parquet(Path(figures_dir) / "results.parquet")
-    wide = (df.pivot(on="form", index=["forget", "method", "set", "task", "metric", "scorer"], values="value")
-            .sort("forget", "set", "task", "metric", "method"))
-    out = pipeline_dir() / "sweeps" / _slug(f"{config.model}-{'-'.join(sorted(df['forget'].unique()))}")
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "sweep.parquet") as tmp:
-        df.write_parquet(tmp)
-    lines = ["| forget | method | set | task | metric | image+text | text | average |", "|---|---|---|---|---|---|---|---|"]
-    for r in wide.iter_rows(named=True):
-        mm, tx = r.get("multimodal"), r.get("text")
-        avg = (mm + tx) / 2 if mm is not None and tx is not None else None
-        cells = [f"{v:.3f}" if v is not None else "-" for v in (mm, tx, avg)]
-        lines.append(f"| {r['forget']} | {r['method']} | {r['set']} | {r['task']} | {r['metric']} | " + " | ".join(cells) + " |")
-    md = "\n".join(lines)
-    with atomic_file(out / "sweep.md") as tmp:
-        tmp.write_text(md + "\n")
-    create_markdown_artifact(key=_slug(f"sweep-{config.model}"), markdown="# Sweep\n\n" + md,
-                             description="every method and variant per forget split")
-    # the report beside the table: report.md, report.html and figures/, copied from the figures task
-    with atomic_dir(out / "report") as tmp:
-        for name in ("report.md", "report.html", "results.parquet", "sources.json"):
-            shutil.copy2(Path(figures_dir) / name, tmp / name)
-        shutil.copytree(Path(figures_dir) / "figures", tmp / "figures")
-    # the comparison (intervals, curves, settings chosen on validation, headline) beside them
-    with atomic_dir(out / "comparison") as tmp:
-        shutil.copytree(comparison_dir, tmp, dirs_exist_ok=True)
-    comparison_md = (out / "comparison" / "comparison.md").read_text()
-    create_markdown_artifact(key=_slug(f"comparison-{config.model}"), markdown=comparison_md.split("\n![")[0],
-                             description="drops with 95% intervals, trade-off curves, settings chosen on validation")
-    get_run_logger().info("sweep table: %s (%d rows); comparison: %s", out / "sweep.parquet", df.height,
-                          out / "comparison" / "comparison.md")
-    return str(out)
-
-
-def settled_task_runs(flow_state, timeout: float = 120.0) -> list:
-    """The task runs the API server recorded for a finished flow run (its returned state), once each
-    has a final state. Task-run states and names reach the server as events a moment after the
-    flow returns (longer on a loaded machine), so reading them at once can see `Running` or a
-    default name. Returns what is recorded after `timeout` seconds either way."""
-    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-    deadline = time.monotonic() + timeout
-    seen = -1  # a task run the server has not heard of yet is invisible: wait until the count holds still
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=flow_runs)
-            settled = all(r.state and r.state.is_final() for r in runs)
-            if (settled and len(runs) == seen) or time.monotonic() > deadline:
-                return runs
-            seen = len(runs) if settled else -1
-            time.sleep(1.0)

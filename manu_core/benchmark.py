@@ -25,7 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from manu_core.data import FORMS, EvalItem, Sample
+from manu_core.data import EvalItem, Sample
+from manu_core.vocab import FORMS
 from manu_core.scoring import LETTERS
 
 FORGET_CONFIGS = ("forget_5", "forget_10", "forget_15")

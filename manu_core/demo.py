@@ -1,8 +1,8 @@
-"""`manu demo`: the main job on an embedded preset, without Prefect.
+"""The main job on an embedded preset as one plain function, without Prefect (for tests and notebooks).
 
 vanilla model (trained on first use) -> evaluate -> MANU (extract, importance, prune) -> evaluate ->
 a results table (vanilla vs unlearned, per set, metric and form) and where every output went.
-The Prefect `manu` flow runs the same steps as cached tasks.
+Runs are the `manu` flow's job (`manu run`, `make demo`), which does the same steps as cached tasks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from manu_core.evaluate import EvalConfig, evaluate
 from manu_core.importance import ImportanceParams
 from manu_core.io import atomic_write_json, atomic_write_text
 from manu_core.models import load_model
-from manu_core.presets import EMBEDDED_EVAL, Preset, artifacts_dir, get_preset, preset_dataset, resolve_model
+from manu_core.presets import EMBEDDED_EVAL, Preset, get_preset, preset_dataset, resolve_model
 from manu_core.prune import save_pruned
 from manu_core.report import counts_note, run_tables, summaries_frame, tables_markdown
 from manu_core.unlearn import manu_unlearn
@@ -42,14 +42,17 @@ def demo_items(ds: mdata.Dataset, preset: Preset, retain_profiles: int = 25) -> 
     return [it for it in mdata.eval_items(ds) if it.set != "retain" or it.profile_id in retain]
 
 
-def run_demo(preset_name: str = "lite", *, alpha: float | None = None, progress: bool = True) -> DemoResult:
+def run_demo(preset_name: str, *, models: Path, runs: Path, alpha: float | None = None,
+             progress: bool = True) -> DemoResult:
+    """Vanilla vs MANU on `preset_name` (its model trained under `models` on first use), written
+    under `runs`/demo-<model>-alpha<α>/."""
     preset = get_preset(preset_name)
     params = ImportanceParams(alpha=preset.alpha if alpha is None else alpha)
     t0 = time.perf_counter()
-    model_dir = resolve_model(preset.name, progress=progress)
+    model_dir = resolve_model(preset.name, models=models, progress=progress)
     ds = preset_dataset(preset)
     items = demo_items(ds, preset)
-    out = artifacts_dir() / "runs" / f"demo-{model_dir.name}-alpha{params.alpha:g}"
+    out = Path(runs) / f"demo-{model_dir.name}-alpha{params.alpha:g}"
     out.mkdir(parents=True, exist_ok=True)
     log.info("run folder: %s", out)
 

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from manu_core.io import atomic_file
 from manu_core.store import FORMS, SPLITS, inspect_activations
-from manu_core.vocab import EVAL_SETS, FORM_LABELS
+from manu_core.vocab import EVAL_SETS, FORM_LABELS, require_columns
 
 DPI = 100
 MIN_POINTS = 9  # at DPI 100: 12.5 px text
@@ -57,11 +57,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def _need(frame: pl.DataFrame, columns: tuple[str, ...], what: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise FigureError(f"{what} needs columns {list(columns)}; {missing} missing (got {frame.columns}).")
-    if frame.is_empty():
-        raise FigureError(f"{what} got an empty table; run at least one evaluation first.")
+    require_columns(frame, columns, what, FigureError, "run at least one evaluation first")
 
 
 def _ordered(values) -> list:

@@ -6,17 +6,17 @@ pluggable and works offline; every score row and report carries the judge's `nam
   offline              `OfflineJudge`: deterministic key-fact overlap mapped to 1-10 (the default
                        on the embedded model; not an LLM, and named so everywhere).
   openai:<url>#<model> `OpenAIJudge`: any OpenAI-compatible chat endpoint (a lab's vLLM server);
-                       the key comes from $MANU_JUDGE_API_KEY (or $OPENAI_API_KEY).
+                       its API key and the hosts the key may go to are passed in (the
+                       pipeline reads them from the worker's environment: tasks.stages.judge_for).
   hf:<path>            `HFJudge`: a local Hugging Face causal LM, scored by the likelihood of each
                        grade 1..10 after the rubric prompt (always a valid grade, deterministic).
 
-`make_judge(spec)` turns one of those strings into a judge.
+`make_judge(spec, api_key=..., allowed=...)` turns one of those strings into a judge.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -115,19 +115,14 @@ class OfflineJudge:
 # OpenAI-compatible endpoint
 
 
-JUDGE_ENDPOINTS_ENV = "MANU_JUDGE_ENDPOINTS"  # hosts the worker lets a judge API key go to
+ALLOW_LIST_SETTING = "MANU_JUDGE_ENDPOINTS"  # the worker's setting that fills `allowed` (tasks.stages.judge_for)
 
 
-def _allowed_hosts(allowed: tuple[str, ...] | None) -> tuple[str, ...]:
-    if allowed is None:
-        allowed = tuple(os.environ.get(JUDGE_ENDPOINTS_ENV, "").split(","))
-    return tuple(h.strip().lower() for h in allowed if h.strip())
-
-
-def check_key_destination(base_url: str, allowed: tuple[str, ...] | None = None) -> None:
+def check_key_destination(base_url: str, allowed: tuple[str, ...] = ()) -> None:
     """Where the judge's API key may be sent. A run parameter names the URL, so whoever can start a run
     could otherwise point the key anywhere: the host must be loopback or on the worker's allow-list
-    ($MANU_JUDGE_ENDPOINTS: comma-separated host or host:port), and a non-loopback host must use https."""
+    (`allowed`: host or host:port; the pipeline fills it from $MANU_JUDGE_ENDPOINTS), and a
+    non-loopback host must use https."""
     u = urlsplit(base_url)
     host = (u.hostname or "").lower()
     port = u.port or (443 if u.scheme == "https" else 80)
@@ -140,10 +135,10 @@ def check_key_destination(base_url: str, allowed: tuple[str, ...] | None = None)
     if u.scheme != "https":
         raise JudgeError(f"refusing to send the judge's API key over plain http to {host!r} (not loopback); "
                          f"use https://{u.netloc}{u.path}, or a judge on this machine (127.0.0.1/localhost).")
-    hosts = _allowed_hosts(allowed)
+    hosts = tuple(h.strip().lower() for h in allowed if h.strip())
     if host not in hosts and f"{host}:{port}" not in hosts:
         raise JudgeError(f"the judge host {host!r} is not on this worker's allow-list, so the API key is not sent "
-                         f"there; the worker's operator adds it with {JUDGE_ENDPOINTS_ENV}={host} (comma-separated "
+                         f"there; the worker's operator adds it with {ALLOW_LIST_SETTING}={host} (comma-separated "
                          f"hosts or host:port; now: {', '.join(hosts) or 'empty'}).")
 
 
@@ -162,15 +157,13 @@ class OpenAIJudge:
     timeout: float = 60.0
     retries: int = 4
     backoff: float = 1.0
-    allowed: tuple[str, ...] | None = None  # hosts a key may go to; None: $MANU_JUDGE_ENDPOINTS
+    allowed: tuple[str, ...] = ()  # hosts other than loopback a key may go to
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://", self.base_url):
             raise JudgeError(f"judge URL must start with http:// or https://; got {self.base_url!r}. "
                              "Example: openai:http://localhost:8000/v1#meta-llama/Llama-3.1-8B-Instruct")
         self.base_url = self.base_url.rstrip("/")
-        if self.api_key is None:
-            self.api_key = os.environ.get("MANU_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         if self.api_key:
             check_key_destination(self.base_url, self.allowed)
 
@@ -286,8 +279,10 @@ class HFJudge:
         return out
 
 
-def make_judge(spec: str = "offline", *, device: str = "cpu") -> Judge:
-    """`offline`, `openai:<base url>#<model>` or `hf:<local path>`."""
+def make_judge(spec: str = "offline", *, device: str = "cpu", api_key: str | None = None,
+               allowed: tuple[str, ...] = ()) -> Judge:
+    """`offline`, `openai:<base url>#<model>` (with its `api_key` and the non-loopback hosts
+    `allowed` to receive it) or `hf:<local path>`."""
     if spec == "offline":
         return OfflineJudge()
     if spec.startswith("openai:"):
@@ -295,7 +290,7 @@ def make_judge(spec: str = "offline", *, device: str = "cpu") -> Judge:
         if not sep or not url or not model:
             raise JudgeError(f"judge spec {spec!r} needs a model after '#': openai:<base url>#<model>, e.g. "
                              "openai:http://localhost:8000/v1#Qwen/Qwen2.5-7B-Instruct")
-        return OpenAIJudge(url, model)
+        return OpenAIJudge(url, model, api_key=api_key, allowed=tuple(allowed))
     if spec.startswith("hf:"):
         return HFJudge(spec[len("hf:"):], device=device)
     raise JudgeError(f"unknown judge {spec!r}; use offline, openai:<base url>#<model> or hf:<local path>")

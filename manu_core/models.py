@@ -197,19 +197,18 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
-    """(model, processor) from a preset name (`tiny`, `lite`, ...: its trained vanilla model; loading
-    never trains: `presets.resolve_model` trains a preset on first use) or a local folder saved with `save_pretrained` (a real
-    LLaVA-1.5 / Idefics2 checkpoint, or any saved model of this tool). Never downloads;
-    `trust_remote_code` stays off. `dtype` None: the dtype the folder was saved in (a bfloat16
-    checkpoint stays bfloat16, so a model pruned or unlearned from it is saved in bfloat16 too)."""
-    from manu_core.presets import resolve_model  # presets builds on this module
-
-    path = resolve_model(name_or_path, train=False)  # loading loads: a preset is trained by resolve_model
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+    """(model, processor) from a local folder saved with `save_pretrained`: a real LLaVA-1.5 /
+    Idefics2 checkpoint, or any saved model of this tool (a preset's trained model: its folder from
+    `presets.resolve_model`). Never downloads and never trains; `trust_remote_code` stays off.
+    `dtype` None: the dtype the folder was saved in (a bfloat16 checkpoint stays bfloat16, so a model
+    pruned or unlearned from it is saved in bfloat16 too)."""
+    path = Path(path)
     if not path.is_dir():
         raise ModelError(
             f"model path is not a folder: {path}. Pass a folder with config.json and safetensors weights "
-            "(a local LLaVA-1.5/Idefics2 checkpoint) or a preset name (see `manu presets`)."
+            "(a local LLaVA-1.5/Idefics2 checkpoint). A preset name (see `manu presets`) is resolved to its "
+            "trained folder by presets.resolve_model(name, models=...) or `manu train <preset>`."
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json; it is not a saved transformers model folder.")

@@ -1,6 +1,7 @@
 """Embedded presets: a tiny model + MLLMU-Bench-lite configuration that trains on a laptop CPU.
 
-`resolve_model("lite")` returns the folder of the trained vanilla model of a preset, training it
+`resolve_model("lite", models=folder)` returns the folder of the trained vanilla model of a preset
+(under `folder`, which the caller chooses: tasks.cache.models_dir() in the pipeline), training it
 the first time (content-addressed: the folder name hashes the preset, the data and the training
 code, so a change retrains instead of reusing a stale model). Anything that is not a preset name
 is taken as a local checkpoint path (a real LLaVA-1.5 / Idefics2).
@@ -12,12 +13,12 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
 
 from manu_core import data as mdata
 from manu_core.evaluate import evaluate_basic, format_summaries
@@ -33,19 +34,9 @@ from manu_core.models import (
     train_tokenizer,
 )
 from manu_core.train import StageConfig, torch_threads, train_stage
-from manu_core.vocab import did_you_mean
+from manu_core.vocab import OFFICIAL_SPLITS, did_you_mean
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parent.parent
-
-
-def artifacts_dir() -> Path:
-    """Where outputs go: $MANU_ARTIFACTS, else `artifacts/` of the checkout when running from one,
-    else `artifacts/` in the current folder (an installed wheel has no checkout to write into)."""
-    if os.environ.get("MANU_ARTIFACTS"):
-        return Path(os.environ["MANU_ARTIFACTS"]).resolve()
-    in_checkout = (REPO / "pyproject.toml").is_file() and (REPO / "manu_core").is_dir()
-    return ((REPO if in_checkout else Path.cwd()) / "artifacts").resolve()
 
 
 @dataclass(frozen=True)
@@ -68,7 +59,7 @@ class Preset:
     seed: int = 0
     threads: int = 2
     eval_profiles: int = 0  # per set, for the recall/MC check written beside the model (0: all)
-    alpha: float = 0.05  # MANU's pruning ratio in `manu demo` (documented per preset in the README)
+    alpha: float = 0.05  # MANU's α in `demo.run_demo` (documented per preset in the README)
     description: str = ""
 
     def key(self) -> str:
@@ -89,7 +80,7 @@ class Preset:
 _NOT_TRAINING = frozenset({"name", "description", "eval_profiles", "alpha", "validation_size"})
 
 
-OFFICIAL_LEARN = mdata.OFFICIAL_SPLITS
+OFFICIAL_LEARN = OFFICIAL_SPLITS
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -224,13 +215,27 @@ def check_items(ds: mdata.Dataset, preset: Preset) -> list[mdata.EvalItem]:
     return [it for it in mdata.eval_items(ds) if it.set in ("forget", "retain", "celebrity") and it.profile_id in keep]
 
 
-def resolve_model(name_or_path: str | Path, *, progress: bool = True, train: bool = True) -> Path:
-    """A preset name -> its trained vanilla model folder (trained on first use; with `train` False,
-    a ModelError instead of training); a path -> itself."""
+def as_trained_here(preset: Preset) -> Preset:
+    """The preset as this process trains it: never more torch threads than the process has."""
+    threads = min(preset.threads, torch.get_num_threads())
+    return replace(preset, threads=threads) if threads < preset.threads else preset
+
+
+def resolve_model(name_or_path: str | Path, *, models: Path | None = None, progress: bool = True,
+                  train: bool = True) -> Path:
+    """A preset name -> its trained vanilla model folder under `models` (trained on first use; with
+    `train` False, a ModelError instead of training); a path -> itself.
+
+    Training never uses more torch threads than the process has (`as_trained_here`): a process
+    limited to one thread (a test worker) trains with one, and since the thread count changes the
+    bytes, that model gets its own key instead of posing as the two-thread one."""
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
-        preset = PRESETS[name_or_path]
+        if models is None:
+            raise ValueError(f"resolving the preset {name_or_path!r} needs the folder of trained presets: "
+                             "resolve_model(name, models=...) (the pipeline's is tasks.cache.models_dir()).")
+        preset = as_trained_here(PRESETS[name_or_path])
         key = preset.key()
-        out = artifacts_dir() / "models" / f"{preset.name}-{key}"
+        out = Path(models) / f"{preset.name}-{key}"
         if (out / "manu_preset.json").is_file():
             return out
         # the same key is the same training, bit for bit: reuse a model another name of it trained
@@ -239,8 +244,7 @@ def resolve_model(name_or_path: str | Path, *, progress: bool = True, train: boo
             return same[0]
         if not train:
             raise ModelError(f"preset {preset.name!r} has no trained model under {out.parent} yet. Train it first: "
-                             f"presets.resolve_model({preset.name!r}) (or `manu run --model {preset.name}`), then load "
-                             "the folder it returns.")
+                             f"presets.resolve_model({preset.name!r}, models=...) (or `manu train {preset.name}`).")
         log.info("training the vanilla model of preset %r into %s", preset.name, out)
         return train_vanilla(preset, out, progress=progress)
     path = Path(name_or_path)

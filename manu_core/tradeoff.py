@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from manu_core.figures import save_figure
 from manu_core.io import atomic_file
-from manu_core.vocab import EVAL_SETS, FORM_LABELS
+from manu_core.vocab import EVAL_SETS, FORM_LABELS, require_columns
 
 KEYS = ("set", "form", "task", "scorer")  # one paired drop per group
 ANSWER_COLUMNS = ("item_id", "set", "form", "task", "profile_id", "score", "scorer")
@@ -43,11 +43,7 @@ class TradeoffError(ValueError):
 
 
 def _need(frame: pl.DataFrame, columns: tuple[str, ...], what: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise TradeoffError(f"{what} needs columns {list(columns)}; {missing} missing (got {frame.columns}).")
-    if frame.is_empty():
-        raise TradeoffError(f"{what} got an empty table; pass at least one row.")
+    require_columns(frame, columns, what, TradeoffError, "pass at least one row")
 
 
 def _finite(frame: pl.DataFrame, columns: tuple[str, ...], what: str) -> None:

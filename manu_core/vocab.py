@@ -47,3 +47,13 @@ def fmt_change(metric: str, d: float | None) -> str:
 def fmt_range(metric: str, lo: float, hi: float) -> str:
     """A spread, compact (whole points; factuality to one decimal)."""
     return f"{100 * lo:.0f}–{100 * hi:.0f}" if metric in PERCENT_METRICS else f"{lo:.1f}–{hi:.1f}"
+
+
+def require_columns(frame, columns: Iterable[str], what: str, error: type[Exception], empty_hint: str) -> None:
+    """The one check of a table a function is handed: every column present, at least one row."""
+    columns = list(columns)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise error(f"{what} needs columns {columns}; {missing} missing (got {frame.columns}).")
+    if frame.is_empty():
+        raise error(f"{what} got an empty table; {empty_hint}.")

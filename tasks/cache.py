@@ -33,11 +33,24 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 from manu_core.io import atomic_write_json
-from manu_core.presets import artifacts_dir
 
 log = logging.getLogger(__name__)
 DONE = "_manu_done.json"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def artifacts_dir() -> Path:
+    """Where outputs go: $MANU_ARTIFACTS, else `artifacts/` of the checkout when running from one,
+    else `artifacts/` in the current folder (an installed wheel has no checkout to write into)."""
+    if os.environ.get("MANU_ARTIFACTS"):
+        return Path(os.environ["MANU_ARTIFACTS"]).resolve()
+    in_checkout = (REPO / "pyproject.toml").is_file() and (REPO / "manu_core").is_dir()
+    return ((REPO if in_checkout else Path.cwd()) / "artifacts").resolve()
+
+
+def models_dir() -> Path:
+    """Where the presets' trained vanilla models live (presets.resolve_model(name, models=...))."""
+    return artifacts_dir() / "models"
 
 
 def pipeline_dir() -> Path:

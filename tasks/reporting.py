@@ -1,7 +1,8 @@
 """The report task: figures, tables and the self-contained report of a run or a sweep.
 
-    figures(reports=[...report task folders...], lenses=[...logit_lens task folders...], title, chosen_alpha)
-    comparison(reports=[...])   # a sweep: drops with intervals, trade-off curves, settings chosen on validation
+    report(runs=[...results task folders...], lenses=[...logit_lens task folders...], title, chosen_alpha)
+    comparison(runs=[...])   # a sweep: drops with intervals, trade-off curves, settings chosen on validation
+    sweep_table(report_dir, comparison_dir, name)   # a sweep's long table, with the report and comparison
 
 reads each run's `results.json` (whose `run` names its method, variant, models, data and
 activations), matches each logit lens to its run by (model, data, system prompt), and calls
@@ -17,7 +18,7 @@ from pathlib import Path
 import polars as pl
 from prefect import get_run_logger
 
-from manu_core.io import atomic_file, atomic_write_json
+from manu_core.io import atomic_dir, atomic_file, atomic_write_json
 from tasks.cache import finish, stage_dir
 from tasks.stages import manu_task
 
@@ -77,20 +78,20 @@ def _relearn_note(runs: list[dict]) -> str:
             "retain: retain profiles only")
 
 
-@manu_task(name="figures", paths=("reports", "lenses"), presentation=True,
-           task_run_name=lambda parameters: f"figures-{parameters['title']}")
-def figures(reports: list[str], lenses: list[str], title: str, chosen_alpha: float | None = None) -> str:
-    """The figures (figures/*.png), report.md and report.html of the given runs (one section per
-    forget split)."""
+@manu_task(name="report", paths=("runs", "lenses"), presentation=True,
+           task_run_name=lambda parameters: f"report-{parameters['title']}")
+def report(runs: list[str], lenses: list[str], title: str, chosen_alpha: float | None = None) -> str:
+    """The report of the given runs (results task folders; one section per forget split): report.md,
+    report.html (self-contained) and figures/*.png."""
     out = stage_dir()
-    paths = write_report(out, reports, lenses, title, chosen_alpha)
+    paths = write_report(out, runs, lenses, title, chosen_alpha)
     get_run_logger().info("report: %s (%d figures)", out / "report.html", len(paths) - 2)
     return str(finish(out))
 
 
 def write_report(out: Path, reports: list[str], lenses: list[str], title: str,
                  chosen_alpha: float | None = None) -> dict[str, Path]:
-    """The `figures` task's work, without Prefect: `out`/report.md, report.html, figures/,
+    """The `report` task's work, without Prefect: `out`/report.md, report.html, figures/,
     results.parquet and sources.json (its inputs, so `docs/make_example.py --redraw` can redo it)."""
     from manu_core.report import build_report, results_frame
 
@@ -143,24 +144,63 @@ def _answers(units: list[str]) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(Path(u) / "answers.parquet", columns=list(ANSWER_COLUMNS)) for u in units])
 
 
-@manu_task(name="comparison", paths=("reports",), presentation=True,
-           task_run_name=lambda parameters: f"comparison-{len(parameters['reports'])} runs")
-def comparison(reports: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot: int = 1000, seed: int = 0) -> str:
+@manu_task(name="comparison", paths=("runs",), presentation=True,
+           task_run_name=lambda parameters: f"comparison-{len(parameters['runs'])} runs")
+def comparison(runs: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot: int = 1000, seed: int = 0) -> str:
     """The sweep's comparison (manu_core/tradeoff.py): paired drops with profile-bootstrap intervals
     per run, the trade-off curves and their summaries, each method's setting chosen on the validation
     forget set, the headline table on the reported forget sets, and the figures."""
     from manu_core.tradeoff import compare
 
-    runs = []
-    for rep in reports:
+    compared = []
+    for rep in runs:
         res = json.loads((Path(rep) / "results.json").read_text())
         run, variant = res["run"], res["run"].get("variant") or {}
-        runs.append({"forget": _forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
+        compared.append({"forget": _forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
                      "family": run["method"], "mode": variant.get("mode"), "iterative": variant.get("iterative", False),
                      "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),
                      "without": "+".join(dropped_weights(variant)) or None,
                      "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"])})
     out = stage_dir()
-    paths = compare(runs, out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
+    paths = compare(compared, out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
     get_run_logger().info("comparison: %s", paths["markdown"])
+    return str(finish(out))
+
+
+def sweep_markdown(df: pl.DataFrame) -> str:
+    """The sweep's long table: one row per (forget set, method, set, task, metric), both forms and
+    their average, each value in the one report format (manu_core.vocab.fmt_metric)."""
+    from manu_core.vocab import FORM_LABELS, fmt_metric
+
+    wide = (df.pivot(on="form", index=["forget", "method", "set", "task", "metric", "scorer"], values="value")
+            .sort("forget", "set", "task", "metric", "method"))
+    lines = [f"| forget | method | set | task | metric | {FORM_LABELS['multimodal']} | {FORM_LABELS['text']} | average |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in wide.iter_rows(named=True):
+        mm, tx = r.get("multimodal"), r.get("text")
+        avg = (mm + tx) / 2 if mm is not None and tx is not None else None
+        cells = " | ".join(fmt_metric(r["metric"], v) for v in (mm, tx, avg))
+        lines.append(f"| {r['forget']} | {r['method']} | {r['set']} | {r['task']} | {r['metric']} | {cells} |")
+    return "\n".join(lines)
+
+
+@manu_task(name="sweep_table", paths=("report_dir", "comparison_dir"), presentation=True,
+           task_run_name="sweep-table-{name}")
+def sweep_table(report_dir: str, comparison_dir: str, name: str) -> str:
+    """A sweep's outputs in one folder: sweep.parquet and sweep.md (every method and variant per
+    forget set), report/ (the report task's files) and comparison/ (the comparison task's)."""
+    import shutil
+
+    df = pl.read_parquet(Path(report_dir) / "results.parquet")
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "sweep.parquet") as tmp:
+        df.write_parquet(tmp)
+    with atomic_file(out / "sweep.md") as tmp:
+        tmp.write_text(sweep_markdown(df) + "\n")
+    for name, src in (("report", report_dir), ("comparison", comparison_dir)):
+        with atomic_dir(out / name) as tmp:
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*", "_manu_*"), dirs_exist_ok=True)
+    get_run_logger().info("sweep table: %s (%d rows); comparison: %s", out / "sweep.parquet", df.height,
+                          out / "comparison" / "comparison.md")
     return str(finish(out))

@@ -27,8 +27,9 @@ import polars as pl
 from prefect import get_run_logger, task
 
 from manu_core import data as mdata
+from manu_core.vocab import FORMS, OFFICIAL_SPLITS
 from manu_core.io import atomic_dir, atomic_file, atomic_write_json
-from tasks.cache import ManuCache, content_digest, finish, key_lock, results_dir, stage_dir
+from tasks.cache import ManuCache, content_digest, finish, key_lock, models_dir, results_dir, stage_dir
 
 _RUN_IGNORE = ("progress",)
 
@@ -113,6 +114,20 @@ def load(model_dir: str, slot: Slot, dtype: str | None, device: str = ""):
 # Data
 
 
+JUDGE_KEY_ENV = ("MANU_JUDGE_API_KEY", "OPENAI_API_KEY")  # the first one set is the judge's API key
+JUDGE_ENDPOINTS_ENV = "MANU_JUDGE_ENDPOINTS"  # hosts the worker lets that key go to (comma-separated)
+
+
+def judge_for(spec: str, device: str = "cpu"):
+    """The judge of an evaluation, with the worker's key and allow-list from its environment
+    (manu_core.judge reads none: an endpoint judge gets both from here)."""
+    from manu_core.judge import make_judge
+
+    key = next((os.environ[k] for k in JUDGE_KEY_ENV if os.environ.get(k)), None)
+    allowed = tuple(os.environ.get(JUDGE_ENDPOINTS_ENV, "").split(","))
+    return make_judge(spec, device=device, api_key=key, allowed=allowed)
+
+
 def dataset_of(spec: dict) -> mdata.Dataset:
     learn = spec.get("learn")
     return mdata.build_dataset(forget=spec["forget"] if isinstance(spec["forget"], str) else tuple(spec["forget"]),
@@ -125,7 +140,7 @@ def dataset_of(spec: dict) -> mdata.Dataset:
 def benchmark_forget(spec: dict) -> str | tuple[str, ...]:
     """What the local MLLMU-Bench is read with: an official split by name, any other forget set (the
     validation set, a list of ids) by the ids `dataset_of(spec)` resolves it to."""
-    if isinstance(spec["forget"], str) and spec["forget"] in mdata.OFFICIAL_SPLITS:
+    if isinstance(spec["forget"], str) and spec["forget"] in OFFICIAL_SPLITS:
         return spec["forget"]
     return dataset_of(spec).split.forget_ids
 
@@ -231,7 +246,7 @@ def vanilla_model(model: str) -> str:
     """An embedded preset's trained vanilla model (trained on first use), or a local checkpoint."""
     from manu_core.presets import resolve_model
 
-    path = resolve_model(model)
+    path = resolve_model(model, models=models_dir())
     out = stage_dir()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "model.json", {"model": model, "path": str(path)})
@@ -393,7 +408,6 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
     `held_out`: only the held-out half of the forget profiles (relearning, manu_core/relearn.py);
     `tasks`: only these tasks (None: all)."""
     from manu_core.evaluate import EvalConfig, cap_profiles, evaluate_unit
-    from manu_core.judge import make_judge
     from manu_core.portraits import image_for
     from manu_core.relearn import halves
 
@@ -412,7 +426,7 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
     with device_slot(device) as slot:
         model, processor = load(model_dir, slot, dtype, device)
         evaluate_unit(model, processor, items, out / "unit", config, images=images, device=slot.device,
-                      judge=make_judge(config.judge, device=slot.device), progress=progress,
+                      judge=judge_for(config.judge, device=slot.device), progress=progress,
                       # the model's content, as in the cache key: two folders with the same weights (e.g. a free
                       # and a frozen relearning that trained alike) are one evaluation, whichever runs first
                       model_id=content_digest(model_dir))
@@ -446,12 +460,13 @@ def relearn(model_dir: str, data_dir: str, attack: str, mask: str, params: dict,
                                  "held_out_ids": list(held), "samples": len(samples), "params": params})) + "/model"
 
 
-@manu_task(name="report", paths=("vanilla_units", "unlearned_units", "importance_dir", "relearn_units"),
-           task_run_name=lambda parameters: f"report-{parameters['title']}")
-def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str | None, title: str,
+@manu_task(name="results", paths=("vanilla_units", "unlearned_units", "importance_dir", "relearn_units"),
+           task_run_name=lambda parameters: f"results-{parameters['title']}")
+def results(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str | None, title: str,
            run: dict, relearn_units: list[str] | None = None, relearn_labels: list[str] | None = None) -> str:
-    """The results table (vanilla vs unlearned per set, task and form), results.json and the
-    selected neurons per tower/layer. `relearn_units` (with their stage in `relearn_labels`: vanilla,
+    """One run's results: results.json (every summary, the run's settings and its evaluation
+    folders), results.md (the table, vanilla vs unlearned per set, task and form) and the selected
+    neurons per tower/layer. The report people read (figures, report.html) is tasks.reporting.report. `relearn_units` (with their stage in `relearn_labels`: vanilla,
     unlearned, <attack>/<mask>) are the held-out forget evaluations of the relearning attacks."""
     from manu_core.evaluate import Summary
     from manu_core.report import counts_note, run_tables, summaries_frame, tables_markdown
@@ -470,7 +485,7 @@ def report(vanilla_units: list[str], unlearned_units: list[str], importance_dir:
     frame = summaries_frame({"vanilla": before, "unlearned": after})
     md = f"# {title}\n\n{tables_markdown(run_tables(frame, 'unlearned'))}\n\n{counts_note(frame)}\n"
     with atomic_dir(out) as tmp:
-        (tmp / "report.md").write_text(md)
+        (tmp / "results.md").write_text(md)
         per_layer.write_parquet(tmp / "selected_per_layer.parquet")
         atomic_write_json(tmp / "results.json", {"run": run, "vanilla": [asdict(s) for s in before],
                                                  "unlearned": [asdict(s) for s in after],
@@ -513,8 +528,8 @@ def _split_samples(data_dir: str) -> tuple[list, list, dict]:
     split = json.loads((Path(data_dir) / "split.json").read_text())
     if split["spec"].get("benchmark"):
         streams = benchmark_of(split["spec"], ("forget", "retain")).streams()
-        return ([s for f in mdata.FORMS for s in streams[("forget", f)]],
-                [s for f in mdata.FORMS for s in streams[("retain", f)]], split)
+        return ([s for f in FORMS for s in streams[("forget", f)]],
+                [s for f in FORMS for s in streams[("retain", f)]], split)
     ds = dataset_of(split["spec"])
     forget = [s for pid in split["forget_ids"] for s in mdata.samples(ds.profile(pid))]
     retain = [s for pid in split["retain_ids"] for s in mdata.samples(ds.profile(pid))]

@@ -10,8 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="manu-test-hf-datasets-")
-# Tests never write into the checkout's artifacts/: one folder per test session.
+# Tests never write into the checkout's artifacts/: one folder per test session (per xdist worker).
 os.environ["MANU_ARTIFACTS"] = tempfile.mkdtemp(prefix="manu-test-artifacts-")
+# `make test` runs two xdist workers on two cores: each (and every process it starts, e.g. `manu run`)
+# gets one torch thread, since two processes of two threads each on two cores spin each other to a
+# crawl. Presets then train with one thread, under their own key (presets.as_trained_here).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
 
 import pytest  # noqa: E402
 
@@ -31,8 +37,9 @@ def pytest_collection_modifyitems(config, items):
 def tiny_model_dir() -> Path:
     """The trained vanilla model of the `tiny` preset (trained once per session, ~20 s)."""
     from manu_core.presets import resolve_model
+    from tasks.cache import models_dir
 
-    return resolve_model("tiny", progress=False)
+    return resolve_model("tiny", models=models_dir(), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from manu_core import data as mdata
+from manu_core.vocab import EVAL_SETS, FORMS
 from manu_core.portraits import image_for, portrait
 
 SHA256 = {  # the copied files, byte for byte (data/mllmu_bench/PROVENANCE.md)
@@ -110,8 +111,8 @@ def test_eval_items_shape_and_determinism():
     ds = mdata.build_dataset(n_profiles=40, n_celebrities=5, seed=3)
     items = mdata.eval_items(ds)
     assert items == mdata.eval_items(mdata.build_dataset(n_profiles=40, n_celebrities=5, seed=3))
-    assert {it.set for it in items} == set(mdata.EVAL_SETS)
-    assert {it.form for it in items} == set(mdata.FORMS) and {it.task for it in items} == {"mc", "gen", "cloze"}
+    assert {it.set for it in items} == set(EVAL_SETS)
+    assert {it.form for it in items} == set(FORMS) and {it.task for it in items} == {"mc", "gen", "cloze"}
     for it in items:
         assert it.source == "stand-in"
         if it.task == "mc":

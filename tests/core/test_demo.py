@@ -73,7 +73,9 @@ def test_cli_inspect_and_importance(manu_run, tmp_path):
 def test_run_demo_on_tiny(tiny_model_dir):
     from manu_core.demo import run_demo
 
-    result = run_demo("tiny", alpha=0.05, progress=False)
+    from tasks.cache import artifacts_dir, models_dir
+
+    result = run_demo("tiny", models=models_dir(), runs=artifacts_dir() / "runs", alpha=0.05, progress=False)
     saved = json.loads((result.out_dir / "results.json").read_text())
     assert saved["alpha"] == 0.05 and saved["prune"]["n_pruned"] > 0
     assert {s["set"] for s in saved["vanilla"]} == {"forget", "test", "retain", "celebrity"}

@@ -55,6 +55,7 @@ def test_answer_loss_equals_model_loss(tokenizer):
     assert torch.allclose(answer_loss(model, batch), ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_learns(tmp_path):
     from dataclasses import replace
 
@@ -77,10 +78,12 @@ def test_bad_inputs():
         get_preset("lit")
     with pytest.raises(ModelError, match="neither a preset"):
         resolve_model("/no/such/model")
-    with pytest.raises(ModelError, match="neither a preset"):
+    with pytest.raises(ModelError, match="model path is not a folder: /no/such/model"):
         load_model("/no/such/model")
     with pytest.raises(ModelError, match="Did you mean the preset 'tiny'"):
-        load_model("tyny")
+        resolve_model("tyny")
+    with pytest.raises(ValueError, match=r"needs the folder of trained presets: resolve_model\(name, models=...\)"):
+        resolve_model("tiny")
     with pytest.raises(ModelError, match="Unknown arch 'qwen'"):
         TinySpec(arch="qwen")
 
@@ -162,9 +165,9 @@ def test_tiny_preset_learns_both_forms(tiny_model_dir):
 
 @pytest.mark.slow
 def test_tiny_idefics2_preset_learns_both_forms():
-    from manu_core.presets import resolve_model
+    from tasks.cache import models_dir
 
-    path = resolve_model("tiny-idefics2", progress=False)
+    path = resolve_model("tiny-idefics2", models=models_dir(), progress=False)
     assert json.loads((path / "config.json").read_text())["model_type"] == "idefics2"
     recall = json.loads((path / "recall.json").read_text())
     for r in recall:
@@ -172,20 +175,26 @@ def test_tiny_idefics2_preset_learns_both_forms():
             assert r["value"] >= 0.8, r
 
 
-@pytest.mark.slow
-def test_load_model_takes_a_preset_name_or_a_path(tiny_model_dir):
-    by_name, proc = load_model("tiny", dtype="float32")
-    by_path, _ = load_model(tiny_model_dir)
-    assert type(proc).__name__ == "LlavaProcessor"
-    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values()))
-
-
-def test_loading_a_preset_never_trains_it(tmp_path, monkeypatch):
-    """`load_model` loads; training a preset is `presets.resolve_model`'s job (said in the error)."""
-    monkeypatch.setenv("MANU_ARTIFACTS", str(tmp_path))  # no trained model here
-    with pytest.raises(ModelError, match=r"preset 'tiny' has no trained model .* presets.resolve_model\('tiny'\)"):
+def test_loading_loads_and_resolving_without_train_never_trains(tmp_path):
+    """`load_model` takes a folder (a preset name is the presets' to resolve, said in the error);
+    `resolve_model(train=False)` finds a trained preset or says how to train it, training nothing."""
+    with pytest.raises(ModelError, match=r"presets.resolve_model\(name, models=...\) or `manu train <preset>`"):
         load_model("tiny")
-    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    with pytest.raises(ModelError, match=r"preset 'tiny' has no trained model .* presets.resolve_model\('tiny', models"):
+        resolve_model("tiny", models=tmp_path, train=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_preset_trained_with_fewer_threads_has_its_own_key():
+    from manu_core.presets import as_trained_here
+    from manu_core.train import torch_threads
+
+    lite = PRESETS["lite"]
+    with torch_threads(1):
+        here = as_trained_here(lite)
+    assert here.threads == 1 and here.key() != lite.key()
+    with torch_threads(lite.threads):
+        assert as_trained_here(lite) is lite
 
 
 def test_torch_threads_are_restored_also_on_error():

@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 
 from manu_core import data as mdata
+from manu_core.vocab import EVAL_SETS, FORMS
 from manu_core.evaluate import (EvalConfig, EvaluationError, Request, cap_profiles, evaluate, evaluate_unit,
                                 format_report, generate_texts, read_answers, units_of)
 from manu_core.portraits import image_for
@@ -125,7 +126,7 @@ def test_a_unit_folder_refuses_another_evaluation(tiny_model, items, tmp_path):
 def test_evaluate_all_units_and_report(tiny_model, items, tmp_path):
     model, processor = tiny_model
     capped = [it for it in cap_profiles(items, 1, seed=0) if it.task != "gen"]
-    assert {(s, f) for s, f in units_of(capped)} == {(s, f) for s in mdata.EVAL_SETS for f in mdata.FORMS}
+    assert {(s, f) for s, f in units_of(capped)} == {(s, f) for s in EVAL_SETS for f in FORMS}
     assert all(len({it.profile_id for it in v}) == 1 for v in units_of(capped).values())
     summaries = evaluate(model, processor, capped, tmp_path, EvalConfig(mc_scorer="likelihood", instructions=False,
                                                                         max_new_tokens=16), progress=False)

@@ -133,10 +133,21 @@ def test_openai_judge_connection_refused():
         OpenAIJudge("http://127.0.0.1:9/v1", "m", retries=1, backoff=0.01).score(["q"], ["t"], ["p"])
 
 
-def test_openai_judge_key_from_environment(server, monkeypatch):
-    monkeypatch.setenv("MANU_JUDGE_API_KEY", "sk-env")
-    assert make_judge(f"openai:{server}/ok/v1#m").score(["q"], ["t"], ["p"]) == [8]
+def test_the_pipeline_judge_takes_key_and_allow_list_from_the_worker_environment(server, monkeypatch):
+    """manu_core.judge reads no environment; tasks.stages.judge_for hands it the worker's settings."""
+    from tasks.stages import judge_for
+
+    monkeypatch.delenv("MANU_JUDGE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    assert make_judge(f"openai:{server}/ok/v1#m").api_key is None
+    assert judge_for(f"openai:{server}/ok/v1#m").api_key == "sk-openai"
+    monkeypatch.setenv("MANU_JUDGE_API_KEY", "sk-env")  # the tool's own variable comes first
+    assert judge_for(f"openai:{server}/ok/v1#m").score(["q"], ["t"], ["p"]) == [8]
     assert [b for b in _Handler.bodies if b["mode"] == "ok"][-1]["auth"] == "Bearer sk-env"
+    with pytest.raises(JudgeError, match="not on this worker's allow-list"):
+        judge_for("openai:https://judge.example.org/v1#m")
+    monkeypatch.setenv("MANU_JUDGE_ENDPOINTS", "other.org, judge.example.org")
+    assert judge_for("openai:https://judge.example.org/v1#m").api_key == "sk-env"  # now allowed: built, no error
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -170,22 +181,19 @@ def test_hf_judge_on_a_local_causal_lm(tmp_path, tiny_model):
     assert j.score(["Where?", "Who?"], ["Riga.", "Ann."], ["Riga.", "Bob."]) == a
 
 
-def test_judge_key_goes_only_to_loopback_or_the_allow_list(monkeypatch):
+def test_judge_key_goes_only_to_loopback_or_the_allow_list():
     from manu_core.judge import JudgeError, check_key_destination
 
-    monkeypatch.delenv("MANU_JUDGE_ENDPOINTS", raising=False)
     for ok in ("http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:9/v1", "https://127.0.0.2/v1"):
         check_key_destination(ok)
     with pytest.raises(JudgeError, match="plain http to 'judge.example.org'"):
         OpenAIJudge("http://judge.example.org/v1", "m", api_key="sk-secret")
     with pytest.raises(JudgeError, match="not on this worker's allow-list.*MANU_JUDGE_ENDPOINTS=judge.example.org"):
         OpenAIJudge("https://judge.example.org/v1", "m", api_key="sk-secret")
-    monkeypatch.setenv("MANU_JUDGE_ENDPOINTS", "other.org, judge.example.org:443")
-    judge = OpenAIJudge("https://judge.example.org/v1", "m", api_key="sk-secret")
+    allowed = ("other.org", " judge.example.org:443")
+    judge = OpenAIJudge("https://judge.example.org/v1", "m", api_key="sk-secret", allowed=allowed)
     assert "sk-secret" not in repr(judge) and "sk-secret" not in str(judge)
     with pytest.raises(JudgeError, match="allow-list"):  # the port is part of the entry given
-        OpenAIJudge("https://judge.example.org:8443/v1", "m", api_key="sk-secret")
+        OpenAIJudge("https://judge.example.org:8443/v1", "m", api_key="sk-secret", allowed=allowed)
     # without a key nothing secret is sent, so any endpoint may be named
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("MANU_JUDGE_API_KEY", raising=False)
     assert OpenAIJudge("http://judge.example.org/v1", "m").api_key is None

@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from flows.pipeline import EvalSettings, RunConfig, manu, settled_task_runs
+from flows.pipeline import EvalSettings, RunConfig, manu
+from flows.runs import settled_task_runs
 from manu_core.portraits import image_for
 from tests.eval import mllmu_fixture as fx
 

@@ -27,7 +27,7 @@ def test_sweep_on_a_dask_local_cluster(tiny_model_dir):
     assert set(table["method"]) == {"vanilla", "manu[paper] α=0.05", "manu[paper] α=0.1"}
     assert set(table["set"]) == {"forget", "test", "retain", "celebrity"}
     assert (out / "sweep.md").read_text().startswith("| forget | method |")
-    reports = sorted(Path(p).parent for p in (out.parent.parent / "report").glob("*/results.json"))
+    reports = sorted(Path(p).parent for p in (out.parent.parent / "results").glob("*/results.json"))
     alphas = {json.loads((r / "results.json").read_text())["run"]["variant"].get("alpha") for r in reports}
     assert {0.05, 0.1} <= alphas
     # the sweep's report: tables (Table 1, Table 2 for the two α) and every figure, beside the table

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from flows.pipeline import EvalSettings, RunConfig, manu, settled_task_runs
+from flows.pipeline import EvalSettings, RunConfig, manu
+from flows.runs import settled_task_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]
 
@@ -52,7 +53,7 @@ def first_run():
 
 def test_second_run_is_all_cached(first_run):
     report, states = first_run
-    assert {"prepare_data", "vanilla_model", "extract", "importance_sums", "report"} <= set(states)
+    assert {"prepare_data", "vanilla_model", "extract", "importance_sums", "results"} <= set(states)
     assert sum(n.startswith("evaluate-vanilla-") for n in states) == 8
     again, states2 = run(config())
     assert again == report
@@ -80,10 +81,10 @@ def test_run_report_has_every_figure_and_the_tables(first_run):
     from tasks.cache import pipeline_dir
 
     report, states = first_run
-    assert {"logit-lens-vanilla", "logit-lens-manu-paper-0-05", "figures"} <= set(states)
+    assert {"logit-lens-vanilla", "logit-lens-manu-paper-0-05", "report"} <= set(states)
     label = json.loads((Path(report) / "results.json").read_text())["run"]["label"]
     # sources.json names the runs a report was drawn from; other tests' runs share this one's title
-    [figs] = [d for d in (pipeline_dir() / "figures").iterdir() if (d / "sources.json").is_file()
+    [figs] = [d for d in (pipeline_dir() / "report").iterdir() if (d / "sources.json").is_file()
               and json.loads((d / "sources.json").read_text())["reports"] == [report]]
     assert f"# {label} on tiny" in (figs / "report.md").read_text()
     names = sorted(p.name for p in (figs / "figures").glob("*.png"))
@@ -96,14 +97,14 @@ def test_run_report_has_every_figure_and_the_tables(first_run):
 
 def test_changing_alpha_reruns_selection_onward_only(first_run):
     _, states = run(config(alpha=0.07))  # an α no other test uses
-    assert reran(states) == {"select-paper-alpha0.07", "prune", "report", "logit-lens-manu-paper-0-07", "figures"} | {
+    assert reran(states) == {"select-paper-alpha0.07", "prune", "results", "logit-lens-manu-paper-0-07", "report"} | {
         n for n in states if n.startswith("evaluate-manu-paper-0-07-")}
     assert sum(n.startswith("evaluate-manu-paper-0-07-") for n in states) == 8
 
 
 def test_changing_one_cap_reruns_that_evaluation_and_the_report(first_run):
     _, states = run(config(eval={"max_profiles": {"test": 2}}))
-    assert reran(states) == {"report", "figures"} | {n for n in states if n.startswith("evaluate-") and "-test-" in n}
+    assert reran(states) == {"results", "report"} | {n for n in states if n.startswith("evaluate-") and "-test-" in n}
     assert len(reran(states)) == 2 + 4  # vanilla and unlearned, two forms each
 
 
@@ -241,7 +242,7 @@ def test_one_ctrl_c_stops_manu_run_at_once_and_the_rerun_resumes(tiny_model_dir,
         proc.wait()
     out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    report = Path([l for l in out.stdout.splitlines() if l.startswith("report: ")][-1][len("report: "):]).parent
+    report = Path([l for l in out.stdout.splitlines() if l.startswith("results: ")][-1][len("results: "):]).parent
     ref = json.loads((Path(reference) / "results.json").read_text())
     got = json.loads((report / "results.json").read_text())
     assert got["unlearned"] == ref["unlearned"] and got["vanilla"] == ref["vanilla"]
@@ -307,7 +308,7 @@ def test_baselines_are_methods_of_the_same_flow(first_run):
     assert not any(n.startswith("baseline") for n in prompting)
     # The system prompt makes other evaluations than the vanilla model's (same weights).
     assert sum(s == "Completed" for n, s in prompting.items() if n.startswith("evaluate-prompting-")) == 8
-    assert "| method | MC | ROUGE-L | Fact | Cloze |" in (Path(report) / "report.md").read_text()
+    assert "| method | MC | ROUGE-L | Fact | Cloze |" in (Path(report) / "results.md").read_text()
     _, npo = run_method(config(), "npo")
     assert npo["reference_model"] == "Completed" and npo["baseline-npo"] == "Completed"
     _, again = run_method(config(), "npo")

@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from flows.pipeline import METHODS, EvalSettings, RunConfig, SweepConfig, iterative_steps, manu, settled_task_runs, variant_label
+from flows.pipeline import METHODS, EvalSettings, RunConfig, SweepConfig, iterative_steps, manu, variant_label
+from flows.runs import settled_task_runs
 from manu_core.unlearn import random_selection
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]

@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 import torch
 
-from flows.pipeline import EvalSettings, RunConfig, manu, settled_task_runs
+from flows.pipeline import EvalSettings, RunConfig, manu
+from flows.runs import settled_task_runs
 from manu_core.models import load_model
 from manu_core.prune import pruned_weights_are_zero
 from tasks.cache import DONE, file_digest, pipeline_dir
@@ -62,7 +63,7 @@ def test_relearning_attacks_every_unlearned_model_and_leaves_the_cached_one_unto
         after, _ = load_model(folder)
         assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
         assert pruned_weights_are_zero(after, selection)  # frozen by the mask; free because a zeroed unit has no gradient
-    md = (pipeline / "figures").glob("*/report.md")
+    md = (pipeline / "report").glob("*/report.md")
     text = "\n".join(p.read_text() for p in md)
     assert "Relearning (free)" in text and "Relearning (frozen)" in text and "-relearn.png" in text
     # Another relearning budget reruns the relearning and its evaluations, nothing else.

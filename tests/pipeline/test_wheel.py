@@ -60,8 +60,8 @@ def test_a_wheel_installed_in_a_fresh_env_runs_the_tiny_flow(tiny_model_dir, tmp
                           "--cap", "forget=1,test=1,retain=1,celebrity=1"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    report = Path([l for l in out.stdout.splitlines() if l.startswith("report: ")][-1][len("report: "):])
-    assert report.is_relative_to(work / "artifacts")  # outputs go to ./artifacts, not into site-packages
-    results = json.loads((report.parent / "results.json").read_text())
+    shown = Path([l for l in out.stdout.splitlines() if l.startswith("results: ")][-1][len("results: "):])
+    assert shown.is_relative_to(work / "artifacts")  # outputs go to ./artifacts, not into site-packages
+    results = json.loads((shown.parent / "results.json").read_text())
     assert results["vanilla"] and results["unlearned"]
     assert [p.name for p in (work / "artifacts" / "models").iterdir()] == [tiny_model_dir.name]  # not retrained
