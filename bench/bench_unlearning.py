@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 
-from manu_core.demo import demo_items
 from manu_core.evaluate import evaluate_basic
 from manu_core.extract import extract_activations
 from manu_core.importance import ImportanceParams, importance_table, neuron_sums
 from manu_core.models import load_model
-from manu_core.presets import get_preset, preset_dataset, resolve_model
+from manu_core.presets import eval_subset, get_preset, preset_dataset, resolve_model
 from tasks.cache import models_dir
 from manu_core.prune import prune_units
 from manu_core.unlearn import random_selection
@@ -70,7 +69,7 @@ def main() -> None:
     preset = get_preset(args.preset)
     model_dir = resolve_model(preset.name, models=models_dir(), progress=False)
     ds = preset_dataset(preset)
-    items = [it for it in demo_items(ds, preset) if it.set in SETS]
+    items = [it for it in eval_subset(ds, preset) if it.set in SETS]
     model, processor = load_model(model_dir)
     t0 = time.perf_counter()
     vanilla = scores(model, processor, items)

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 from manu_core.attribution import attribution_frame, select_attribution
-from manu_core.demo import demo_items
 from manu_core.evaluate import evaluate_basic
 from manu_core.extract import build_streams, extract_activations
 from manu_core.importance import ImportanceParams, importance_table, neuron_sums
 from manu_core.models import load_model
-from manu_core.presets import PRESETS, get_preset, preset_dataset, resolve_model
+from manu_core.presets import eval_subset, PRESETS, get_preset, preset_dataset, resolve_model
 from tasks.cache import models_dir
 from manu_core.prune import prune_units
 from manu_core.unlearn import random_selection
@@ -66,7 +65,7 @@ def unlearning(name: str, alphas: list[float], seeds: list[int]) -> None:
     preset = get_preset(name)
     model_dir = resolve_model(name, models=models_dir(), progress=False)
     ds = preset_dataset(preset)
-    items = [it for it in demo_items(ds, preset) if it.set in ("forget", "retain") and it.task == "mc"]
+    items = [it for it in eval_subset(ds, preset) if it.set in ("forget", "retain") and it.task == "mc"]
     model, processor = load_model(model_dir)
     t0 = time.perf_counter()
     base = mc(model, processor, items)

@@ -5,20 +5,11 @@ activation over the sample's positions; language model: every non-padding positi
 (image tokens included in the multimodal form); vision tower: every position of the sample's
 image(s). Runs over the four streams (forget, retain) x (multimodal, text) of stage 1.
 
-How:
-
-- `activation_hooks` puts a forward pre-hook on each site's down_proj / fc2 (its input is the
-  hidden units' activations, (B, T, d_mlp)) inside a context manager that always removes them.
-- Each hook reduces on the device, in one pass: one batched matmul of a 0/1 position mask
-  (B, 1, T) with the activations (B, T, d_mlp) gives the per-sample sums (B, d_mlp) in float32;
-  the sums of all sites go into one (B, units) device buffer; `collect` divides by the position
-  counts and copies that buffer to the host once per batch. No per-token tensor leaves the device,
-  no hook synchronises with the host, no Python loop runs over samples.
-- Masks and counts are built on the host from the batch before the forward (the attention mask,
-  answer mask and image layout are host tensors already), moved once per batch and cast once per
-  (device, dtype). On an accelerator the next batch is encoded in a worker thread meanwhile.
-- Overhead (bench/bench_extract.py): on the tiny LLaVA on CPU the hooks cost about 1-6% of a
-  backbone forward, and extraction takes 0.6-0.8x a plain `model(**batch)` (no LM head).
+How: a forward pre-hook on each site's down_proj / fc2 (its input: the hidden units' activations,
+(B, T, d_mlp)) reduces on the device in one batched matmul of a 0/1 position mask with the
+activations, into one (B, units) buffer that `collect` copies to the host once per batch: no
+per-token tensor leaves the device and no Python loop runs over samples. The hooks are removed by a
+context manager, also on error. Overhead vs a plain forward: `bench/bench_extract.py` (README).
 
 Choices this module makes (and why):
 

@@ -9,22 +9,13 @@ Two steps with one explicit contract between them (style.md, practice 3):
 
 `compute_importance(root, params)` runs both; `write_importance(df, path)` writes the result.
 
-How step 1 stays fast and bounded (numbers from `python bench/bench_importance.py --formulations`,
-LLaVA-1.5-7B shape, 2 cores shared with other jobs): the store's row groups (256 rows) are packed into
-chunks of at most CHUNK_VALUES activations, read with pyarrow and handed to Polars without a copy. Per
-chunk, the activation column (Array(Float32, w), one row per sample) is flattened, transposed with one
-`gather` (index j·n + i <- i·w + j, built with `int_ranges`, no division), cast to Float64 and reshaped
-to one Array(Float64, n) row per unit, so each sum is an `arr.sum` (Σz², `arr.dot`) over contiguous
-memory. Working memory is a few chunks, whatever the number of samples; what grows with the model is
-only the sums table, one row per neuron and stream (the full-size bench peaks under 1 GB, most of it
-that 1.6 M-row table and the importance step's joins).
-
-Per-unit sums of one 1,500 x 11,008 partition already in memory (best of 3): explode + unit index +
-group_by 565 ms; to_struct/unnest + column sums 700 ms; halving tree of Array additions 237 ms;
-gather-transpose + arr.sum 227 ms, with |z| computed once and arr.dot for Σz² 174 ms; numpy's
-x.sum(axis=0) reference 181 ms. Reading that partition: pyarrow `read_row_groups` 59-69 ms,
-`pl.read_parquet` / `pl.scan_parquet` 134-139 ms; reading and summing 256-row chunks instead of whole
-partitions was about 2x faster end to end (temporaries stay in cache).
+How step 1 stays fast and bounded: the store's row groups (256 rows) are packed into chunks of at
+most CHUNK_VALUES activations, read with pyarrow and handed to Polars without a copy. Per chunk, the
+activation column (one row per sample) is flattened, transposed with one `gather` and reshaped to one
+Array(Float64, n) row per unit, so each sum is an `arr.sum` (Σz², `arr.dot`) over contiguous memory.
+Working memory is a few chunks, whatever the number of samples; only the sums table (one row per
+neuron and stream) grows with the model. The formulations compared and their timings:
+`python bench/bench_importance.py --formulations` (README, "Tests and benchmarks").
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class Preset:
     seed: int = 0
     threads: int = 2
     eval_profiles: int = 0  # per set, for the recall/MC check written beside the model (0: all)
-    alpha: float = 0.05  # MANU's α in `demo.run_demo` (documented per preset in the README)
+    alpha: float = 0.05  # MANU's α when a run sets none (RunConfig.resolved_alpha; documented per preset in the README)
     description: str = ""
 
     def key(self) -> str:
@@ -213,6 +213,14 @@ def check_items(ds: mdata.Dataset, preset: Preset) -> list[mdata.EvalItem]:
         retain = random.Random(f"check/{preset.seed}").sample(retain, min(len(retain), preset.eval_profiles))
     keep |= set(retain)
     return [it for it in mdata.eval_items(ds) if it.set in ("forget", "retain", "celebrity") and it.profile_id in keep]
+
+
+def eval_subset(ds: mdata.Dataset, preset: Preset, retain_profiles: int = 25) -> list[mdata.EvalItem]:
+    """Every evaluation item of Forget, Test and Celebrity; Retain capped to `retain_profiles` seeded
+    profiles (the benchmarks' quick evaluation)."""
+    retain = set(random.Random(f"demo-retain/{preset.seed}").sample(list(ds.split.retain_ids),
+                                                                    min(retain_profiles, len(ds.split.retain_ids))))
+    return [it for it in mdata.eval_items(ds) if it.set != "retain" or it.profile_id in retain]
 
 
 def as_trained_here(preset: Preset) -> Preset:

@@ -25,33 +25,21 @@ part's samples in float64, per unit over every counted position (the positions w
                   at ±1e3) is known to change nothing when max_abs <= c
 
 Per-token statistics of a stream (mean |a|, share active, std, rms over every counted token) follow
-exactly from these totals. Totals per part, not per sample, on purpose: per-sample token sums are 4x
-the store's size and made the importance step 5x slower on a 7B-shaped store (bench/bench_importance.py),
-while every scoring mode needs only a stream's totals. In the footer, not in a file of their own, so
-they are written and replaced with their part in one atomic rename and a glob over `*.parquet` sees
-only part files.
+exactly from these totals. Totals per part, not per sample: every scoring mode needs only a
+stream's totals, and per-sample totals would quadruple the store. They sit in the footer so they
+are replaced with their part in one atomic rename.
 
-Storage choices (the contract only promises "list of float32"; readers also accept list<float32>
-and large_list<float32> written by other tools, checking that every row has the same length):
-
-- Arrow type `fixed_size_list<float32, width>` with non-nullable elements. Polars reads it straight
-  into an `Array(Float32, width)` column, the width lives in the schema (so `inspect_activations` needs
-  only the file footers and a row can never have the wrong length), and non-nullable fields carry no
-  definition levels. Read speed equals list<float32> (1,500 x 11,008 units: 83 ms vs 83 ms).
-- Page checksums (CRC32) on every data page, verified by the importance step's reader: a file whose
-  bytes changed after writing (same size, flipped bytes) fails with its name instead of changing
-  selections silently. Cost: a CRC per page, small beside the read (bench/bench_importance.py).
-- No compression. Mean-pooled float32 activations are close to incompressible: on 1,500 x 11,008
-  values, zstd(1) saves 8% of the bytes and costs +35% read time, byte-stream-split + zstd saves 15%
-  and costs +130%; snappy and lz4 save nothing. Reading speed is what the importance step needs.
-- Row groups of 256 rows: the importance step reads and sums one row group at a time (11,008 units x
-  256 rows = 2.8 M values, whose temporaries stay in cache; whole 1,500-row partitions were 2x slower).
-  No dictionary on the activation column, statistics only on the id columns, no timestamps: the same
-  inputs give the same bytes (with the same pyarrow version, which the footer names).
+Storage choices (readers also accept list<float32> and large_list<float32> from other tools, checking
+that every row has the same length): `fixed_size_list<float32, width>` (Polars reads it as an Array
+column, the width lives in the schema); CRC32 page checksums, verified by the importance step's
+reader, so a damaged file fails with its name instead of changing selections; no compression
+(mean-pooled float32 is close to incompressible, and read speed is what the importance step needs);
+row groups of 256 rows (what the importance step sums at a time); no dictionary or timestamps, so
+the same inputs give the same bytes. Measured costs: README, "Tests and benchmarks".
 
 Writes go to a temporary file in the same folder (name starting with '.', so never a `part-*` file),
-are flushed and fsync'ed, then renamed over the final name with `os.replace`: a reader sees either
-the old complete file or the new complete file, and a crash leaves only an ignored temporary file.
+are flushed and fsync'ed, then renamed over the final name: a reader sees either the old or the new
+complete file, and a crash leaves only an ignored temporary file.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """MANU end to end on one model, as plain functions: extract -> importance -> prune.
 
 The Prefect pipeline runs these steps as separate cached tasks; this module strings them together
-for `demo.run_demo`, tests and benchmarks, with the same functions underneath.
+for tests, notebooks and benchmarks, with the same functions underneath.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""MANU end to end on the trained `tiny` preset: unlearn, demo run, and the `manu` CLI."""
-
-import json
+"""MANU end to end on the trained `tiny` preset (`manu_unlearn`, the Prefect-free call), the random
+control, and the `manu inspect` / `manu importance` commands."""
 
 import polars as pl
 import pytest
@@ -10,7 +9,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from manu_core.importance import ImportanceParams
 from manu_core.models import load_model
-from manu_core.prune import pruned_weights_are_zero
+from manu_core.prune import pruned_weights_are_zero, save_pruned
 from manu_core.presets import get_preset, preset_dataset
 from manu_core.unlearn import manu_unlearn, random_selection
 
@@ -36,6 +35,18 @@ def test_manu_unlearn_prunes_exactly_the_selection(manu_run):
         mlp = model.model.language_model.layers[layer].mlp
         assert torch.count_nonzero(mlp.down_proj.weight[:, unit]) == 0
         assert torch.count_nonzero(mlp.gate_proj.weight[unit]) == 0
+
+
+def test_a_saved_pruned_model_reloads_with_its_units_zero(manu_run, tiny_model_dir, tmp_path):
+    model, res = manu_run
+    _, processor = load_model(tiny_model_dir)
+    table = pl.read_parquet(res.importance)
+    out = save_pruned(model, processor, table, tmp_path / "model", report=res.report)
+    reloaded, _ = load_model(out)
+    saved = pl.read_parquet(out / "selection.parquet")
+    pruned = saved.filter(pl.col("selected"))
+    assert saved.equals(table) and pruned.height == res.report.n_pruned > 0
+    assert pruned_weights_are_zero(reloaded, pruned)
 
 
 def test_random_selection_same_size_other_units(manu_run):
@@ -68,23 +79,3 @@ def test_cli_inspect_and_importance(manu_run, tmp_path):
     assert bad.exit_code == 2 and "error:" in bad.output
     bad = runner.invoke(app, ["importance", str(res.activations), "--out", str(tmp_path)])  # a folder, not a file
     assert bad.exit_code == 2 and f"--out {tmp_path} is a folder" in bad.output and "importance.parquet" in bad.output
-
-
-def test_run_demo_on_tiny(tiny_model_dir):
-    from manu_core.demo import run_demo
-
-    from tasks.cache import artifacts_dir, models_dir
-
-    result = run_demo("tiny", models=models_dir(), runs=artifacts_dir() / "runs", alpha=0.05, progress=False)
-    saved = json.loads((result.out_dir / "results.json").read_text())
-    assert saved["alpha"] == 0.05 and saved["prune"]["n_pruned"] > 0
-    assert {s["set"] for s in saved["vanilla"]} == {"forget", "test", "retain", "celebrity"}
-    assert (result.out_dir / "model" / "selection.parquet").is_file()
-    assert (result.out_dir / "report.md").read_text().startswith("# MANU demo")
-    assert "**Results · forget (each cell: image+text / text only" in result.report
-    assert "| MANU |" in result.report and "| change |" in result.report
-    assert "MC `likelihood`" in result.report and "Fact `offline-keyfact-overlap`" in result.report
-    assert (result.out_dir / "eval-manu" / "forget-text" / "answers.parquet").is_file()
-    reloaded, _ = load_model(result.out_dir / "model")
-    pruned = pl.read_parquet(result.out_dir / "model" / "selection.parquet").filter(pl.col("selected"))
-    assert pruned.height == saved["prune"]["n_pruned"] and pruned_weights_are_zero(reloaded, pruned)
