@@ -1,49 +1,12 @@
 """The `manu` flow on the embedded tiny preset: what reruns when what changes, and failures."""
 
-import re
-
 import pytest
 
 from flows.pipeline import EvalSettings, RunConfig, manu
 from flows.runs import settled_task_runs
+from tests.pipeline.flow_helpers import config, key, reran, run, run_method
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness", "one_thread")]
-
-CAPS = {"forget": 1, "test": 1, "retain": 1, "celebrity": 1}
-
-
-def config(**kw) -> RunConfig:
-    ev = kw.pop("eval", {})
-    kw.setdefault("extract_batch_size", 16)
-    return RunConfig(model="tiny", alpha=kw.pop("alpha", 0.05),
-                     eval=EvalSettings(max_new_tokens=8, max_profiles={**CAPS, **ev.pop("max_profiles", {})}, **ev),
-                     **kw)
-
-
-def run(cfg: RunConfig) -> tuple[str, dict[str, str]]:
-    """The flow's result and {task run name: state name}."""
-    return run_method(cfg, "manu")
-
-
-def run_method(cfg: RunConfig, method: str) -> tuple[str, dict[str, str]]:
-    state = manu(cfg, method=method, return_state=True)
-    assert state.is_completed(), state
-    runs = settled_task_runs(state)
-    assert not [r.name for r in runs if re.fullmatch(r"[a-z_]+-[0-9a-f]{3}", r.name)]  # every name says what it works on
-    return state.result(), {key(r): r.state.name for r in runs}
-
-
-def key(run) -> str:
-    """A task run's key in these tests: the task's name, or the run's own name where one task runs
-    several times per flow run (evaluate-<model>-<set>-<form>, select-..., logit-lens-..., baseline-<method>)."""
-    task = run.task_key.rsplit("-", 1)[0]
-    if task == "baseline":
-        return run.name.split(" ")[0]
-    return run.name if task in ("evaluate", "select", "logit_lens") else task
-
-
-def reran(states: dict[str, str]) -> set[str]:
-    return {n for n, s in states.items() if s != "Cached"}
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +87,13 @@ def test_a_run_forgets_learned_people_and_retains_every_other_learned_one(first_
 
     from flows.cli import app
 
-    state = manu(config(forget=["093", "279"]), method="manu", return_state=True)
+    # other ids than the forget-split test's, so neither finds the other's run cached in either order
+    state = manu(config(forget=["279", "303"]), method="manu", return_state=True)
     runs = {key(r): r for r in settled_task_runs(state)}
     split = json.loads((Path(runs["prepare_data"].state.result()) / "split.json").read_text())
     learned = json.loads((Path(runs["vanilla_model"].state.result()) / "manu_preset.json").read_text())["learned_ids"]
-    assert split["forget_ids"] == ["093", "279"] and len(learned) == 16
-    assert split["retain_ids"] == sorted(set(learned) - {"093", "279"})
+    assert split["forget_ids"] == ["279", "303"] and len(learned) == 16
+    assert split["retain_ids"] == sorted(set(learned) - {"279", "303"})
     out = CliRunner().invoke(app, ["run", "--model", "tiny", "--forget", "001,093"])
     assert out.exit_code == 2 and "never learned: ['001']" in out.output and "Traceback" not in out.output, out.output
 
@@ -163,138 +127,6 @@ def test_invalid_config_is_refused_with_the_rule():
         EvalSettings(sets=["forget", "tset"])
     with pytest.raises(ValidationError, match="unknown weight|weight"):
         RunConfig(weights={"abs": 1, "nope": 1})
-
-
-def live_in_group(pgid: int) -> list[int]:
-    """Processes of process group `pgid` that are still running (zombies, waiting for whoever reaps
-    orphans here, do not count). Linux: read from /proc."""
-    from pathlib import Path
-
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
-def isolated_env(tmp_path, tiny_model_dir):
-    """An artifacts folder holding the trained tiny model, and the environment of a `manu` process
-    that uses it with its own temporary Prefect server."""
-    import os
-    import shutil
-
-    arts = tmp_path / "artifacts"
-    shutil.copytree(tiny_model_dir, arts / "models" / tiny_model_dir.name)
-    env = {**os.environ, "MANU_ARTIFACTS": str(arts), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MANU_PREFECT_RESULTS": ""}
-    env.pop("PREFECT_API_URL", None)
-    return arts, env
-
-
-def test_one_ctrl_c_stops_manu_run_at_once_and_the_rerun_resumes(tiny_model_dir, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-run: `manu run` exits
-    130 within 15 s with one line on how to resume and leaves no process (its temporary Prefect
-    server included); the same command then finishes from the cache with an uninterrupted run's results."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    caps = "forget=1,test=1,retain=1,celebrity=1"
-    reference, _ = run(RunConfig(model="tiny", eval=EvalSettings(max_profiles=CAPS)))
-    arts, env = isolated_env(tmp_path, tiny_model_dir)
-    cmd = [sys.executable, "-c", "from flows.cli import main; main()", "run", "--model", "tiny", "--cap", caps]
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not (list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp"))
-                   or list((arts / "pipeline" / "evaluate").glob("*/unit"))):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() < deadline, "the run never reached extraction"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGINT)
-        t0 = time.time()
-        try:
-            output, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("manu run still running 15 s after one Ctrl-C") from None
-        assert time.time() - t0 < 15 and proc.returncode == 130, (proc.returncode, output[-3000:])
-        assert "interrupted: finished steps are cached" in output and "run the same command again" in output
-        deadline = time.time() + 5  # the temporary server's own SIGINT shutdown
-        while live_in_group(proc.pid) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not live_in_group(proc.pid), "a process of the interrupted run is still alive"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    report = Path([l for l in out.stdout.splitlines() if l.startswith("results: ")][-1][len("results: "):]).parent
-    ref = json.loads((Path(reference) / "results.json").read_text())
-    got = json.loads((report / "results.json").read_text())
-    assert got["unlearned"] == ref["unlearned"] and got["vanilla"] == ref["vanilla"]
-
-
-def test_killed_extraction_reruns_to_the_same_results(tiny_model_dir, tmp_path):
-    """SIGKILL the flow's process while `extract` runs; the rerun reuses the finished tasks, cleans
-    the unfinished folder and ends with the results of an uninterrupted run (run here, in-process)."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from tasks.cache import pipeline_dir
-
-    cfg = config(extract_batch_size=1)
-    reference, _ = run(cfg)
-    arts, env = isolated_env(tmp_path, tiny_model_dir)
-    cmd = [sys.executable, str(Path(__file__).with_name("run_flow.py")), cfg.model_dump_json()]
-    repo = Path(__file__).resolve().parents[2]
-    # Its own process group: the kill takes the flow and the temporary Prefect server it started, as
-    # a crash would, and leaves no server behind (also when an assertion fails first).
-    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() < deadline, "extraction never started"
-            time.sleep(0.01)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp"))  # the kill left it unfinished
-    out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    log = out.stdout + out.stderr
-    for name in ("prepare_data", "vanilla_model"):
-        assert f"Task run '{name}-" in log and any(f"'{name}-" in l and "Cached" in l for l in log.splitlines())
-    assert not list((arts / "pipeline" / "extract").glob("*/.activations.*.tmp"))
-    report = Path([l for l in out.stdout.splitlines() if l.startswith("REPORT=")][-1][len("REPORT="):])
-    ref = json.loads((Path(reference) / "results.json").read_text())
-    got = json.loads((report / "results.json").read_text())
-    assert got["unlearned"] == ref["unlearned"] and got["vanilla"] == ref["vanilla"]
-    # Same cache keys (content-addressed), so the same folder names and the same bytes.
-    mine = sorted((arts / "pipeline" / "select").glob("*/importance.parquet"))
-    assert len(mine) == 1
-    theirs = pipeline_dir() / "select" / mine[0].parent.name / "importance.parquet"
-    assert mine[0].read_bytes() == theirs.read_bytes()
 
 
 def test_baselines_are_methods_of_the_same_flow(first_run):
