@@ -39,5 +39,5 @@ def test_sweep_chooses_settings_on_validation_and_reports_the_other_split(tiny_m
     assert (head.filter(pl.col("method") == "random[paper]")["seeds"] == 2).all()
     md = (comp / "comparison.md").read_text()
     assert "Headline: forget 3 ids" in md and "**Rule**" in md and (comp / "figures" / "tradeoff-3 ids-retain.png").is_file()
-    runs = [json.loads(p.read_text()) for p in Path(state.result()).parent.parent.glob("report/*/results.json")]
+    runs = [json.loads(p.read_text()) for p in Path(state.result()).parent.parent.glob("results/*/results.json")]
     assert {r["run"]["label"] for r in runs} >= {"ga lr=0.0002", "ga lr=0.002"}  # the baseline's strength axis

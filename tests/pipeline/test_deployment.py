@@ -83,7 +83,7 @@ def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
         watched = cli("deployment", "run", "manu/smoke", "--param", 'config={"alpha": 0.07}', "--watch", timeout=900)
         assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
         pipeline = Path(os.environ["MANU_ARTIFACTS"]) / "pipeline"
-        runs = [json.loads(p.read_text())["run"] for p in pipeline.glob("report/*/results.json")]
+        runs = [json.loads(p.read_text())["run"] for p in pipeline.glob("results/*/results.json")]
         [overridden] = [r for r in runs if r["config"]["alpha"] == 0.07]
         assert overridden["config"]["model"] == "tiny" and overridden["config"]["eval"]["max_new_tokens"] == 16
         assert overridden["config"]["eval"]["max_profiles"] == {"forget": 2, "test": 2, "retain": 2, "celebrity": 2}
