@@ -33,7 +33,6 @@ FORGET_CONFIGS = ("forget_5", "forget_10", "forget_15")
 TASK_COLUMNS = ("Classification_Task", "Generation_Task", "Mask_Task")
 _FORM_OF_TYPE = {"Image_Textual": "multimodal", "Pure_Text": "text"}
 _MC_KEYS = {"multimodal": "Image_Textual_Questions", "text": "Pure_Text_Questions"}
-_FORM_TAG = {"multimodal": "mm", "text": "txt"}  # the form in a sample id, as manu_core.data writes it
 
 
 class BenchmarkError(ValueError):
@@ -66,7 +65,7 @@ class Benchmark:
         for it in self.items:
             if it.task == "gen" and it.set in ("forget", "retain"):
                 i = it.item_id.split("/")[2]
-                out[(it.set, it.form)].append(Sample(f"{it.profile_id}/{i}/{_FORM_TAG[it.form]}", it.profile_id,
+                out[(it.set, it.form)].append(Sample(f"{it.profile_id}/{i}/{it.form}", it.profile_id,
                                                      it.form, it.question, it.answer, it.image))
         empty = [k for k, v in out.items() if not v]
         if empty:

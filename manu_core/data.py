@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS  # noqa: F401  (re-exported)
+from manu_core.vocab import FORMS, OFFICIAL_SPLITS
 
 
 
@@ -335,9 +335,9 @@ def samples(profile: Profile, forms: tuple[str, ...] = FORMS) -> list[Sample]:
     for i, qa in enumerate(profile.all_qa):
         for form in forms:
             if form == "multimodal":
-                out.append(Sample(f"{profile.id}/{i:02d}/mm", profile.id, form, qa.question, qa.answer, profile.id))
+                out.append(Sample(f"{profile.id}/{i:02d}/{form}", profile.id, form, qa.question, qa.answer, profile.id))
             elif qa is not profile.name_qa:  # the name pair is dropped in the text form
-                out.append(Sample(f"{profile.id}/{i:02d}/txt", profile.id, form,
+                out.append(Sample(f"{profile.id}/{i:02d}/{form}", profile.id, form,
                                   to_text_form(qa.question, profile.name), to_text_form(qa.answer, profile.name),
                                   None))
     return out

@@ -3,7 +3,8 @@ code, how reports title them, and the one "did you mean" hint of every error mes
 
 `split` is the role of a profile in unlearning (forget or retain: an extraction stream); a *forget
 set* is which profiles are forgotten (`forget_5`, `forget_10`, `forget_15`, `validation` or a list of
-ids). Forms are `multimodal` (image + text) and `text` (text only, the name in the question).
+ids). Forms are `multimodal` (image + text) and `text` (text only, the name in the question), in
+data, in sample ids (`<profile>/<nn>/<form>`) and in file names; reports title them by FORM_LABELS.
 """
 
 from __future__ import annotations

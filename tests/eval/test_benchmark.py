@@ -61,7 +61,7 @@ def test_streams_are_the_benchmarks_own_questions_and_images(root):
 
     b = load_mllmu_bench(root, "forget_5", sets=("forget", "retain"))
     streams = b.streams()
-    assert [s.sample_id for s in streams[("forget", "multimodal")]] == ["001/00/mm"]
+    assert [s.sample_id for s in streams[("forget", "multimodal")]] == ["001/00/multimodal"]
     [mm], [txt] = streams[("forget", "multimodal")], streams[("forget", "text")]
     assert mm.image == "mllmu:forget_5:001" and mm.question == "What does this person do?"
     assert txt.image is None and txt.question == "What does Person 001 do?" and txt.answer == "Person 001 is a baker."

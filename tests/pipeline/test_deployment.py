@@ -80,11 +80,11 @@ def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
         assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
         # One field overridden from the command line: the deployment's other settings (its evaluation
         # caps and token budget) still apply, where Prefect alone would replace the whole config.
-        watched = cli("deployment", "run", "manu/smoke", "--param", 'config={"alpha": 0.07}', "--watch", timeout=900)
+        watched = cli("deployment", "run", "manu/smoke", "--param", 'config={"alpha": 0.06}', "--watch", timeout=900)
         assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
         pipeline = Path(os.environ["MANU_ARTIFACTS"]) / "pipeline"
         runs = [json.loads(p.read_text())["run"] for p in pipeline.glob("results/*/results.json")]
-        [overridden] = [r for r in runs if r["config"]["alpha"] == 0.07]
+        [overridden] = [r for r in runs if r["config"]["alpha"] == 0.06]  # no other test runs α 0.06
         assert overridden["config"]["model"] == "tiny" and overridden["config"]["eval"]["max_new_tokens"] == 16
         assert overridden["config"]["eval"]["max_profiles"] == {"forget": 2, "test": 2, "retain": 2, "celebrity": 2}
 
