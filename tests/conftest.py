@@ -1,6 +1,7 @@
 """Shared fixtures. Environment-driven folders are set before anything imports the project."""
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,18 @@ import pytest  # noqa: E402
 # it uses one of these fixtures, directly or through another fixture. Modules that train or run a
 # pipeline in their own helpers also mark themselves (`pytestmark = pytest.mark.slow`).
 SLOW_FIXTURES = {"tiny_model_dir", "prefect_harness"}
+
+
+SLOW_MODULE = re.compile(r"^pytestmark = \[?pytest\.mark\.slow\b", re.M)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`make test-fast` (-m "not slow") does not even import a module marked slow as a whole: its imports
+    (Prefect, the flows) would cost each worker seconds for tests it then deselects."""
+    if (config.getoption("markexpr") == "not slow" and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_") and SLOW_MODULE.search(collection_path.read_text())):
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,8 +10,9 @@ from pathlib import Path
 from manu_core.evaluate import Summary, format_report
 import polars as pl
 
-from manu_core.report import (build_report, counts_note, relearn_tables, run_tables, summaries_frame,
-                              tables_markdown)
+from manu_core.report import (artifact_markdown, build_report, counts_note, relearn_tables, run_tables,
+                              summaries_frame, tables_markdown)
+from tests.report.test_figures import PER_LAYER, lens, pixels, store
 from tests.report.test_figures import results as sweep_results
 from tests.report.test_modes_report import frame as modes_frame
 
@@ -37,9 +38,24 @@ def summaries(shift: float) -> list[Summary]:
     return out
 
 
-def test_sweep_report_markdown(tmp_path):
-    paths = build_report(tmp_path, "Sweep on fixture", sweep_results(), chosen_alpha=0.05, notes="Fixture notes.")
-    check("sweep-report.md", paths["report.md"].read_text())
+def test_sweep_report_links_every_figure_and_embeds_them_in_html(tmp_path):
+    acts = store(tmp_path / "acts", 0.0, layers=1)  # one layer per tower: the cheapest full Fig. 6
+    paths = build_report(tmp_path / "rep", "Sweep on fixture", sweep_results(), lens=lens(),
+                         activations={"forget_5": acts}, selected={"forget_5": PER_LAYER}, chosen_alpha=0.05,
+                         notes="made from a **fixture**")
+    md = paths["report.md"].read_text()
+    check("sweep-report.md", md)
+    pngs = sorted(p.name for p in (tmp_path / "rep" / "figures").glob("*.png"))
+    assert pngs == ["forget_5-fig2-logit-lens.png", "forget_5-fig4-form-bars.png", "forget_5-fig5-tradeoff.png",
+                    "forget_5-fig6-activations.png", "forget_5-selected-neurons.png"]
+    for name in pngs:
+        assert f"(figures/{name})" in md
+        pixels(tmp_path / "rep" / "figures" / name)  # a PNG, opaque (each figure's bytes repeat: test_figures)
+    page = paths["report.html"].read_text()
+    assert page.count("<img src='data:image/png;base64,") == 5 and "<b>fixture</b>" in page
+    assert page.count("<table>") == 6  # Table 1 x 4 sets, Table 2, Table 7
+    embedded = artifact_markdown(tmp_path / "rep")
+    assert "(figures/" not in embedded and embedded.count("data:image/png;base64,") == 5
 
 
 def test_modes_report_markdown(tmp_path):
