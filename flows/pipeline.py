@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from manu_core.data import MLLMU_DIR
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
-from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS, check as relearn_check
+from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS, VANILLA_ATTACKED
+from manu_core.relearn import check as relearn_check
 from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS, did_you_mean
 from tasks import reporting, stages
 
@@ -129,6 +130,8 @@ class RelearnSettings(BaseModel):
     batch_size: int = Field(4, ge=1)
     lora: Optional[bool] = Field(None, description="None: full fine-tune of a tiny model, LoRA (r 16) of a checkpoint")
     tasks: list[str] = Field(default_factory=lambda: ["mc"], description="evaluation tasks of the held-out half")
+    attack_vanilla: bool = Field(True, description="also attack the vanilla model (free mask, each attack): the "
+                                                   "attack's own effect, which every attacked method is read against")
 
     @model_validator(mode="after")
     def _check(self):
@@ -577,7 +580,8 @@ def _held_out(model_dir: str, shared: "Shared", label: str, overrides: Optional[
 
 def _relearn(shared: "Shared", unlearned: str, label: str, overrides: Optional[dict]) -> dict[str, list[str]]:
     """Every attack x mask on the unlearned model, then the held-out half evaluated; with the vanilla
-    and the unlearned model on the same questions: {stage: [evaluation unit folders]}."""
+    and the unlearned model on the same questions, and (relearn.attack_vanilla) the vanilla model after
+    each attack: {stage: [evaluation unit folders]}."""
     cfg = shared.config
     prunes = (Path(unlearned) / "selection.parquet").is_file()
     runs = {"vanilla": _held_out(shared.model_dir, shared, "vanilla", overrides),
@@ -590,6 +594,10 @@ def _relearn(shared: "Shared", unlearned: str, label: str, overrides: Optional[d
             model = stages.relearn(unlearned, shared.data, attack, mask, params, seed=cfg.seed, device=cfg.device,
                                    label=label, progress=False)
             runs[f"{attack}/{mask}"] = _held_out(model, shared, f"{label}-{attack}-{mask}", overrides)
+        if cfg.relearn.attack_vanilla:  # the same task and inputs in every run: trained and evaluated once
+            model = stages.relearn(shared.model_dir, shared.data, attack, "free", params, seed=cfg.seed,
+                                   device=cfg.device, label="attacked-vanilla", progress=False)
+            runs[f"{VANILLA_ATTACKED}{attack}"] = _held_out(model, shared, f"attacked-vanilla-{attack}", overrides)
     return {stage: _results(fs) for stage, fs in runs.items()}
 
 

@@ -17,6 +17,9 @@ Masks (`MASKS`) for a model with pruned units (MANU, its random control, the att
           a LoRA merge, which would otherwise write into them)
 A method that prunes nothing has only `free`.
 
+The control: the vanilla model attacked alike (free) says what an attack does by itself; a run
+records it as stages `vanilla+<attack>` and the report shows it as a `vanilla` row (`control_rows`).
+
 What to expect (tests/core/test_relearn.py): a unit whose weights are all zero has zero gradient
 (gated: h = act(gate·x)·(up·x), and act(0) = 0; plain: likewise through fc2's zero column), so full
 fine-tuning leaves it at zero in both masks; only a LoRA merge writes into it. Relearning after
@@ -39,6 +42,7 @@ from manu_core.vocab import did_you_mean
 
 ATTACKS = ("forget-text", "forget-multimodal", "retain")
 MASKS = ("free", "frozen")
+VANILLA_ATTACKED = "vanilla+"  # stage prefix of the attacked vanilla model (the attack's control)
 
 
 class RelearnError(ValueError):
@@ -107,3 +111,19 @@ def relearn(model, processor, samples: Sequence[Sample], cfg: StageConfig, *, se
     if selection is not None:
         prune_units(model, selection)  # exact zeros after a LoRA merge too (a no-op otherwise)
     return curve
+
+
+def control_rows(relearn: pl.DataFrame) -> pl.DataFrame:
+    """The relearning table (method, stage, ...) with the attacked vanilla model as a `vanilla` method:
+    its rows are the `vanilla` stage and `<attack>/free` from the `vanilla+<attack>` stages (equal in
+    every run that has them: one task; the first run's are kept), and the `vanilla+` stages leave the
+    other methods' rows. A table without them comes back unchanged."""
+    attacked = pl.col("stage").str.starts_with(VANILLA_ATTACKED)
+    control = relearn.filter(attacked)
+    if not control.height:
+        return relearn
+    first = control["method"][0]
+    rows = pl.concat([relearn.filter((pl.col("method") == first) & (pl.col("stage") == "vanilla")),
+                      control.filter(pl.col("method") == first).with_columns(
+                          stage=pl.col("stage").str.strip_prefix(VANILLA_ATTACKED) + "/free")])
+    return pl.concat([rows.with_columns(method=pl.lit("vanilla")), relearn.filter(~attacked)], how="vertical_relaxed")

@@ -242,7 +242,8 @@ def paper_tables(results: pl.DataFrame, chosen_alpha: float | None = None) -> li
 
 def relearn_tables(relearn: pl.DataFrame, methods: list[str], note: str = "") -> list[Table]:
     """Relearning: a table per mask, a row per method, a column per stage (vanilla, unlearned, each
-    attack), each cell the held-out forget MC accuracy "image+text / text only" (%)."""
+    attack), each cell the held-out forget MC accuracy "image+text / text only" (%). A `vanilla` row
+    (relearn.control_rows) is the vanilla model attacked alike: the attack's control."""
     stages = F.relearn_stages(relearn)
     tables = []
     for mask in [m for m in ("free", "frozen") if any(s.endswith(f"/{m}") for s in stages)]:
@@ -357,7 +358,8 @@ FIGURE_NOTES = {
             "averaged). Top right is better.",
     "fig6": "Distributions of the stored per-sample neuron activations, forget vs retain, per form.",
     "relearn": "Held-out half of the forget profiles, multiple-choice accuracy per form, after unlearning and "
-               "after each relearning attack (free: every weight trains); dashed: the vanilla model.",
+               "after each relearning attack (free: every weight trains); dashed: the vanilla model; the vanilla "
+               "row, when present: the vanilla model attacked alike (what the attack does by itself).",
 }
 
 
@@ -368,6 +370,8 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
     """Figures, tables, report.md and report.html under `out_dir`, one section per forget split.
     `lens` has columns forget, method, split, form, layer, prob; `activations` and `selected` are keyed
     by forget split (the selected-neuron count per tower and layer of the chosen MANU variant)."""
+    from manu_core.relearn import control_rows  # torch-free callers of report stay torch-free
+
     out_dir = Path(out_dir)
     figs = out_dir / "figures"
     sections = [Section("About this report", notes)] if notes else []
@@ -394,7 +398,7 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
             sec.figures.append((f"Fig. 6 · {FIGURE_NOTES['fig6']}",
                                 F.plot_activations(activations[forget], figs / f"{tag}-fig6-activations.png",
                                                    title=f"Activation distributions (vanilla model), {forget}")))
-        rel = relearn.filter(pl.col("forget") == forget) if relearn is not None else None
+        rel = control_rows(relearn.filter(pl.col("forget") == forget)) if relearn is not None else None
         if rel is not None and rel.height:
             sec.tables += relearn_tables(rel, method_order(results.filter(pl.col("forget") == forget)), relearn_note)
             sec.figures.append((f"Relearning · {FIGURE_NOTES['relearn']}",

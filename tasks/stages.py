@@ -456,7 +456,7 @@ def relearn(model_dir: str, data_dir: str, attack: str, mask: str, params: dict,
     atomic_write_json(out / "loss_curve.json", curve)
     get_run_logger().info("relearn %s (%s): %d samples of %d profiles, %d steps -> %s", attack, mask, len(samples),
                           len(attack_ids), sum("step" in r for r in curve), out / "model")
-    return str(finish(out, meta={"attack": attack, "mask": mask, "attack_ids": list(attack_ids),
+    return str(finish(out, meta={"model": model_dir, "attack": attack, "mask": mask, "attack_ids": list(attack_ids),
                                  "held_out_ids": list(held), "samples": len(samples), "params": params})) + "/model"
 
 

@@ -76,3 +76,26 @@ def test_a_fully_zeroed_unit_has_zero_gradient_so_full_fine_tuning_cannot_revive
                              [], halves(ds.split.forget_ids)[0])
     relearn(model, proc, samples, StageConfig(epochs=1, lr=1e-2, batch_size=4, max_steps=3), progress=False)
     assert pruned_weights_are_zero(model, selection)
+
+
+def test_control_rows_turn_the_attacked_vanilla_stages_into_a_vanilla_row():
+    import polars as pl
+
+    from manu_core.relearn import control_rows
+
+    def row(method, stage, form, value):
+        return {"method": method, "stage": stage, "form": form, "task": "mc", "metric": "accuracy", "value": value}
+
+    rows = [row(m, st, f, v + (0.01 if f == "text" else 0.0))
+            for m in ("ga", "manu") for f in ("multimodal", "text")
+            for st, v in (("vanilla", 0.8), ("unlearned", 0.2), ("retain/free", 0.5), ("vanilla+retain", 0.7))]
+    rows[-1]["value"] = 0.99  # manu's copy of the control (the same task: equal in a real sweep) is not read
+    out = control_rows(pl.DataFrame(rows)).sort("method", "stage", "form")
+    vanilla = out.filter(pl.col("method") == "vanilla")
+    assert vanilla.select("stage", "form", "value").rows() == [
+        ("retain/free", "multimodal", 0.7), ("retain/free", "text", 0.71), ("vanilla", "multimodal", 0.8),
+        ("vanilla", "text", 0.81)]
+    assert not out["stage"].str.starts_with("vanilla+").any()
+    assert out.filter(pl.col("method") == "ga").height == 6  # vanilla, unlearned, retain/free x 2 forms
+    plain = pl.DataFrame([r for r in rows if not r["stage"].startswith("vanilla+")])
+    assert control_rows(plain).equals(plain)  # nothing to turn: unchanged

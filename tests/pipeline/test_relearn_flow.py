@@ -30,12 +30,15 @@ def run(method: str, steps: int):
 def test_relearning_attacks_every_unlearned_model_and_leaves_the_cached_one_untouched():
     report, states = run("manu", steps=3)
     relearns = sorted(n for n in states if n.startswith("relearn-"))
-    assert [n.split("-0-05-")[1] for n in relearns] == ["forget-text-free", "forget-text-frozen", "retain-free",
-                                                        "retain-frozen"], relearns
+    assert [n.split("-0-05-")[1] for n in relearns if "-0-05-" in n] == [
+        "forget-text-free", "forget-text-frozen", "retain-free", "retain-frozen"], relearns
+    # the control: the vanilla model attacked alike, free only (it prunes nothing)
+    assert [n for n in relearns if "-0-05-" not in n] == ["relearn-attacked-vanilla-forget-text-free",
+                                                          "relearn-attacked-vanilla-retain-free"], relearns
     results = json.loads((report / "results.json").read_text())
     rows = pl.DataFrame(results["relearn"])
     assert set(rows["stage"]) == {"vanilla", "unlearned", "forget-text/free", "forget-text/frozen", "retain/free",
-                                  "retain/frozen"}
+                                  "retain/frozen", "vanilla+forget-text", "vanilla+retain"}
     assert set(rows["task"]) == {"mc"} and set(rows["form"]) == {"multimodal", "text"} and set(rows["set"]) == {"forget"}
     # The held-out half only: tiny forgets 3 profiles, 1 attacks and the other 2 are evaluated, uncapped.
     # (the unlearned model may be a cache hit written under another test's artifacts folder: look for the
@@ -56,9 +59,11 @@ def test_relearning_attacks_every_unlearned_model_and_leaves_the_cached_one_unto
     pipeline = pipeline_dir()
     before, _ = load_model(unlearned)
     selection = pl.read_parquet(unlearned / "selection.parquet")
-    relearned = {json.loads((d / DONE).read_text())["meta"]["mask"]: d / "model"
-                 for d in (pipeline / "relearn").iterdir() if (d / DONE).is_file()
-                 and json.loads((d / DONE).read_text())["meta"]["attack"] == "forget-text"}
+    metas = {d: json.loads((d / DONE).read_text())["meta"] for d in (pipeline / "relearn").iterdir()
+             if (d / DONE).is_file()}
+    relearned = {m["mask"]: d / "model" for d, m in metas.items()
+                 if m["attack"] == "forget-text" and m["model"] == str(unlearned)}
+    assert sorted(relearned) == ["free", "frozen"]
     for mask, folder in relearned.items():
         after, _ = load_model(folder)
         assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
@@ -66,6 +71,7 @@ def test_relearning_attacks_every_unlearned_model_and_leaves_the_cached_one_unto
     md = (pipeline / "report").glob("*/report.md")
     text = "\n".join(p.read_text() for p in md)
     assert "Relearning (free)" in text and "Relearning (frozen)" in text and "-relearn.png" in text
+    assert "\n| vanilla | " in text  # the attacked vanilla model: a row of the free table
     # Another relearning budget reruns the relearning and its evaluations, nothing else.
     _, states2 = run("manu", steps=4)
     reran = {n for n, s in states2.items() if s != "Cached"}
@@ -75,8 +81,8 @@ def test_relearning_attacks_every_unlearned_model_and_leaves_the_cached_one_unto
 
 def test_a_baseline_has_only_the_free_attack():
     _, states = run("ga", steps=3)
-    relearns = sorted(n.rsplit("-", 1)[-1] for n in states if n.startswith("relearn-"))
-    assert relearns == ["free", "free"]
+    relearns = sorted(n for n in states if n.startswith("relearn-") and "attacked-vanilla" not in n)
+    assert [n.rsplit("-", 1)[-1] for n in relearns] == ["free", "free"], relearns
 
 
 def test_two_folders_with_the_same_weights_are_one_evaluation(tiny_model_dir, tmp_path):

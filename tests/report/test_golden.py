@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from manu_core.evaluate import Summary, format_report
+from manu_core.relearn import control_rows
 import polars as pl
 
 from manu_core.report import (artifact_markdown, build_report, counts_note, relearn_tables, run_tables,
@@ -70,10 +71,12 @@ def test_run_report_and_evaluate_tables():
 
 
 def test_relearn_tables():
-    stages = ["vanilla", "unlearned", "forget-text/free", "forget-text/frozen", "retain/free", "retain/frozen"]
+    stages = ["vanilla", "unlearned", "forget-text/free", "forget-text/frozen", "retain/free", "retain/frozen",
+              "vanilla+forget-text", "vanilla+retain"]  # the last two: the attacked vanilla model (one row)
     rows = [{"method": m, "stage": st, "form": f, "task": "mc", "metric": "accuracy",
              "value": 0.9 - 0.1 * i - 0.05 * j + (0.02 if f == "text" else 0.0)}
             for i, m in enumerate(["ga lr=0.0003", "manu[paper] α=0.1"]) for j, st in enumerate(stages)
             for f in ("multimodal", "text") if not (m.startswith("ga") and st.endswith("frozen"))]
-    tables = relearn_tables(pl.DataFrame(rows), ["vanilla", "ga lr=0.0003", "manu[paper] α=0.1"], "; fixture")
+    tables = relearn_tables(control_rows(pl.DataFrame(rows)), ["vanilla", "ga lr=0.0003", "manu[paper] α=0.1"],
+                            "; fixture")
     check("relearn-tables.md", tables_markdown(tables) + "\n")
