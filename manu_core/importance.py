@@ -2,14 +2,16 @@
 
 Two steps with one explicit contract between them (style.md, practice 3):
 
-1. `neuron_sums(root, tau)`: Polars reads the activation store (`manu_core.store`) and computes, per
-   (split, form, tower, layer, unit), the five sums: count, Σ|z|, Σz, Σz², #(|z| > τ). Float64.
+1. `neuron_sums(root, tau)`: per (split, form, tower, layer, unit) of the activation store
+   (`manu_core.store`), the five sums: count, Σ|z|, Σz, Σz², #(|z| > τ). Float64. For the default τ
+   they are the part files' footer totals, added up (the writer computed them); otherwise, or with
+   `use_totals=False`, Polars reads the activation column and sums it, as below.
 2. `importance_table(sums, params)`: the four importance functions per split, their weighted sum, the
    score S = I(D_f) / (I(D_r) + ε) and the top-α selection. Pure, small (one row per neuron).
 
 `compute_importance(root, params)` runs both; `write_importance(df, path)` writes the result.
 
-How step 1 stays fast and bounded: the store's row groups (256 rows) are packed into chunks of at
+How step 1's reading path stays fast and bounded: the store's row groups (256 rows) are packed into chunks of at
 most CHUNK_VALUES activations, read with pyarrow and handed to Polars without a copy. Per chunk, the
 activation column (one row per sample) is flattened, transposed with one `gather` and reshaped to one
 Array(Float64, n) row per unit, so each sum is an `arr.sum` (Σz², `arr.dot`) over contiguous memory.
@@ -47,6 +49,9 @@ from manu_core.store import (
     PartitionInfo,
     check_complete,
     inspect_activations,
+    SAMPLE_TAU,
+    SAMPLE_TOTALS,
+    read_sample_totals,
     read_token_totals,
     required_streams,
     write_table_atomic,
@@ -432,6 +437,17 @@ def _token_totals(p: PartitionInfo) -> pl.DataFrame:
         max_abs=pl.lit(max(t["max_abs"] for t in parts), pl.Float64))
 
 
+def _with_keys(p: PartitionInfo, sums: pl.DataFrame, tokens: bool) -> pl.DataFrame:
+    """One partition's five sums with its key columns and token totals (null without them), in SUMS_SCHEMA order."""
+    split, form, tower, layer = p.stream
+    df = sums.with_columns(split=pl.lit(split), form=pl.lit(form), tower=pl.lit(tower), layer=pl.lit(layer, pl.Int64))
+    if tokens:
+        df = df.join(_token_totals(p), on="unit", how="left")
+    else:
+        df = df.with_columns(pl.lit(None, SUMS_SCHEMA[c]).alias(c) for c in (*TOKEN_SUMS, "max_abs"))
+    return df.select(list(SUMS_SCHEMA))
+
+
 def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
     """pool.map with at most `ahead` jobs in flight: bounded memory, and an error stops the run promptly."""
     pending: collections.deque = collections.deque()
@@ -448,13 +464,32 @@ def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
             f.cancel()
 
 
-def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads: int = 2) -> pl.DataFrame:
+def _sample_totals(p: PartitionInfo) -> pl.DataFrame:
+    """A partition's five sums per unit from its parts' footer sample totals (store.py), added up."""
+    parts = [read_sample_totals(f.path) for f in p.parts]
+    for f, t in zip(p.parts, parts):
+        if t is None or t["samples"] != f.rows or any(t[c].shape != (p.width,) for c in SAMPLE_TOTALS):
+            raise ActivationStoreError(
+                f"{f.path}: its sample totals do not match its {f.rows} samples and {p.width} units; "
+                "rerun the extraction for this partition."
+            )
+    return pl.DataFrame({"unit": np.arange(p.width, dtype=np.int64), "count": np.full(p.width, p.samples, np.int64),
+                         **{c: sum(t[c] for t in parts) for c in SAMPLE_TOTALS}})
+
+
+def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads: int = 2,
+                use_totals: bool = True) -> pl.DataFrame:
     """The five sums per (split, form, tower, layer, unit) of an activation folder (method.md, "Importance functions").
 
     Columns: split, form, tower, layer, unit, count, sum_abs (Σ|z|), sum (Σz), sum_sq (Σz²),
     count_active (#|z| > tau); sorted by (split, form, tower, layer, unit). The vision tower's text form
     has no rows (no partition; its statistics are 0). Validates the folder first (`store.check_complete`).
-    `threads` chunks are processed at once (reading one while summing another).
+
+    With `use_totals` (the default), tau = store.SAMPLE_TAU and every part holding its sample totals
+    (write_partition always writes them), the sums are the footers' totals added up: no activation is
+    read. Otherwise the activation column is read (page checksums verified) and summed in Polars,
+    `threads` chunks at once (reading one while summing another); both give the same sums up to
+    float64 rounding of the order of addition.
     """
     tau = _number("tau", tau)
     if tau < 0:
@@ -462,6 +497,15 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
     summary = inspect_activations(root)
     check_complete(summary)
     tokens = all(p.token_stats for p in summary.partitions)  # else the token columns are null
+    footers = use_totals and tau == SAMPLE_TAU and all(f.sample_totals for p in summary.partitions for f in p.parts)
+    if footers:
+        log.info("Adding up the footer totals of %d partitions under %s", len(summary.partitions), summary.root)
+        parts = summary.partitions
+        if progress:
+            from tqdm import tqdm
+
+            parts = tqdm(parts, desc="neuron sums (footers)", unit="partition")
+        return pl.concat([_with_keys(p, _sample_totals(p), tokens) for p in parts])
     jobs = [(p, j) for p in summary.partitions for j in _jobs(p, max(1, CHUNK_VALUES // p.width))]
     log.info("Summing %d partitions (%d chunks) under %s", len(summary.partitions), len(jobs), summary.root)
     cache: dict = {}
@@ -469,14 +513,7 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
     frames, total, current = [], None, None
 
     def finish() -> None:  # one partition's sums, with its key columns and token totals
-        split, form, tower, layer = current.stream  # type: ignore[union-attr]
-        key = dict(split=pl.lit(split), form=pl.lit(form), tower=pl.lit(tower), layer=pl.lit(layer, pl.Int64))
-        df = total.with_columns(**key)  # type: ignore[union-attr]
-        if tokens:
-            df = df.join(_token_totals(current), on="unit", how="left")  # type: ignore[arg-type]
-        else:
-            df = df.with_columns(pl.lit(None, SUMS_SCHEMA[c]).alias(c) for c in (*TOKEN_SUMS, "max_abs"))
-        frames.append(df.select(list(SUMS_SCHEMA)))
+        frames.append(_with_keys(current, total, tokens))  # type: ignore[arg-type]
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = _ordered_map(pool, run, jobs, ahead=2 * max(1, threads))  # partitions' jobs are consecutive

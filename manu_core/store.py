@@ -24,6 +24,16 @@ part's samples in float64, per unit over every counted position (the positions w
     max_abs       float: the largest |a_t| of the part, so a clamp at ±c (the released code clamps
                   at ±1e3) is known to change nothing when max_abs <= c
 
+Every part also carries its **sample totals** in the key-value metadata `manu.sample_totals`
+(`read_sample_totals(path)`), whatever the extraction recorded: the five sums of the `paper` mode
+over the part's rows, in float64 from the stored float32 values: samples (int), sum (Σz), sum_abs
+(Σ|z|), sum_sq (Σz²), count_active (#(|z| > SAMPLE_TAU), SAMPLE_TAU = 0.1, compared in float64).
+The importance step adds these up instead of reading the activation column (which is what made it
+slow: a 7B-shaped store is ~10 GB of float32); it reads the column only for another τ, for a file
+without them (another tool's) or when asked to (`neuron_sums(..., use_totals=False)`). The footer's
+totals are written with their rows in one atomic file; a damaged footer fails the zip CRC check of
+`np.load` and is reported with the file's name.
+
 Per-token statistics of a stream (mean |a|, share active, std, rms over every counted token) follow
 exactly from these totals. Totals per part, not per sample: every scoring mode needs only a
 stream's totals, and per-sample totals would quadruple the store. They sit in the footer so they
@@ -64,6 +74,9 @@ TOKEN_STATS = ("abs", "sq", "pos", "active")  # per-sample token sums write_part
 TOKEN_TOTALS = ("token_sum", *(f"token_{k}" for k in TOKEN_STATS))  # per-unit arrays of the token totals
 TOKEN_TAU = 0.1  # threshold of token_active (the released code's |a| > 0.1)
 TOKEN_TOTALS_KEY = b"manu.token_totals"  # key-value metadata of a part file
+SAMPLE_TOTALS = ("sum", "sum_abs", "sum_sq", "count_active")  # per-unit arrays of the sample totals
+SAMPLE_TAU = 0.1  # threshold of count_active (the paper's τ, method.md)
+SAMPLE_TOTALS_KEY = b"manu.sample_totals"
 ROW_GROUP_SIZE = 256  # rows per Parquet row group (fixed: part of the deterministic-bytes promise)
 COMPRESSION = "none"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -125,19 +138,44 @@ def _encode_totals(totals: dict) -> bytes:
     return base64.b64encode(buf.getvalue())
 
 
-def read_token_totals(path: str | Path) -> dict | None:
-    """A part file's token totals (module docstring) from its footer: {samples, tokens, max_abs,
-    token_sum, token_abs, token_sq, token_pos, token_active}; None when it has none."""
-    raw = (pq.read_schema(path).metadata or {}).get(TOKEN_TOTALS_KEY)
+def _read_totals(path: str | Path, key: bytes, scalars: tuple[str, ...], what: str) -> dict | None:
+    raw = (pq.read_schema(path).metadata or {}).get(key)
     if raw is None:
         return None
     try:
         with np.load(io.BytesIO(base64.b64decode(raw))) as z:
             out = {k: z[k] for k in z.files}
-        return {**out, **{k: out[k].item() for k in ("samples", "tokens", "max_abs")}}
-    except Exception as e:  # damaged metadata: name the file
-        raise ActivationStoreError(f"{path}: unreadable token totals ({type(e).__name__}: {e}); "
+        return {**out, **{k: out[k].item() for k in scalars}}
+    except Exception as e:  # damaged metadata (base64, zip CRC): name the file
+        raise ActivationStoreError(f"{path}: unreadable {what} ({type(e).__name__}: {e}); "
                                    "rerun the extraction for this partition.") from e
+
+
+def read_token_totals(path: str | Path) -> dict | None:
+    """A part file's token totals (module docstring) from its footer: {samples, tokens, max_abs,
+    token_sum, token_abs, token_sq, token_pos, token_active}; None when it has none."""
+    return _read_totals(path, TOKEN_TOTALS_KEY, ("samples", "tokens", "max_abs"), "token totals")
+
+
+def read_sample_totals(path: str | Path) -> dict | None:
+    """A part file's sample totals (module docstring) from its footer: {samples, sum, sum_abs, sum_sq,
+    count_active}; None when it has none."""
+    return _read_totals(path, SAMPLE_TOTALS_KEY, ("samples",), "sample totals")
+
+
+def _sample_totals(values: np.ndarray) -> dict:
+    """The five paper-mode sums over a part's rows, float64 (row blocks bound the temporaries)."""
+    width = values.shape[1]
+    out = {"samples": len(values), **{k: np.zeros(width) for k in SAMPLE_TOTALS}}
+    for i in range(0, len(values), ROW_GROUP_SIZE):
+        x = values[i:i + ROW_GROUP_SIZE].astype(np.float64)
+        a = np.abs(x)
+        out["sum"] += x.sum(0)
+        out["sum_abs"] += a.sum(0)
+        out["sum_sq"] += np.einsum("ij,ij->j", x, x)
+        out["count_active"] += (a > SAMPLE_TAU).sum(0)
+    out["count_active"] = out["count_active"].astype(np.int64)
+    return out
 
 
 def _check_ids(name: str, ids: Sequence[str], n: int) -> list[str]:
@@ -230,9 +268,9 @@ def write_partition(
             f"the part's largest |a|); got tokens={'None' if tokens is None else 'given'}, token_stats="
             f"{'None' if token_stats is None else 'given'}, max_abs={max_abs!r}."
         )
-    meta = None
+    meta = {SAMPLE_TOTALS_KEY: _encode_totals(_sample_totals(values))}
     if tokens is not None:
-        meta = {TOKEN_TOTALS_KEY: _encode_totals(_token_totals(folder, values, tokens, token_stats, max_abs))}
+        meta[TOKEN_TOTALS_KEY] = _encode_totals(_token_totals(folder, values, tokens, token_stats, max_abs))
     column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=_activation_type(width))
     table = pa.Table.from_arrays(
         [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width, meta)
@@ -290,6 +328,7 @@ class PartFile:
     fixed: bool  # fixed_size_list (width from the schema) vs list (width checked from the data)
     row_groups: tuple[int, ...]  # rows per Parquet row group (readers chunk along them)
     tokens: bool = False  # the footer holds token totals (read_token_totals)
+    sample_totals: bool = False  # the footer holds sample totals (read_sample_totals)
 
 
 @dataclass(frozen=True)
@@ -408,7 +447,8 @@ def _read_part(path: Path, part: int) -> PartFile:
             "Delete it and rerun the extraction for this partition."
         )
     return PartFile(path=path, part=part, rows=rows, width=width, fixed=fixed, row_groups=row_groups,
-                    tokens=TOKEN_TOTALS_KEY in (schema.metadata or {}))
+                    tokens=TOKEN_TOTALS_KEY in (schema.metadata or {}),
+                    sample_totals=SAMPLE_TOTALS_KEY in (schema.metadata or {}))
 
 
 def _parse(path: Path, key: str, choices: tuple[str, ...] | None) -> str | int | None:

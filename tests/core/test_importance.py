@@ -183,6 +183,57 @@ def test_polars_sums_equal_torch(tmp_path, monkeypatch, chunk_values):
         assert got["count_active"].to_list() == (z.abs() > tau).sum(0).tolist()
 
 
+def test_footer_totals_give_the_sums_without_reading_an_activation(tmp_path, monkeypatch):
+    """τ = 0.1: the part files' sample totals, added up, equal the sums of the activations (counts exactly,
+    values at ±float32(0.1) included: compared in float64, as the reading path does); the column is not read."""
+    data = random_store(tmp_path, np.random.default_rng(11))
+    edge = np.float32(0.1)
+    x = data[("forget", "text", "language", 1)]
+    x[0, :3] = [edge, -edge, np.nextafter(edge, np.float32(0))]
+    for p, chunk in enumerate(np.array_split(x, 2)):
+        put(tmp_path, "forget", "text", "language", 1, chunk, part=p)
+    read = neuron_sums(tmp_path, 0.1, use_totals=False)
+    monkeypatch.setattr(importance, "_job_sums", lambda *a: pytest.fail("the footer path read an activation"))
+    sums = neuron_sums(tmp_path, 0.1)
+    assert sums.schema == read.schema and sums.select(*importance.NEURON, "split", "form").equals(
+        read.select(*importance.NEURON, "split", "form"))
+    assert sums["count"].equals(read["count"]) and sums["count_active"].equals(read["count_active"])
+    for c in ("sum_abs", "sum", "sum_sq"):
+        np.testing.assert_allclose(sums[c].to_numpy(), read[c].to_numpy(), rtol=1e-12, atol=1e-15)
+    for (s, f, t, layer), x in data.items():
+        got = sums.filter(split=s, form=f, tower=t, layer=layer)
+        assert got["count_active"].to_list() == (np.abs(x.astype(np.float64)) > 0.1).sum(0).tolist()
+    assert sums.filter(split="forget", form="text", tower="language", layer=1)["count_active"][:3].to_list() == (
+        read.filter(split="forget", form="text", tower="language", layer=1)["count_active"][:3].to_list())
+
+
+def test_a_part_without_footer_totals_or_another_tau_is_read(tmp_path, monkeypatch):
+    """Another τ, or one part written by another tool (no sample totals), takes the reading path."""
+    random_store(tmp_path, np.random.default_rng(12))
+    calls = []
+    real = importance._job_sums
+    monkeypatch.setattr(importance, "_job_sums", lambda *a: calls.append(1) or real(*a))
+    neuron_sums(tmp_path, 0.2)
+    assert calls
+    calls.clear()
+    part = sorted(tmp_path.rglob("part-*.parquet"))[0]
+    pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
+    neuron_sums(tmp_path, 0.1)
+    assert calls
+
+
+def test_damaged_footer_totals_are_an_error_naming_the_file(tmp_path):
+    random_store(tmp_path, np.random.default_rng(13))
+    part = sorted(tmp_path.rglob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    meta = dict(table.schema.metadata)
+    raw = bytearray(meta[b"manu.sample_totals"])
+    raw[len(raw) // 2] = ord("A") if raw[len(raw) // 2] != ord("A") else ord("B")  # one base64 digit changed
+    pq.write_table(table.replace_schema_metadata({**meta, b"manu.sample_totals": bytes(raw)}), part)
+    with pytest.raises(ActivationStoreError, match=rf"{part.name}: unreadable sample totals"):
+        neuron_sums(tmp_path, 0.1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Properties
 
@@ -498,4 +549,4 @@ def test_a_damaged_part_of_the_same_size_is_an_error_naming_it(tmp_path, monkeyp
     data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
     part.write_bytes(bytes(data))
     with pytest.raises(ActivationStoreError, match=rf"{part.name}: damaged .*checksum"):
-        neuron_sums(tmp_path, 0.1)
+        neuron_sums(tmp_path, 0.1, use_totals=False)  # the reading path: the footer path reads no page
