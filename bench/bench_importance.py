@@ -63,7 +63,7 @@ def generate(args: argparse.Namespace, root: Path) -> None:
     """
     config = {k: getattr(args, k) for k in ("samples", "lang_layers", "lang_units", "vision_layers", "vision_units", "part_rows", "seed",
                                             "token_stats")}
-    config["store_format"] = 2  # 2: footers hold the sample totals (stores written before lack them)
+    config["store_format"] = 3  # 3: sample totals in the file's key-value metadata (2: in the schema; 1: none)
     manifest = root / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) == config:  # written last: generation finished
         try:

@@ -51,6 +51,7 @@ from manu_core.store import (
     inspect_activations,
     SAMPLE_TAU,
     SAMPLE_TOTALS,
+    read_footer_totals,
     read_sample_totals,
     read_token_totals,
     required_streams,
@@ -422,9 +423,10 @@ def _add(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
     return a.with_columns(a[c] + b[c] for c in SUM_COLUMNS)
 
 
-def _token_totals(p: PartitionInfo) -> pl.DataFrame:
-    """A partition's token totals per unit (store.py): its parts' footer totals, added up."""
-    parts = [read_token_totals(f.path) for f in p.parts]
+def _token_totals(p: PartitionInfo, footers: list[dict] | None = None) -> pl.DataFrame:
+    """A partition's token totals per unit (store.py): its parts' footer totals, added up (`footers`:
+    the parts' store.read_footer_totals, when already read)."""
+    parts = [read_token_totals(f.path, footers and footers[i]) for i, f in enumerate(p.parts)]
     for f, t in zip(p.parts, parts):
         if t is None or t["samples"] != f.rows or any(t[c].shape != (p.width,) for c in TOKEN_TOTALS):
             raise ActivationStoreError(
@@ -437,12 +439,12 @@ def _token_totals(p: PartitionInfo) -> pl.DataFrame:
         max_abs=pl.lit(max(t["max_abs"] for t in parts), pl.Float64))
 
 
-def _with_keys(p: PartitionInfo, sums: pl.DataFrame, tokens: bool) -> pl.DataFrame:
+def _with_keys(p: PartitionInfo, sums: pl.DataFrame, tokens: bool, footers: list[dict] | None = None) -> pl.DataFrame:
     """One partition's five sums with its key columns and token totals (null without them), in SUMS_SCHEMA order."""
     split, form, tower, layer = p.stream
     df = sums.with_columns(split=pl.lit(split), form=pl.lit(form), tower=pl.lit(tower), layer=pl.lit(layer, pl.Int64))
     if tokens:
-        df = df.join(_token_totals(p), on="unit", how="left")
+        df = df.join(_token_totals(p, footers), on="unit", how="left")
     else:
         df = df.with_columns(pl.lit(None, SUMS_SCHEMA[c]).alias(c) for c in (*TOKEN_SUMS, "max_abs"))
     return df.select(list(SUMS_SCHEMA))
@@ -464,9 +466,9 @@ def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
             f.cancel()
 
 
-def _sample_totals(p: PartitionInfo) -> pl.DataFrame:
+def _sample_totals(p: PartitionInfo, footers: list[dict]) -> pl.DataFrame:
     """A partition's five sums per unit from its parts' footer sample totals (store.py), added up."""
-    parts = [read_sample_totals(f.path) for f in p.parts]
+    parts = [read_sample_totals(f.path, footers[i]) for i, f in enumerate(p.parts)]
     for f, t in zip(p.parts, parts):
         if t is None or t["samples"] != f.rows or any(t[c].shape != (p.width,) for c in SAMPLE_TOTALS):
             raise ActivationStoreError(
@@ -505,7 +507,11 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
             from tqdm import tqdm
 
             parts = tqdm(parts, desc="neuron sums (footers)", unit="partition")
-        return pl.concat([_with_keys(p, _sample_totals(p), tokens) for p in parts])
+        frames = []
+        for p in parts:
+            footers = [read_footer_totals(f.path) for f in p.parts]  # one footer read per part for both totals
+            frames.append(_with_keys(p, _sample_totals(p, footers), tokens, footers))
+        return pl.concat(frames)
     jobs = [(p, j) for p in summary.partitions for j in _jobs(p, max(1, CHUNK_VALUES // p.width))]
     log.info("Summing %d partitions (%d chunks) under %s", len(summary.partitions), len(jobs), summary.root)
     cache: dict = {}

@@ -7,10 +7,12 @@ viewers out, so the temporaries are chmod'ed to 0666/0777 minus the umask before
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -88,3 +90,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing): other processes and threads
+    taking the same lock wait here. `fcntl.flock`, so on a shared filesystem it holds where the
+    filesystem supports flock (NFSv4, Lustre, local disks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _THREAD_LOCKS_GUARD:  # flock is per open file: threads of one process also need a lock
+        thread_lock = _THREAD_LOCKS.setdefault(str(path.resolve()), threading.Lock())
+    with thread_lock, open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -22,7 +22,7 @@ import torch
 
 from manu_core import data as mdata
 from manu_core.evaluate import evaluate_basic, format_summaries
-from manu_core.io import atomic_dir, atomic_write_json
+from manu_core.io import atomic_dir, atomic_write_json, file_lock
 from manu_core.models import (
     IDEFICS2_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
@@ -253,8 +253,13 @@ def resolve_model(name_or_path: str | Path, *, models: Path | None = None, progr
         if not train:
             raise ModelError(f"preset {preset.name!r} has no trained model under {out.parent} yet. Train it first: "
                              f"presets.resolve_model({preset.name!r}, models=...) (or `manu train {preset.name}`).")
-        log.info("training the vanilla model of preset %r into %s", preset.name, out)
-        return train_vanilla(preset, out, progress=progress)
+        # One training per folder: a second process resolving the same preset (another flow, a test
+        # worker) waits for the first and takes its model instead of training it again.
+        with file_lock(out.parent / f".{out.name}.lock"):
+            if (out / "manu_preset.json").is_file():
+                return out
+            log.info("training the vanilla model of preset %r into %s", preset.name, out)
+            return train_vanilla(preset, out, progress=progress)
     path = Path(name_or_path)
     if not path.exists():
         hint = did_you_mean(name_or_path, PRESETS, prefix="the preset ")

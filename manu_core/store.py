@@ -121,14 +121,13 @@ def _activation_type(width: int) -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32(), nullable=False), width)
 
 
-def _schema(width: int, metadata: dict | None = None) -> pa.Schema:
+def _schema(width: int) -> pa.Schema:
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("profile_id", pa.string(), nullable=False),
             pa.field("activation", _activation_type(width), nullable=False),
-        ],
-        metadata=metadata,
+        ]
     )
 
 
@@ -138,8 +137,20 @@ def _encode_totals(totals: dict) -> bytes:
     return base64.b64encode(buf.getvalue())
 
 
-def _read_totals(path: str | Path, key: bytes, scalars: tuple[str, ...], what: str) -> dict | None:
-    raw = (pq.read_schema(path).metadata or {}).get(key)
+def read_footer_totals(path: str | Path) -> dict[bytes, bytes]:
+    """A part file's raw footer totals {key: encoded bytes} (one footer read); give them to
+    read_token_totals / read_sample_totals as `footer` to decode without reading the file again."""
+    try:
+        kv = pq.read_metadata(path).metadata or {}
+    except Exception as e:  # a truncated or foreign file
+        raise ActivationStoreError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}). "
+                                   "Delete it and rerun the extraction for this partition.") from e
+    return {k: v for k, v in kv.items() if k in (TOKEN_TOTALS_KEY, SAMPLE_TOTALS_KEY)}
+
+
+def _read_totals(path: str | Path, key: bytes, scalars: tuple[str, ...], what: str,
+                 footer: dict[bytes, bytes] | None) -> dict | None:
+    raw = (read_footer_totals(path) if footer is None else footer).get(key)
     if raw is None:
         return None
     try:
@@ -151,16 +162,16 @@ def _read_totals(path: str | Path, key: bytes, scalars: tuple[str, ...], what: s
                                    "rerun the extraction for this partition.") from e
 
 
-def read_token_totals(path: str | Path) -> dict | None:
+def read_token_totals(path: str | Path, footer: dict[bytes, bytes] | None = None) -> dict | None:
     """A part file's token totals (module docstring) from its footer: {samples, tokens, max_abs,
     token_sum, token_abs, token_sq, token_pos, token_active}; None when it has none."""
-    return _read_totals(path, TOKEN_TOTALS_KEY, ("samples", "tokens", "max_abs"), "token totals")
+    return _read_totals(path, TOKEN_TOTALS_KEY, ("samples", "tokens", "max_abs"), "token totals", footer)
 
 
-def read_sample_totals(path: str | Path) -> dict | None:
+def read_sample_totals(path: str | Path, footer: dict[bytes, bytes] | None = None) -> dict | None:
     """A part file's sample totals (module docstring) from its footer: {samples, sum, sum_abs, sum_sq,
     count_active}; None when it has none."""
-    return _read_totals(path, SAMPLE_TOTALS_KEY, ("samples",), "sample totals")
+    return _read_totals(path, SAMPLE_TOTALS_KEY, ("samples",), "sample totals", footer)
 
 
 def _sample_totals(values: np.ndarray) -> dict:
@@ -273,18 +284,23 @@ def write_partition(
         meta[TOKEN_TOTALS_KEY] = _encode_totals(_token_totals(folder, values, tokens, token_stats, max_abs))
     column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=_activation_type(width))
     table = pa.Table.from_arrays(
-        [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width, meta)
+        [pa.array(sids, pa.string()), pa.array(pids, pa.string()), column], schema=_schema(width)
     )
     path = folder / f"part-{part:05d}.parquet"
-    return write_table_atomic(
-        table,
-        path,
-        compression=COMPRESSION,
-        row_group_size=ROW_GROUP_SIZE,
-        use_dictionary=["sample_id", "profile_id"],
-        write_statistics=["sample_id", "profile_id"],
-        write_page_checksum=True,  # readers verify them: a flipped byte is an error, not a silent change
-    )
+    with atomic_file(path) as tmp:
+        with pq.ParquetWriter(
+            tmp,
+            table.schema,
+            compression=COMPRESSION,
+            use_dictionary=["sample_id", "profile_id"],
+            write_statistics=["sample_id", "profile_id"],
+            write_page_checksum=True,  # readers verify them: a flipped byte is an error, not a silent change
+        ) as writer:
+            writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
+            # The file's key-value metadata, not the Arrow schema's: the schema (ARROW:schema) would
+            # carry a second, base64-encoded copy of the totals and double every footer read.
+            writer.add_key_value_metadata(meta)
+    return path
 
 
 def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs: float) -> dict:
@@ -379,11 +395,13 @@ def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _read_footer(path: Path) -> tuple[pa.Schema, int, tuple[int, ...]]:
+def _read_footer(path: Path) -> tuple[pa.Schema, int, tuple[int, ...], set[bytes]]:
+    """Arrow schema, rows, rows per row group and the keys of the file's key-value metadata."""
     try:
         f = pq.ParquetFile(path)
         md = f.metadata
-        return f.schema_arrow, md.num_rows, tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+        return (f.schema_arrow, md.num_rows, tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)),
+                set(md.metadata or {}))
     except Exception as e:  # pyarrow raises several types for a truncated or foreign file
         raise ActivationStoreError(
             f"{path}: not a readable Parquet file ({type(e).__name__}: {e}). "
@@ -438,7 +456,7 @@ def _list_width(path: Path, rows: int) -> int:
 
 
 def _read_part(path: Path, part: int) -> PartFile:
-    schema, rows, row_groups = _read_footer(path)
+    schema, rows, row_groups, keys = _read_footer(path)
     fixed = _check_schema(path, schema)
     width = schema.field("activation").type.list_size if fixed else _list_width(path, rows)
     if rows == 0 or width == 0:
@@ -447,8 +465,7 @@ def _read_part(path: Path, part: int) -> PartFile:
             "Delete it and rerun the extraction for this partition."
         )
     return PartFile(path=path, part=part, rows=rows, width=width, fixed=fixed, row_groups=row_groups,
-                    tokens=TOKEN_TOTALS_KEY in (schema.metadata or {}),
-                    sample_totals=SAMPLE_TOTALS_KEY in (schema.metadata or {}))
+                    tokens=TOKEN_TOTALS_KEY in keys, sample_totals=SAMPLE_TOTALS_KEY in keys)
 
 
 def _parse(path: Path, key: str, choices: tuple[str, ...] | None) -> str | int | None:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,7 +31,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from manu_core.io import atomic_write_json
+from manu_core.io import atomic_write_json, file_lock
 
 log = logging.getLogger(__name__)
 DONE = "_manu_done.json"
@@ -212,28 +211,14 @@ def key_lock():
     writing, and cleaning up, one folder at once. An advisory lock (`fcntl.flock`) on
     `<artifacts>/pipeline/<task>/.<key>.lock`; on a shared filesystem it holds where the filesystem
     supports flock (NFSv4, Lustre, local disks)."""
-    import fcntl
-
     from prefect.context import TaskRunContext
     from prefect.transactions import get_transaction
 
     txn, ctx = get_transaction(), TaskRunContext.get()
     if txn is None or ctx is None or not txn.key:
         raise RuntimeError("key_lock() is for pipeline tasks running with the ManuCache policy")
-    path = pipeline_dir() / ctx.task.name / f".{txn.key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _THREAD_LOCKS_GUARD:  # flock is per open file: threads of one process also need a lock
-        thread_lock = _THREAD_LOCKS.setdefault(str(path), threading.Lock())
-    with thread_lock, open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-_THREAD_LOCKS: dict[str, Any] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
+    with file_lock(pipeline_dir() / ctx.task.name / f".{txn.key}.lock"):
+        yield
 
 
 def stage_dir() -> Path:

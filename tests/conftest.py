@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="manu-test-hf-datasets-")
 # Tests never write into the checkout's artifacts/: one folder per test session (per xdist worker).
 os.environ["MANU_ARTIFACTS"] = tempfile.mkdtemp(prefix="manu-test-artifacts-")
+# ... except the trained presets, shared by the workers of one run: `presets.resolve_model` trains a
+# preset once under a lock and the other worker takes that model (the tiny preset is ~2 min of one
+# core: trained once instead of once per worker).
+if os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+    _models = Path(tempfile.gettempdir()) / f"manu-test-models-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+    _models.mkdir(exist_ok=True)
+    (Path(os.environ["MANU_ARTIFACTS"]) / "models").symlink_to(_models, target_is_directory=True)
 # `make test` runs two xdist workers on two cores: each (and every process it starts, e.g. `manu run`)
 # gets one torch thread, since two processes of two threads each on two cores spin each other to a
 # crawl. Presets then train with one thread, under their own key (presets.as_trained_here).
@@ -48,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    """The trained vanilla model of the `tiny` preset (trained once per session, ~20 s)."""
+    """The trained vanilla model of the `tiny` preset (trained once per test run, ~2 min on one thread)."""
     from manu_core.presets import resolve_model
     from tasks.cache import models_dir
 

@@ -88,6 +88,34 @@ def test_bad_inputs():
         TinySpec(arch="qwen")
 
 
+@pytest.mark.slow  # two interpreters importing torch: ~10 s
+def test_a_preset_resolved_by_two_processes_at_once_is_trained_once(tmp_path):
+    """Two processes resolving the same untrained preset: one trains, the other waits for its lock and
+    takes that model (the fake training writes what a trained folder holds and records itself)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, time, json, sys
+from pathlib import Path
+import manu_core.presets as presets
+def fake(preset, out, progress=True):
+    with open({str(tmp_path / "trained.log")!r}, "a") as f:
+        f.write(str(os.getpid()) + "\\n")
+    time.sleep(1.0)
+    out.mkdir(parents=True)
+    (out / "manu_preset.json").write_text("{{}}")
+    return out
+presets.train_vanilla = fake
+print(presets.resolve_model("tiny", models=Path({str(tmp_path / "models")!r}), progress=False))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1] and outs[0].startswith(str(tmp_path / "models" / "tiny-"))
+    assert len((tmp_path / "trained.log").read_text().split()) == 1  # trained once
+
+
 def test_load_rejects_a_folder_without_config_and_a_file(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path)

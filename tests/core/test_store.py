@@ -79,11 +79,21 @@ def test_a_crash_mid_write_keeps_the_old_file_and_no_part_file_appears(tmp_path,
     old = put(tmp_path, n=2)
     before = old.read_bytes()
 
-    def crash(table, where, **kwargs):
-        Path(where).write_bytes(b"PAR1 half a file")
-        raise OSError("disk full")
+    class Crash:  # a ParquetWriter that dies after writing half a file
+        def __init__(self, where, schema, **kwargs):
+            self.where = where
 
-    monkeypatch.setattr(store.pq, "write_table", crash)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write_table(self, table, **kwargs):
+            Path(self.where).write_bytes(b"PAR1 half a file")
+            raise OSError("disk full")
+
+    monkeypatch.setattr(store.pq, "ParquetWriter", Crash)
     with pytest.raises(OSError, match="disk full"):
         put(tmp_path, n=3)  # rewrite part 0
     with pytest.raises(OSError, match="disk full"):
