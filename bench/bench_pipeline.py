@@ -140,7 +140,6 @@ def main() -> None:
             # The logit lens measures each model too (report Fig. 2: forward passes over the forget and
             # retain questions): counted with the evaluations in the second reading of the target.
             lens = sweep_tasks.get("logit_lens", 0.0)
-            rest = t_sweep - evals - lens - extract_imp
             print(f"2. {args.model}: sweep of {scorings} x α {alphas} vs {len(alphas)} separate cold paper runs "
                   f"(caps {args.caps}/set); the sweep ran extract {n_extract}x and select {n_select}x")
             print(f"   separate runs {sum(singles):8.1f} s  ({', '.join(f'{s:.1f}' for s in singles)})")
@@ -151,8 +150,6 @@ def main() -> None:
                   f"pruning, report and Prefect overhead)")
             print(f"   counting the logit lens (a measurement of each model, report Fig. 2) with the evaluations: "
                   f"target <= {budget + lens:.1f} s: {'met' if t_sweep <= budget + lens else 'NOT met'}")
-            print(f"   the sweep beyond its evaluations, lens and one extraction: {rest:.1f} s = "
-                  f"{rest / extract_imp:.2f} x one run's extraction + importance (target <= 0.3 x)")
             print("   sweep task seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(sweep_tasks.items())))
 
 
