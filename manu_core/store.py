@@ -32,7 +32,10 @@ The importance step adds these up instead of reading the activation column (whic
 slow: a 7B-shaped store is ~10 GB of float32); it reads the column only for another τ, for a file
 without them (another tool's) or when asked to (`neuron_sums(..., use_totals=False)`). The footer's
 totals are written with their rows in one atomic file; a damaged footer fails the zip CRC check of
-`np.load` and is reported with the file's name.
+`np.load` and is reported with the file's name. Both totals are entries of the Parquet file's
+key-value metadata (`pq.read_metadata(path).metadata`), not of the Arrow schema's metadata: the
+schema is stored in the footer too (ARROW:schema), and a second, base64 copy of the totals there
+made every footer read twice as slow.
 
 Per-token statistics of a stream (mean |a|, share active, std, rms over every counted token) follow
 exactly from these totals. Totals per part, not per sample: every scoring mode needs only a

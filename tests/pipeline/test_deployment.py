@@ -78,14 +78,16 @@ def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
                                   stderr=subprocess.STDOUT)
         watched = cli("deployment", "run", "manu/smoke", "--watch", timeout=900)
         assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
-        # One field overridden from the command line: the deployment's other settings (its evaluation
-        # caps and token budget) still apply, where Prefect alone would replace the whole config.
-        watched = cli("deployment", "run", "manu/smoke", "--param", 'config={"alpha": 0.06}', "--watch", timeout=900)
+        # One field overridden from the command line: the deployment's other settings (α, its evaluation
+        # caps and token budget) still apply, where Prefect alone would replace the whole config. The
+        # field is the logit lens's sample count: only the lens tasks and the tables rerun.
+        watched = cli("deployment", "run", "manu/smoke", "--param", 'config={"lens_samples": 7}', "--watch", timeout=900)
         assert "Completed" in watched, watched[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
         pipeline = Path(os.environ["MANU_ARTIFACTS"]) / "pipeline"
         runs = [json.loads(p.read_text())["run"] for p in pipeline.glob("results/*/results.json")]
-        [overridden] = [r for r in runs if r["config"]["alpha"] == 0.06]  # no other test runs α 0.06
-        assert overridden["config"]["model"] == "tiny" and overridden["config"]["eval"]["max_new_tokens"] == 16
+        [overridden] = [r for r in runs if r["config"]["lens_samples"] == 7]  # no other test uses 7
+        assert overridden["config"]["model"] == "tiny" and overridden["config"]["alpha"] == 0.05
+        assert overridden["config"]["eval"]["max_new_tokens"] == 16
         assert overridden["config"]["eval"]["max_profiles"] == {"forget": 2, "test": 2, "retain": 2, "celebrity": 2}
 
         artifacts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=10).json()
@@ -94,7 +96,7 @@ def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
         assert any(k.endswith("-selected-neurons") for k in keys), keys
         # Without MANU_ARTIFACTS_URL an output is its path as copyable text (no dead file:// link).
         paths = {a["key"]: a["data"] for a in artifacts if (a.get("key") or "").endswith(("-activations", "-importance", "-model"))}
-        assert len(paths) == 6, paths  # activations, importance and model of each of the two runs
+        assert len(paths) == 3, paths  # activations, importance and model (the two runs share them)
         for key, data in paths.items():
             assert "file://" not in data and Path(data.strip("`")).exists(), (key, data)
     finally:
