@@ -3,11 +3,13 @@ so a run that dies never leaves a half-written file under the final name.
 
 Permissions follow the process umask, as `open()` and `mkdir()` would give: mkstemp/mkdtemp create
 0600/0700 entries, which would keep a lab's other users, Dask workers on shared storage and report
-viewers out, so the temporaries are chmod'ed to 0666/0777 minus the umask before they are renamed."""
+viewers out, so the temporaries are chmod'ed to 0666/0777 minus the umask before they are renamed.
+
+`file_lock(path)`: the advisory lock that keeps two processes from writing one output at once (a
+pipeline task's key, a preset's training)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -101,6 +103,8 @@ def file_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on `path` (created if missing): other processes and threads
     taking the same lock wait here. `fcntl.flock`, so on a shared filesystem it holds where the
     filesystem supports flock (NFSv4, Lustre, local disks)."""
+    import fcntl  # POSIX; imported here so that the rest of this module works everywhere
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _THREAD_LOCKS_GUARD:  # flock is per open file: threads of one process also need a lock
