@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 
 from manu_core.store import (
     FORMS,
+    SAMPLE_TAU,
+    SAMPLE_TOTALS,
     SPLITS,
     TOKEN_TOTALS,
     TOWERS,
@@ -49,8 +51,6 @@ from manu_core.store import (
     PartitionInfo,
     check_complete,
     inspect_activations,
-    SAMPLE_TAU,
-    SAMPLE_TOTALS,
     read_footer_totals,
     read_sample_totals,
     read_token_totals,
@@ -499,8 +499,8 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
     summary = inspect_activations(root)
     check_complete(summary)
     tokens = all(p.token_stats for p in summary.partitions)  # else the token columns are null
-    footers = use_totals and tau == SAMPLE_TAU and all(f.sample_totals for p in summary.partitions for f in p.parts)
-    if footers:
+    from_footers = use_totals and tau == SAMPLE_TAU and all(f.sample_totals for p in summary.partitions for f in p.parts)
+    if from_footers:
         log.info("Adding up the footer totals of %d partitions under %s", len(summary.partitions), summary.root)
         parts = summary.partitions
         if progress:
