@@ -423,16 +423,23 @@ def _add(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
     return a.with_columns(a[c] + b[c] for c in SUM_COLUMNS)
 
 
-def _token_totals(p: PartitionInfo, footers: list[dict] | None = None) -> pl.DataFrame:
-    """A partition's token totals per unit (store.py): its parts' footer totals, added up (`footers`:
-    the parts' store.read_footer_totals, when already read)."""
-    parts = [read_token_totals(f.path, footers and footers[i]) for i, f in enumerate(p.parts)]
+def _part_totals(p: PartitionInfo, read, arrays: tuple[str, ...], what: str, footers: list[dict] | None) -> list[dict]:
+    """Each part's footer totals of one kind (`read`: store.read_token_totals or read_sample_totals),
+    checked against the part's rows and the partition's width (`footers`: the parts'
+    store.read_footer_totals, when already read)."""
+    parts = [read(f.path, footers and footers[i]) for i, f in enumerate(p.parts)]
     for f, t in zip(p.parts, parts):
-        if t is None or t["samples"] != f.rows or any(t[c].shape != (p.width,) for c in TOKEN_TOTALS):
+        if t is None or t["samples"] != f.rows or any(t[c].shape != (p.width,) for c in arrays):
             raise ActivationStoreError(
-                f"{f.path}: its token totals do not match its {f.rows} samples and {p.width} units; "
+                f"{f.path}: its {what} do not match its {f.rows} samples and {p.width} units; "
                 "rerun the extraction for this partition."
             )
+    return parts
+
+
+def _token_totals(p: PartitionInfo, footers: list[dict] | None = None) -> pl.DataFrame:
+    """A partition's token totals per unit (store.py): its parts' footer totals, added up."""
+    parts = _part_totals(p, read_token_totals, TOKEN_TOTALS, "token totals", footers)
     return pl.DataFrame({"unit": np.arange(p.width, dtype=np.int64),
                          **{c.replace("token_", "tok_"): sum(t[c] for t in parts) for c in TOKEN_TOTALS}}).with_columns(
         tokens=pl.lit(sum(t["tokens"] for t in parts), pl.Int64),
@@ -466,15 +473,9 @@ def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
             f.cancel()
 
 
-def _sample_totals(p: PartitionInfo, footers: list[dict]) -> pl.DataFrame:
+def _footer_sums(p: PartitionInfo, footers: list[dict]) -> pl.DataFrame:
     """A partition's five sums per unit from its parts' footer sample totals (store.py), added up."""
-    parts = [read_sample_totals(f.path, footers[i]) for i, f in enumerate(p.parts)]
-    for f, t in zip(p.parts, parts):
-        if t is None or t["samples"] != f.rows or any(t[c].shape != (p.width,) for c in SAMPLE_TOTALS):
-            raise ActivationStoreError(
-                f"{f.path}: its sample totals do not match its {f.rows} samples and {p.width} units; "
-                "rerun the extraction for this partition."
-            )
+    parts = _part_totals(p, read_sample_totals, SAMPLE_TOTALS, "sample totals", footers)
     return pl.DataFrame({"unit": np.arange(p.width, dtype=np.int64), "count": np.full(p.width, p.samples, np.int64),
                          **{c: sum(t[c] for t in parts) for c in SAMPLE_TOTALS}})
 
@@ -509,8 +510,8 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
             parts = tqdm(parts, desc="neuron sums (footers)", unit="partition")
         frames = []
         for p in parts:
-            footers = [read_footer_totals(f.path) for f in p.parts]  # one footer read per part for both totals
-            frames.append(_with_keys(p, _sample_totals(p, footers), tokens, footers))
+            footers = [read_footer_totals(f.path) for f in p.parts]  # one read per part serves both totals
+            frames.append(_with_keys(p, _footer_sums(p, footers), tokens, footers))
         return pl.concat(frames)
     jobs = [(p, j) for p in summary.partitions for j in _jobs(p, max(1, CHUNK_VALUES // p.width))]
     log.info("Summing %d partitions (%d chunks) under %s", len(summary.partitions), len(jobs), summary.root)

@@ -208,9 +208,8 @@ def stage_key(task_name: str, inputs: dict[str, Any], *, paths: tuple[str, ...] 
 def key_lock():
     """Hold the running task's key: a second process (or thread) running the same task on the same
     inputs waits here until the first is done, then writes the same bytes again, instead of both
-    writing, and cleaning up, one folder at once. An advisory lock (`fcntl.flock`) on
-    `<artifacts>/pipeline/<task>/.<key>.lock`; on a shared filesystem it holds where the filesystem
-    supports flock (NFSv4, Lustre, local disks)."""
+    writing, and cleaning up, one folder at once: `manu_core.io.file_lock` on
+    `<artifacts>/pipeline/<task>/.<key>.lock`."""
     from prefect.context import TaskRunContext
     from prefect.transactions import get_transaction
 
