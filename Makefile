@@ -35,8 +35,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/manu run --model lite
 
+# Files are handed out in the order tests/conftest.py sets (LONG_FILES), not xdist's by test count.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The pure tests: no trained model, no Prefect server (under a minute on 2 cores). No module fixture
 # is worth a whole file per worker here, so tests go to whichever worker is free (worksteal).

@@ -570,22 +570,27 @@ def _evaluate_all(model_dir: str, shared: "Shared", label: str, overrides: Optio
 
 
 def _held_out(model_dir: str, shared: "Shared", label: str, overrides: Optional[dict] = None) -> list:
-    """The held-out half of the forget profiles (relearn.halves), both forms, the relearning tasks."""
+    """The held-out half of the forget profiles (relearn.halves), both forms, the relearning tasks
+    (task runs `evaluate-<label>-held-out-forget-<form>`)."""
     cfg = shared.config
     settings = {**cfg.eval.config_for(shared.model_dir), **(overrides or {})}
     return [stages.evaluate.submit(model_dir, shared.data, "forget", f, settings, 0, device=cfg.device, dtype=cfg.dtype,
-                                   label=label, progress=False, held_out=True, tasks=cfg.relearn.tasks)
+                                   label=f"{label}-held-out", progress=False, held_out=True, tasks=cfg.relearn.tasks)
             for f in cfg.eval.forms]
 
 
-def _relearn(shared: "Shared", unlearned: str, label: str, overrides: Optional[dict]) -> dict[str, list[str]]:
+def _relearn(shared: "Shared", unlearned: str, label: str, overrides: Optional[dict],
+             controls: dict[str, dict[str, list]]) -> dict[str, list[str]]:
     """Every attack x mask on the unlearned model, then the held-out half evaluated; with the vanilla
     and the unlearned model on the same questions, and (relearn.attack_vanilla) the vanilla model after
-    each attack: {stage: [evaluation unit folders]}."""
+    each attack: {stage: [evaluation unit folders]}. The stages that do not depend on the method come
+    from `controls`, the flow's memo for this forget set: submitted by the first run that needs them."""
     cfg = shared.config
+    key = json.dumps(overrides or {}, sort_keys=True)
+    if key not in controls:
+        controls[key] = _relearn_controls(shared, overrides)
     prunes = (Path(unlearned) / "selection.parquet").is_file()
-    runs = {"vanilla": _held_out(shared.model_dir, shared, "vanilla", overrides),
-            "unlearned": _held_out(unlearned, shared, label, overrides)}
+    runs = {"vanilla": controls[key]["vanilla"], "unlearned": _held_out(unlearned, shared, label, overrides)}
     params = cfg.relearn.params_for(shared.model_dir)
     for attack in cfg.relearn.attacks:
         for mask in cfg.relearn.masks:
@@ -594,11 +599,23 @@ def _relearn(shared: "Shared", unlearned: str, label: str, overrides: Optional[d
             model = stages.relearn(unlearned, shared.data, attack, mask, params, seed=cfg.seed, device=cfg.device,
                                    label=label, progress=False)
             runs[f"{attack}/{mask}"] = _held_out(model, shared, f"{label}-{attack}-{mask}", overrides)
-        if cfg.relearn.attack_vanilla:  # the same task and inputs in every run: trained and evaluated once
+    runs.update({k: v for k, v in controls[key].items() if k != "vanilla"})
+    return {stage: _results(fs) for stage, fs in runs.items()}
+
+
+def _relearn_controls(shared: "Shared", overrides: Optional[dict]) -> dict[str, list]:
+    """The relearning stages every method run of a forget set shares: the vanilla model's held-out
+    evaluation and, with relearn.attack_vanilla, the vanilla model after each attack (the attack's
+    control), as {stage: [evaluation futures]}. Submitted once per flow run and forget set."""
+    cfg = shared.config
+    runs = {"vanilla": _held_out(shared.model_dir, shared, "vanilla", overrides)}
+    if cfg.relearn.attack_vanilla:
+        params = cfg.relearn.params_for(shared.model_dir)
+        for attack in cfg.relearn.attacks:
             model = stages.relearn(shared.model_dir, shared.data, attack, "free", params, seed=cfg.seed,
                                    device=cfg.device, label="attacked-vanilla", progress=False)
             runs[f"{VANILLA_ATTACKED}{attack}"] = _held_out(model, shared, f"attacked-vanilla-{attack}", overrides)
-    return {stage: _results(fs) for stage, fs in runs.items()}
+    return runs
 
 
 def _results(futures: list) -> list[str]:
@@ -685,8 +702,10 @@ def _run_label(shared: Shared, method: str, variant: dict) -> str:
     return f"{variant_label(method, variant)} on {shared.forget}"
 
 
-def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> tuple[str, Optional[str]]:
-    """Unlearn, evaluate and record one variant: (results folder, logit-lens folder or None)."""
+def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list,
+            relearn_controls: dict[str, dict[str, list]]) -> tuple[str, Optional[str]]:
+    """Unlearn, evaluate and record one variant: (results folder, logit-lens folder or None).
+    `relearn_controls`: the forget set's memo of the relearning stages every method shares (`_relearn`)."""
     cfg = shared.config
     unlearned, imp = METHODS[method].unlearn(shared, variant)
     label = variant_label(method, variant)
@@ -699,7 +718,7 @@ def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list) -> 
            "vanilla_model": shared.model_dir, "data": shared.data, "activations": shared.activations,
            "system": overrides.get("system"), "mode": variant.get("mode"), "seed": variant.get("seed"),
            "shadows": variant.get("shadows")}
-    relearn = _relearn(shared, unlearned, _slug(label), overrides) if cfg.relearn.enabled and method != "prompting" else {}
+    relearn = _relearn(shared, unlearned, _slug(label), overrides, relearn_controls) if cfg.relearn.enabled and method != "prompting" else {}
     rep = stages.results(vanilla_units, units, imp, title, run=run,
                         relearn_units=[u for us in relearn.values() for u in us],
                         relearn_labels=[stage for stage, us in relearn.items() for _ in us])
@@ -732,9 +751,10 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
             shared = _with_activations(shared)
         vanilla_units = _results(vanilla)
         lenses.append(vanilla_lens.result())
+        relearn_controls: dict[str, dict[str, list]] = {}
         for method in methods:
             for variant in METHODS[method].variants(cfg, sweep):
-                last, lens = run_one(shared, method, variant, vanilla_units)
+                last, lens = run_one(shared, method, variant, vanilla_units, relearn_controls)
                 runs.append(last)
                 if lens is not None:
                     lenses.append(lens)

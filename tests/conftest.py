@@ -47,10 +47,35 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+# The order in which `make test`'s two workers start the files (xdist's loadfile with
+# --no-loadscope-reorder hands whole files out in collection order, each to the first worker that is
+# nearly free). First the longest file, whose first test trains `tiny` (~2 min of one core); then every
+# file with no slow test, which the other worker runs meanwhile instead of waiting for `tiny`; then
+# the long files, longest first (measured with --durations), so no long file starts last and leaves
+# one worker idle at the end; then the rest, as collected. Only the order changes, never what runs.
+LONG_FILES = (
+    "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_deployment.py", "pipeline/test_interrupts.py",
+    "pipeline/test_comparison_flow.py", "pipeline/test_modes_flow.py", "pipeline/test_relearn_flow.py",
+    "pipeline/test_wheel.py", "pipeline/test_benchmark_flow.py", "pipeline/test_dask.py", "pipeline/test_cache.py",
+    "report/test_gpu_check.py",
+)
+
+
+def _file_rank(path: str, slow_files: set[str]) -> tuple[int, int]:
+    rel = path.split("tests/", 1)[-1]
+    if rel == LONG_FILES[0]:
+        return (0, 0)
+    if path not in slow_files:
+        return (1, 0)
+    return (2, LONG_FILES.index(rel)) if rel in LONG_FILES else (3, 0)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: _file_rank(item.nodeid.split("::")[0], slow_files))  # stable: tests keep their order
 
 
 @pytest.fixture(scope="session")

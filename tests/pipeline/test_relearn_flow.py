@@ -79,10 +79,25 @@ def test_relearning_attacks_every_unlearned_model_and_leaves_the_cached_one_unto
     assert not any(n.startswith(("extract", "prune", "select", "evaluate-vanilla", "prepare_data")) for n in reran), reran
 
 
-def test_a_baseline_has_only_the_free_attack():
-    _, states = run("ga", steps=3)
-    relearns = sorted(n for n in states if n.startswith("relearn-") and "attacked-vanilla" not in n)
-    assert [n.rsplit("-", 1)[-1] for n in relearns] == ["free", "free"], relearns
+def test_a_baseline_has_only_the_free_attack_and_the_controls_run_once_per_sweep():
+    """A sweep of MANU and GA: GA (it prunes nothing) is attacked free only; the stages every method
+    shares (the vanilla model attacked, and the vanilla model's held-out evaluation) run once."""
+    from flows.pipeline import SweepConfig
+
+    cfg = RunConfig(model="tiny", alpha=0.05, extract_batch_size=16,
+                    eval=EvalSettings(max_new_tokens=8, sets=["forget", "retain"], max_profiles=CAPS),
+                    relearn={"enabled": True, "steps": 3, "attacks": ["forget-text", "retain"]})
+    sweep = SweepConfig(forget_splits=[cfg.data_spec()["forget"]], methods=["manu", "ga"], alphas=[0.05],
+                        scorings=["paper"], ablations=False, baseline_scales=[1.0])
+    state = manu(cfg, sweep=sweep, return_state=True)
+    assert state.is_completed(), state
+    names = [r.name for r in settled_task_runs(state)]
+    relearns = sorted(n for n in names if n.startswith("relearn-") and "attacked-vanilla" not in n)
+    assert [n.rsplit("-", 1)[-1] for n in relearns if "-0-05-" not in n] == ["free", "free"], relearns
+    assert len([n for n in relearns if "-0-05-" in n]) == 4, relearns  # MANU: both attacks, free and frozen
+    controls = sorted(n for n in names if "attacked-vanilla" in n or n.startswith("evaluate-vanilla-held-out"))
+    assert len(controls) == len(set(controls)) == 2 + 2 * 2 + 2, controls  # 2 attacks, each evaluated in 2 forms
+    assert sum(n.startswith("relearn-attacked-vanilla") for n in controls) == 2, controls
 
 
 def test_two_folders_with_the_same_weights_are_one_evaluation(tiny_model_dir, tmp_path):
