@@ -30,8 +30,9 @@ def _fail(exc: Exception) -> None:
 
 
 SCORING_HELP = "scoring mode: paper (the paper's formulas) | released (the authors' code) | selective (Pochinkov & Schoots)"
-OPTION_HELP = ("a scoring mode's option as key=value, repeatable: released pool_layers=true, clamp=10 (or none); "
-               "selective statistic=abs|freq|std|rms")
+OPTION_HELP = ("a scoring mode's option as key=value, repeatable: released pool_layers=true, clamp=10 (or none), "
+               "per_position=true (the released code's per-position statistics; pair with --extract-batch-size 4, "
+               "its batch size); selective statistic=abs|freq|std|rms")
 
 
 def _option_value(text: str):
@@ -331,6 +332,8 @@ def run(
     forget: Optional[str] = typer.Option(None, help="forget_5/10/15, validation (a seeded held-out forget set of "
                                          "the preset) or comma-separated profile ids the model learned"),
     cap: str = typer.Option("retain=25", help="per-set profile caps for evaluation, e.g. retain=25,test=10"),
+    extract_batch_size: int = typer.Option(32, "--extract-batch-size", min=1,
+                                           help="samples per forward when extracting activations"),
     device: str = typer.Option("cpu"),
     benchmark: Optional[Path] = typer.Option(None, help="local MLLMU-Bench folder (hub parquet layout): the "
                                              "streams, baselines, logit lens and evaluation read its own questions "
@@ -369,6 +372,7 @@ def run(
         config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,
                            scoring_options=parse_scoring_options(scoring_option), iterative=iterative, step=step,
                            random_seeds=seed_list, benchmark=str(benchmark) if benchmark else None,
+                           extract_batch_size=extract_batch_size,
                            eval=EvalSettings(max_profiles=caps), relearn={"enabled": relearn, "steps": relearn_steps})
         config.check_data()  # forget among the profiles the model learned, before any server or task
     except ValidationError as e:  # the rule, the value and the fix, without pydantic's echo of every field

@@ -203,7 +203,9 @@ class RunConfig(BaseModel):
     scoring: Literal["paper", "released", "selective"] = Field(
         "paper", description="scoring mode: paper (default) | released (the authors' code) | selective (Pochinkov & Schoots)")
     scoring_options: dict = Field(default_factory=dict, description="the mode's options: released {pool_layers: bool, "
-                                  "clamp: float|null}; selective {statistic: abs|freq|std|rms}")
+                                  "clamp: float|null, per_position: bool (extracts per-batch position statistics; "
+                                  "they depend on extract_batch_size: the released code's is 4)}; "
+                                  "selective {statistic: abs|freq|std|rms}")
     weights: ImportanceWeights = Field(default_factory=ImportanceWeights,
                                        description="importance weights abs/freq/var/rms; empty: the mode's defaults")
     eps: Optional[float] = Field(None, description="ε of the ratios and the score; None: the mode's (1e-5; selective 1e-3)")
@@ -244,6 +246,11 @@ class RunConfig(BaseModel):
         from manu_core.presets import PRESETS
 
         return PRESETS.get(self.model)
+
+    def needs_position_stats(self) -> bool:
+        """The extraction also records per-position statistics: the released mode's per_position option
+        reads them (a sweep's released variants take the config's options)."""
+        return self.scoring == "released" and bool((self.scoring_options or {}).get("per_position"))
 
     def resolved_alpha(self) -> float:
         p = self.preset()
@@ -631,7 +638,8 @@ def _prepare(cfg: RunConfig, forget) -> Shared:
 def _with_activations(shared: Shared) -> Shared:
     c = shared.config
     acts = stages.extract(shared.model_dir, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
-                          device=c.device, dtype=c.dtype, seed=c.seed, label=shared.forget)
+                          device=c.device, dtype=c.dtype, seed=c.seed, label=shared.forget,
+                          position_stats=c.needs_position_stats())
     return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau, label=shared.forget))
 
 

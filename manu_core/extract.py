@@ -65,7 +65,7 @@ from manu_core.data import Dataset, Sample, samples as profile_samples
 from manu_core.io import atomic_dir
 from manu_core.models import as_dtype
 from manu_core.prompts import encode_samples, model_inputs
-from manu_core.store import FORMS, SPLITS, TOKEN_STATS, TOKEN_TAU, write_partition
+from manu_core.store import FORMS, POOLED_LAYER, SPLITS, TOKEN_STATS, TOKEN_TAU, write_partition, write_positions
 from manu_core.vocab import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,34 @@ def _matmul_f32(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _OUT_DTYPE_OK: dict = {}
 
 
+def position_moments(x: torch.Tensor) -> tuple:
+    """(rows, T, d) -> per position and unit over the rows, float64: (rows, mean, M2 = Σ(a − mean)²,
+    Σ|a|, #(|a| > TOKEN_TAU), Σa²), each (T, d) but the count. Two-pass, as torch's std."""
+    x = x.double()
+    mean = x.mean(0)
+    a = x.abs()
+    return (x.shape[0], mean, ((x - mean) ** 2).sum(0), a.sum(0), (a > TOKEN_TAU).sum(0).double(), (x * x).sum(0))
+
+
+def combine_moments(p: tuple, q: tuple) -> tuple:
+    """The moments of two sets of rows together (Chan, Golub & LeVeque's pairwise update: the mean
+    and M2 of the union without the rows themselves)."""
+    n = p[0] + q[0]
+    delta = q[1] - p[1]
+    return (n, p[1] + delta * (q[0] / n), p[2] + q[2] + delta**2 * (p[0] * q[0] / n),
+            p[3] + q[3], p[4] + q[4], p[5] + q[5])
+
+
+def position_sums(m: tuple) -> tuple[int, int, np.ndarray]:
+    """Moments -> (positions T, rows, (4, d) float64): per unit, the sum over the T positions of the
+    position's mean |a|, share of |a| > TOKEN_TAU, std (rows − 1 denominator; NaN for one row, as
+    torch) and rms (store.POSITION_STATS order)."""
+    n, _, m2, s_abs, s_active, s_sq = m
+    std = (m2 / (n - 1)).sqrt() if n > 1 else torch.full_like(m2, float("nan"))
+    stats = torch.stack([s_abs / n, s_active / n, std, (s_sq / n).sqrt()]).sum(1)  # (4, d)
+    return int(m2.shape[0]), int(n), stats.cpu().numpy()
+
+
 class ActivationRecorder:
     """Per-batch state of the hooks: position masks in, per-sample activations out.
 
@@ -150,9 +178,14 @@ class ActivationRecorder:
     Sites are ordered language first, then vision; the device buffer holds their sums side by side.
     """
 
-    def __init__(self, model, sites: Sequence[MlpSite], aggregation: str, token_stats: bool = False):
+    def __init__(self, model, sites: Sequence[MlpSite], aggregation: str, token_stats: bool = False,
+                 position_stats: bool = False):
         _check_aggregation(aggregation)
+        if position_stats and not token_stats:
+            raise ExtractionError("position_stats needs token_stats (the store keeps them beside the token totals); "
+                                  "pass token_stats=True too.")
         self.token_stats = token_stats
+        self.position_stats = position_stats
         order = {t: i for i, t in enumerate(TOWERS)}
         self.sites = tuple(sorted(sites, key=lambda s: (order[s.tower], s.layer)))
         if len({(s.tower, s.layer) for s in self.sites}) != len(self.sites):
@@ -178,6 +211,8 @@ class ActivationRecorder:
         self._tok: torch.Tensor | None = None  # (B, 4, units) float32 token statistics (store.TOKEN_STATS)
         self._max: dict[MlpSite, torch.Tensor] = {}  # largest counted |a_t| per site in this batch (device scalars)
         self._fired = [False] * len(self.sites)
+        self._moments: dict[MlpSite, tuple] = {}  # per-position moments of each site (position_stats)
+        self._pooled: dict[str, tuple | None] = {}  # ... and of each tower's layers together
         self._lang = self._vis = None
         if self.n_language:
             mask = position_mask(batch, self.aggregation)  # (B, T) bool
@@ -272,6 +307,23 @@ class ActivationRecorder:
         per_image = _matmul_f32(w, y).reshape(n, -1)  # (N, d) (with token stats: 5d)
         return a @ per_image  # (B, d)
 
+    def _record_positions(self, site: MlpSite, x: torch.Tensor) -> None:
+        """The released code's per-position statistics (store.py, "Position statistics"): moments over
+        the rows of the hooked tensor at each position, padding included; also combined across the
+        tower's layers (its pool_layers quirk)."""
+        if x.dim() != 3:
+            raise ExtractionError(
+                f"position statistics need the MLP input as (rows, positions, units); {site.name} of "
+                f"{self.adapter.model_type} gives {tuple(x.shape)}. Extract without position_stats for this model."
+            )
+        own = position_moments(x)
+        self._moments[site] = own
+        if site.tower not in self._pooled:
+            self._pooled[site.tower] = own
+        elif (pooled := self._pooled[site.tower]) is not None:
+            same = pooled[1].shape == own[1].shape and pooled[1].device == own[1].device
+            self._pooled[site.tower] = combine_moments(pooled, own) if same else None  # layers unlike: no pool
+
     def hook(self, i: int):
         site = self.sites[i]
         a, b = self.offsets[site]
@@ -297,6 +349,8 @@ class ActivationRecorder:
             out[:, a:b] = r[:, : b - a]
             self._tok[:, :, a:b] = r[:, b - a :].reshape(r.shape[0], len(TOKEN_STATS), b - a)
             self._max[site] = self._last_max.to(out.device)
+            if self.position_stats:
+                self._record_positions(site, args[0])
 
         return pre_hook
 
@@ -322,6 +376,9 @@ class ActivationRecorder:
                                      for s, (a, b) in self.offsets.items()}
             maxima = torch.stack([self._max[s] for s in self.sites]).cpu().tolist()
             self.last_max_abs = dict(zip(self.sites, maxima))
+        if self.position_stats:
+            self.last_positions = {s: position_sums(m) for s, m in self._moments.items()}
+            self.last_pooled = {t: position_sums(m) for t, m in self._pooled.items() if m is not None}
         host = out.cpu().numpy()  # the one device -> host copy per batch: (B, units)
         self._batch_size = None
         return {s: host[:, a:b] for s, (a, b) in self.offsets.items()}
@@ -329,9 +386,9 @@ class ActivationRecorder:
 
 @contextmanager
 def activation_hooks(model, sites: Sequence[MlpSite], aggregation: str = "mean",
-                     token_stats: bool = False) -> Iterator[ActivationRecorder]:
+                     token_stats: bool = False, position_stats: bool = False) -> Iterator[ActivationRecorder]:
     """Forward pre-hooks on every site's down_proj / fc2, removed on exit (also after an error)."""
-    recorder = ActivationRecorder(model, sites, aggregation, token_stats)
+    recorder = ActivationRecorder(model, sites, aggregation, token_stats, position_stats)
     handles = []
     try:
         for i, site in enumerate(recorder.sites):
@@ -380,6 +437,7 @@ def iter_stream(
     desc: str = "extract",
     prefetch: bool | None = None,
     token_stats: bool = False,
+    position_stats: bool = False,
     images=None,
 ) -> Iterator[tuple]:
     """Per batch: (its samples, site -> (B, width) activations). Vision sites are dropped for a
@@ -387,7 +445,8 @@ def iter_stream(
     next batch in a thread during the forward (default: on when the model is on an accelerator,
     where the GPU would otherwise wait for tokenising and image processing; off on CPU, where both
     compete for the same cores). With `token_stats`, each batch also yields its `BatchTokens` (the
-    store's token statistics: position counts, per-unit token sums, largest |a_t| per site).
+    store's token statistics: position counts, per-unit token sums, largest |a_t| per site; with
+    `position_stats` also the per-position statistics of each site and tower, store.py).
     `images` resolves the samples' image keys (None: the embedded portraits; see prompts.encode_samples)."""
     _check_aggregation(aggregation, with_answers)
     if batch_size < 1:
@@ -412,7 +471,7 @@ def iter_stream(
     encoded = _encoded(processor, batches, prefetch, with_answers=with_answers, padding_side=padding_side,
                        images=images)
     try:
-        with activation_hooks(model, sites, aggregation, token_stats) as rec, torch.inference_mode():
+        with activation_hooks(model, sites, aggregation, token_stats, position_stats) as rec, torch.inference_mode():
             for chunk, enc in tqdm(encoded, total=len(batches), desc=desc, disable=not progress, unit="batch"):
                 rec.set_batch(enc, device)
                 backbone(**model_inputs(enc, device), use_cache=False)
@@ -420,7 +479,9 @@ def iter_stream(
                 if not token_stats:
                     yield chunk, acts
                     continue
-                yield chunk, acts, BatchTokens(rec.last_tokens, rec.last_token_stats, rec.last_max_abs)
+                yield chunk, acts, BatchTokens(rec.last_tokens, rec.last_token_stats, rec.last_max_abs,
+                                               rec.last_positions if position_stats else None,
+                                               rec.last_pooled if position_stats else None)
     finally:
         encoded.close()
         model.train(was_training)
@@ -434,6 +495,8 @@ class BatchTokens:
     tokens: dict[str, np.ndarray | None]  # tower -> (B,) positions per sample
     stats: dict[MlpSite, dict[str, np.ndarray]]
     max_abs: dict[MlpSite, float]
+    positions: dict[MlpSite, tuple[int, int, np.ndarray]] | None = None  # (T, rows, (4, width)): position_sums
+    pooled: dict[str, tuple[int, int, np.ndarray]] | None = None  # the same per tower, its layers together
 
 
 def extract_stream(model, processor, samples: Sequence[Sample], **kwargs) -> dict[MlpSite, np.ndarray]:
@@ -512,6 +575,7 @@ def extract_activations(
     progress: bool = True,
     prefetch: bool | None = None,
     token_stats: bool = True,
+    position_stats: bool = False,
     images=None,
 ) -> Path:
     """Extract every live site over the four streams into the activation store at `root`.
@@ -524,6 +588,9 @@ def extract_activations(
     `root` appears only once complete (see the module docstring); an existing `root` is replaced.
     `token_stats` (default on) also stores each sample's token statistics (store.py), which the
     `released` and `selective` scoring modes read; off, the store holds the per-sample means only.
+    `position_stats` (default off) also stores, per batch, the released code's per-position statistics
+    (store.py, "Position statistics"; the `released` mode's `per_position` option reads them): they
+    depend on how samples are batched, so `batch_size` is then part of what is measured.
     `images` resolves image keys (None: the embedded portraits; a local MLLMU-Bench's `Benchmark.image`).
     """
     _check_aggregation(aggregation, with_answers)
@@ -555,19 +622,21 @@ def extract_activations(
             it = iter_stream(
                 model, processor, ss, sites=sites, aggregation=aggregation, batch_size=batch_size,
                 with_answers=with_answers, progress=progress, desc=f"extract {split}/{form}", prefetch=prefetch,
-                token_stats=token_stats, images=images,
+                token_stats=token_stats, position_stats=position_stats, images=images,
             )
+            first = 0  # the stream's index of the part's first batch
             for i, batch in enumerate(it, 1):
                 rows.append(batch)
                 if i * batch_size % rows_per_part == 0 or i * batch_size >= len(ss):
-                    _write_part(tmp, split, form, rows, part)
-                    part, rows = part + 1, []
+                    _write_part(tmp, split, form, rows, part, first)
+                    part, rows, first = part + 1, [], i
     log.info("wrote activations of %d sites x %s streams to %s", len(sites), len(streams), root)
     return root
 
 
-def _write_part(root: Path, split: str, form: str, rows: list, part: int) -> None:
-    """rows: (samples, site -> (B, width)[, BatchTokens]) per batch."""
+def _write_part(root: Path, split: str, form: str, rows: list, part: int, first_batch: int = 0) -> None:
+    """rows: (samples, site -> (B, width)[, BatchTokens]) per batch; `first_batch`: the stream's index
+    of rows[0] (position statistics are kept per batch)."""
     samples = [s for r in rows for s in r[0]]
     sids, pids = [s.sample_id for s in samples], [s.profile_id for s in samples]
     for site in rows[0][1]:
@@ -579,3 +648,13 @@ def _write_part(root: Path, split: str, form: str, rows: list, part: int) -> Non
                        max_abs=max(r[2].max_abs[site] for r in rows))
         write_partition(root, split=split, form=form, tower=site.tower, layer=site.layer,
                         sample_ids=sids, profile_ids=pids, activations=acts, part=part, **tok)
+    if len(rows[0]) == 3 and rows[0][2].positions is not None:
+        for tower in sorted({site.tower for site in rows[0][1]}):
+            records = []
+            for b, r in enumerate(rows, first_batch):
+                per_layer = [(s.layer, v) for s, v in r[2].positions.items() if s.tower == tower]
+                pooled = r[2].pooled.get(tower)
+                records += [(b, layer, *v) for layer, v in sorted(per_layer)]
+                if pooled is not None:
+                    records.append((b, POOLED_LAYER, *pooled))
+            write_positions(root, split=split, form=form, tower=tower, part=part, records=records)

@@ -48,10 +48,13 @@ from manu_core.store import (
     TOWERS,
     ActivationStoreError,
     PartFile,
+    POOLED_LAYER,
+    POSITION_STATS,
     PartitionInfo,
     check_complete,
     inspect_activations,
     read_footer_totals,
+    read_positions,
     read_sample_totals,
     read_token_totals,
     required_streams,
@@ -74,6 +77,12 @@ SUMS_SCHEMA = {
     "tokens": pl.Int64, "tok_sum": pl.Float64, "tok_abs": pl.Float64, "tok_sq": pl.Float64, "tok_pos": pl.Float64,
     "tok_active": pl.Float64, "max_abs": pl.Float64,
 }
+# The released code's per-position statistics (store.py, "Position statistics"; null when the store has
+# none): per layer (pos_*) and with the tower's layers pooled (pool_*, the same in every layer's row).
+POSITION_COLUMNS = tuple(f"{kind}_{k}" for kind in ("pos", "pool") for k in POSITION_STATS)
+SUMS_SCHEMA.update({c: pl.Float64 for c in POSITION_COLUMNS})
+POSITION_CHUNK = 10  # the released code averages per-position values over chunks of this many batches
+STD = POSITION_STATS.index("std")
 OUTPUT_COLUMNS = (
     *NEURON,
     *(f"{s}_{k}" for s in SPLITS for k in (*WEIGHT_NAMES, "importance")),
@@ -154,7 +163,7 @@ SCORING_MODES: dict[str, ModeSpec] = {
     "released": ModeSpec("released", "the authors' released code: per-tower statistics over tokens, "
                          "Σ w·(F/(R+ε) − 1), top p% per tower", 1e-5,
                          {"abs": 2.0, "freq": 0.0, "var": 2.0, "rms": 2.0}, "tower", ("tower",),
-                         {"pool_layers": False, "clamp": None}, True),
+                         {"pool_layers": False, "clamp": None, "per_position": False}, True),
     "selective": ModeSpec("selective", "selective pruning (Pochinkov & Schoots 2024): one token statistic's "
                           "forget/retain ratio, top fraction over all layers", 1e-3,
                           {k: 1.0 for k in WEIGHT_NAMES}, "global", SCOPES, {"statistic": "abs"}, True),
@@ -180,6 +189,8 @@ def _check_options(spec: ModeSpec, options: Mapping[str, object]) -> dict:
     if spec.name == "released":
         if not isinstance(out["pool_layers"], bool):
             raise ValueError(f"released option pool_layers must be true or false; got {out['pool_layers']!r}.")
+        if not isinstance(out["per_position"], bool):
+            raise ValueError(f"released option per_position must be true or false; got {out['per_position']!r}.")
         if out["clamp"] is not None and (_number("released option clamp", out["clamp"]) <= 0):
             raise ValueError(f"released option clamp must be > 0 (the released code uses 1000) or None; "
                              f"got {out['clamp']!r}.")
@@ -454,7 +465,7 @@ def _with_keys(p: PartitionInfo, sums: pl.DataFrame, tokens: bool, footers: list
         df = df.join(_token_totals(p, footers), on="unit", how="left")
     else:
         df = df.with_columns(pl.lit(None, SUMS_SCHEMA[c]).alias(c) for c in (*TOKEN_SUMS, "max_abs"))
-    return df.select(list(SUMS_SCHEMA))
+    return df.select(c for c in SUMS_SCHEMA if c not in POSITION_COLUMNS)
 
 
 def _ordered_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
@@ -480,6 +491,62 @@ def _footer_sums(p: PartitionInfo, footers: list[dict]) -> pl.DataFrame:
                          **{c: sum(t[c] for t in parts) for c in SAMPLE_TOTALS}})
 
 
+def position_statistics(root: str | Path) -> pl.DataFrame | None:
+    """The released code's per-position statistics of every (split, form, tower, layer, unit), from the
+    store's position sums (store.py; None when it has none); layer POOLED_LAYER: the tower's layers pooled.
+
+    As `prune_utility.collect_feedforward_activations` averages them: the per-position values of each
+    chunk of POSITION_CHUNK consecutive batches are averaged together (Σ over the chunk's batches of the
+    position sums / Σ of their positions T, so a batch weighs by its padded length), then the chunk
+    values are averaged. Columns pos_abs, pos_freq, pos_std, pos_rms. One difference, where the released
+    code breaks: a batch of one row (e.g. a stream's last) has a NaN std there, which would turn the
+    statistic of every unit NaN; here it is left out of the std's average (NaN only when a whole chunk
+    has one-row batches, which scoring refuses)."""
+    df = read_positions(root)
+    if df is None:
+        return None
+    frames = []
+    for (split, form, tower, layer), g in df.group_by("split", "form", "tower", "layer", maintain_order=True):
+        batches = g["batch"].to_numpy()
+        if not np.array_equal(batches, np.arange(len(batches))):
+            raise ActivationStoreError(
+                f"{root}: position statistics of {split}/{form}/{tower} layer {layer} have batches "
+                f"{batches[:5].tolist()}..., not 0..{len(batches) - 1} once each; rerun the extraction.")
+        width = len(g["abs"][0])
+        try:
+            values = np.stack([g[k].explode().to_numpy().reshape(len(g), width) for k in POSITION_STATS], 1)
+        except ValueError:
+            raise ActivationStoreError(f"{root}: position statistics of {split}/{form}/{tower} layer {layer} have "
+                                       "rows of different widths; rerun the extraction.") from None
+        starts = np.arange(0, len(g), POSITION_CHUNK)
+        # A batch of one row has no std (torch gives NaN, which would make the released statistic NaN
+        # for every unit): it is left out of the std's average (positions and sums), kept in the others'.
+        alone = g["rows"].to_numpy() == 1
+        values[alone, STD] = 0.0
+        positions = np.repeat(g["positions"].to_numpy().astype(np.float64)[:, None], len(POSITION_STATS), 1)
+        positions[alone, STD] = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):  # a chunk of one-row batches only: NaN std
+            stats = (np.add.reduceat(values, starts, axis=0)
+                     / np.add.reduceat(positions, starts, axis=0)[:, :, None]).mean(0)  # (4, width)
+        frames.append(pl.DataFrame({
+            "split": [split] * width, "form": [form] * width, "tower": [tower] * width,
+            "layer": np.full(width, layer, np.int64), "unit": np.arange(width, dtype=np.int64),
+            **{f"pos_{k}": stats[j] for j, k in enumerate(POSITION_STATS)}}))
+    return pl.concat(frames)
+
+
+def _with_positions(sums: pl.DataFrame, root: str | Path) -> pl.DataFrame:
+    """The sums table with the store's position statistics joined in (pos_*, pool_*; null when none)."""
+    pos = position_statistics(root)
+    if pos is None:
+        return sums.with_columns(pl.lit(None, pl.Float64).alias(c) for c in POSITION_COLUMNS)
+    stream = ["split", "form", "tower"]
+    pooled = pos.filter(pl.col("layer") == POOLED_LAYER).drop("layer").rename(
+        {f"pos_{k}": f"pool_{k}" for k in POSITION_STATS})
+    return (sums.join(pos.filter(pl.col("layer") != POOLED_LAYER), on=[*stream, "layer", "unit"], how="left")
+            .join(pooled, on=[*stream, "unit"], how="left"))
+
+
 def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads: int = 2,
                 use_totals: bool = True) -> pl.DataFrame:
     """The five sums per (split, form, tower, layer, unit) of an activation folder (method.md, "Importance functions").
@@ -487,6 +554,8 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
     Columns: split, form, tower, layer, unit, count, sum_abs (Σ|z|), sum (Σz), sum_sq (Σz²),
     count_active (#|z| > tau); sorted by (split, form, tower, layer, unit). The vision tower's text form
     has no rows (no partition; its statistics are 0). Validates the folder first (`store.check_complete`).
+    Also the token totals (TOKEN_SUMS, max_abs) and, when the store has them, the position statistics
+    (`position_statistics`: pos_* per layer, pool_* with the tower's layers pooled).
 
     With `use_totals` (the default), tau = store.SAMPLE_TAU and every part holding its sample totals
     (write_partition always writes them), the sums are the footers' totals added up: no activation is
@@ -512,7 +581,7 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
         for p in parts:
             footers = [read_footer_totals(f.path) for f in p.parts]  # one read per part serves both totals
             frames.append(_with_keys(p, _footer_sums(p, footers), tokens, footers))
-        return pl.concat(frames)
+        return _with_positions(pl.concat(frames), summary.root)
     jobs = [(p, j) for p in summary.partitions for j in _jobs(p, max(1, CHUNK_VALUES // p.width))]
     log.info("Summing %d partitions (%d chunks) under %s", len(summary.partitions), len(jobs), summary.root)
     cache: dict = {}
@@ -537,7 +606,7 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
                 total = _add(total, sums)  # type: ignore[arg-type]
         finish()
     # Partitions come sorted by (split, form, tower, layer) and units in order: no sort needed.
-    return pl.concat(frames)
+    return _with_positions(pl.concat(frames), summary.root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +639,7 @@ def _form_stats(sums: pl.DataFrame, split: str, form: str) -> pl.LazyFrame:
 def _check_sums(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
     """Validate a sums table for `params.mode`; returns it with the schema's types (token columns
     added as nulls when absent)."""
-    need = [c for c in SUMS_SCHEMA if c not in TOKEN_SUMS and c != "max_abs"]
+    need = [c for c in SUMS_SCHEMA if c not in (*TOKEN_SUMS, "max_abs", *POSITION_COLUMNS)]
     missing = [c for c in need if c not in sums.columns]
     if missing:
         raise ValueError(
@@ -661,6 +730,27 @@ def _token_stats(df: pl.LazyFrame, freq_column: str) -> pl.LazyFrame:
     )
 
 
+def _position_stats(used: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """The released code's per-position statistics (`position_statistics`) as s_abs, s_freq, s_var (its
+    std), s_rms; `kind` pos (per layer) or pool (the tower's layers pooled)."""
+    cols = {k: f"{kind}_{'std' if k == 'var' else k}" for k in WEIGHT_NAMES}
+    missing = used.filter(pl.any_horizontal(pl.col(c).is_null() for c in cols.values()))
+    if len(missing):
+        r = missing.row(0, named=True)
+        raise ActivationStoreError(
+            f"released option per_position needs the store's position statistics, and {r['split']}/{r['form']} "
+            f"{r['tower']} layer {r['layer']} has none{' pooled over its layers' if kind == 'pool' else ''}. "
+            "Rerun the extraction with position_stats=True (the flow does when per_position is set).")
+    nan = used.filter(pl.any_horizontal(pl.col(c).is_nan() for c in cols.values()))
+    if len(nan):
+        r = nan.row(0, named=True)
+        raise ValueError(
+            f"released option per_position: {r['split']}/{r['form']} {r['tower']} layer {r['layer']} has a chunk of "
+            f"{POSITION_CHUNK} batches of one row each, which has no per-position std (rows − 1 = 0). Extract with "
+            "batches of at least 2 rows (the released code's batch size is 4), or drop per_position.")
+    return used.with_columns(**{f"s_{k}": pl.col(c) for k, c in cols.items()})
+
+
 def _check_clamp(sums: pl.DataFrame, clamp: float | None) -> None:
     """The released code clamps activations to ±clamp first; the store keeps per-sample token sums,
     not tokens, so a clamp is reproduced exactly only when it changes nothing (max |a| <= clamp)."""
@@ -695,11 +785,18 @@ def _released_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFra
         widths = used.group_by("tower", "layer").agg(pl.len()).group_by("tower").agg(pl.col("len").n_unique())
         if (widths["len"] > 1).any():
             raise ValueError("released option pool_layers needs every layer of a tower to have the same width.")
-        used = _pooled(used, ["split", "tower", "unit"])
         key = ["tower", "unit"]
+    if opts["per_position"]:
+        used = _position_stats(used, "pool" if opts["pool_layers"] else "pos")
+        if opts["pool_layers"]:  # the pooled values repeat in every layer's row: take one
+            used = used.group_by("split", *key, maintain_order=True).agg(pl.col(f"s_{k}").first() for k in WEIGHT_NAMES)
+    else:
+        if opts["pool_layers"]:
+            used = _pooled(used, ["split", *key])
+        used = _token_stats(used.lazy(), "tok_active").collect()
     frames = {}
     for split in SPLITS:
-        df = _token_stats(used.lazy().filter(pl.col("split") == split), "tok_active")
+        df = used.lazy().filter(pl.col("split") == split)
         frames[split] = df.select(*key, **{f"{split}_{k}": pl.col(f"s_{k}") for k in WEIGHT_NAMES})
     table = frames["forget"].join(frames["retain"], on=key, how="inner").collect()
     score = pl.sum_horizontal([w[k] * (pl.col(f"forget_{k}") / (pl.col(f"retain_{k}") + eps) - 1) for k in WEIGHT_NAMES])

@@ -42,6 +42,23 @@ exactly from these totals. Totals per part, not per sample: every scoring mode n
 stream's totals, and per-sample totals would quadruple the store. They sit in the footer so they
 are replaced with their part in one atomic rename.
 
+**Position statistics** (optional: `extract_activations(..., position_stats=True)`; the `released`
+mode's `per_position` option reads them). The authors' released code does not average per sample:
+per batch it takes statistics over the rows of the hooked tensor at each position, padding
+included. For that, each stream folder `<root>/split=/form=/tower=` holds `positions-NNNNN.parquet`
+beside its `layer=` folders (NNNNN: the part), one row per (batch, layer) with:
+
+    batch      int: the batch's index in its stream (0, 1, ...: the extraction's batches, in order)
+    layer      int: the layer, or POOLED_LAYER (-1): every layer of the tower together (rows = layers x
+               batch rows), as the released code's pooling quirk sees them
+    positions  int: T, the positions of the hooked tensor (the batch's padded length; vision: patches)
+    rows       int: the rows at each position (batch rows, or images; x layers when pooled)
+    abs, freq, std, rms   list of float64, one per unit: Σ over the T positions of the position's
+               mean |a|, share of |a| > TOKEN_TAU, standard deviation (rows − 1 denominator; NaN
+               for one row, as torch) and root mean square, over the rows
+
+Averages over positions and batches follow from these sums (importance.py, `position_statistics`).
+
 Storage choices (readers also accept list<float32> and large_list<float32> from other tools, checking
 that every row has the same length): `fixed_size_list<float32, width>` (Polars reads it as an Array
 column, the width lives in the schema); CRC32 page checksums, verified by the importance step's
@@ -83,6 +100,9 @@ SAMPLE_TOTALS_KEY = b"manu.sample_totals"
 ROW_GROUP_SIZE = 256  # rows per Parquet row group (fixed: part of the deterministic-bytes promise)
 COMPRESSION = "none"
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+POSITION_STATS = ("abs", "freq", "std", "rms")  # per-position statistics, summed over positions
+POOLED_LAYER = -1  # `layer` of a tower's position statistics with its layers pooled
+POSITIONS_GLOB = "split=*/form=*/tower=*/positions-*.parquet"
 
 
 class ActivationStoreError(ValueError):
@@ -304,6 +324,49 @@ def write_partition(
             # carry a second, base64-encoded copy of the totals and double every footer read.
             writer.add_key_value_metadata(meta)
     return path
+
+
+def write_positions(root: str | Path, *, split: str, form: str, tower: str, part: int,
+                    records: Sequence[tuple[int, int, int, int, np.ndarray]]) -> Path:
+    """One part's position statistics of a stream (module docstring): records of (batch, layer,
+    positions, rows, (4, width) float64 in POSITION_STATS order). Written atomically."""
+    folder = partition_dir(root, split, form, tower, 0).parent
+    part = _check_index("part", part)
+    if not records:
+        raise ActivationStoreError(f"no position statistics to write for {folder} part {part}.")
+    values = [np.asarray(r[4], dtype=np.float64) for r in records]
+    bad = [v.shape for v in values if v.ndim != 2 or v.shape[0] != len(POSITION_STATS)]
+    if bad:
+        raise ActivationStoreError(f"position statistics must be ({len(POSITION_STATS)}, width) arrays; got {bad[0]}.")
+    columns = {k: pa.array([int(r[j]) for r in records], pa.int64())
+               for j, k in enumerate(("batch", "layer", "positions", "rows"))}
+    for j, k in enumerate(POSITION_STATS):
+        columns[k] = pa.array([v[j] for v in values], pa.list_(pa.field("element", pa.float64(), nullable=False)))
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_table_atomic(pa.table(columns), folder / f"positions-{part:05d}.parquet", compression=COMPRESSION,
+                              write_statistics=False, use_dictionary=False, store_schema=True)
+
+
+def read_positions(root: str | Path) -> pl.DataFrame | None:
+    """Every position-statistics row of the store with its split, form and tower (None: the store has
+    none). Rows in (split, form, tower, batch, layer) order."""
+    files = sorted(Path(root).glob(POSITIONS_GLOB))
+    if not files:
+        return None
+    frames = []
+    for f in files:
+        keys = {k: v for k, _, v in (part.partition("=") for part in f.parent.relative_to(root).parts)}
+        try:
+            df = pl.read_parquet(f)
+        except Exception as e:  # a damaged file: say which
+            raise ActivationStoreError(f"{f}: unreadable position statistics ({e}); rerun the extraction.") from e
+        missing = [c for c in ("batch", "layer", "positions", "rows", *POSITION_STATS) if c not in df.columns]
+        if missing:
+            raise ActivationStoreError(f"{f}: position statistics lack column(s) {', '.join(missing)}; rerun the extraction.")
+        frames.append(df.select(pl.lit(keys.get("split")).alias("split"), pl.lit(keys.get("form")).alias("form"),
+                                pl.lit(keys.get("tower")).alias("tower"), "batch", "layer", "positions", "rows",
+                                *POSITION_STATS))
+    return pl.concat(frames).sort("split", "form", "tower", "batch", "layer", maintain_order=True)
 
 
 def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs: float) -> dict:

@@ -261,8 +261,10 @@ def vanilla_model(model: str) -> str:
 
 @manu_task(name="extract", paths=("model_dir", "data_dir"), ignore=("device", "label"), task_run_name=_labelled("extract"))
 def extract(model_dir: str, data_dir: str, aggregation: str = "mean", batch_size: int = 32, device: str = "cpu",
-            dtype: str | None = None, seed: int = 0, label: str = "", progress: bool = True) -> str:
-    """Per-layer activations of the four streams, Parquet (manu_core/store.py)."""
+            dtype: str | None = None, seed: int = 0, label: str = "", progress: bool = True,
+            position_stats: bool = False) -> str:
+    """Per-layer activations of the four streams, Parquet (manu_core/store.py); with `position_stats`
+    also the released code's per-position statistics per batch (the released mode's per_position)."""
     from manu_core.extract import extract_activations
 
     streams = read_streams(data_dir)
@@ -271,7 +273,7 @@ def extract(model_dir: str, data_dir: str, aggregation: str = "mean", batch_size
         model, processor = load(model_dir, slot, dtype, device)
         acts = extract_activations(model, processor, streams, out / "activations", aggregation=aggregation,
                                    batch_size=batch_size, device=slot.device, seed=seed, progress=progress,
-                                   images=images_of(data_dir))
+                                   position_stats=position_stats, images=images_of(data_dir))
     get_run_logger().info("activations (Parquet): %s", acts)
     return str(finish(out))
 

@@ -8,6 +8,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from pydantic import ValidationError
@@ -112,6 +113,29 @@ def test_iterative_selective_pruning_runs_cached_steps(tiny_model_dir):
     assert int(per_layer["selected"].sum()) == math.floor(0.02 * n) + math.floor(0.03 * n)
     again, runs2 = flow(cfg)
     assert again == report and all(r.state.name == "Cached" for r in runs2)
+
+
+def test_released_per_position_extracts_position_statistics_and_scores_from_them(tiny_model_dir):
+    """--scoring-option per_position=true: the run's extraction records the released code's per-batch
+    position statistics (batches of 4, its batch size), and the released scores are read from them."""
+    from manu_core.importance import ImportanceParams, importance_table, neuron_sums
+
+    cfg = fast_config(scoring="released", alpha=0.08, scoring_options={"per_position": True, "pool_layers": True})
+    cfg = cfg.model_copy(update={"extract_batch_size": 4})
+    assert cfg.needs_position_stats() and not fast_config(scoring="released").needs_position_stats()
+    out, runs = flow(cfg)
+    results = json.loads((Path(out) / "results.json").read_text())
+    acts = Path(results["run"]["activations"]) / "activations"
+    assert sorted(p.parent.name for p in acts.glob("split=forget/form=*/tower=*/positions-*.parquet")) == [
+        "tower=language", "tower=language", "tower=vision"]
+    sums = neuron_sums(acts, 0.1)
+    params = ImportanceParams(alpha=0.08, mode="released", options={"per_position": True, "pool_layers": True})
+    want = importance_table(sums, params).filter(pl.col("selected")).select("tower", "layer", "unit").sort(pl.all())
+    assert selection(out).equals(want)
+    # other statistics than the default's (over each sample's counted tokens): other scores
+    tokens = importance_table(sums, ImportanceParams(alpha=0.08, mode="released", options={"pool_layers": True}))
+    scores = importance_table(sums, params)["score"].drop_nulls().to_numpy()
+    assert not np.allclose(scores, tokens["score"].drop_nulls().to_numpy(), rtol=1e-3)
 
 
 def test_configs_refuse_bad_modes_and_alphas_with_the_fix():
