@@ -734,16 +734,16 @@ def _position_stats(used: pl.DataFrame, kind: str) -> pl.DataFrame:
     """The released code's per-position statistics (`position_statistics`) as s_abs, s_freq, s_var (its
     std), s_rms; `kind` pos (per layer) or pool (the tower's layers pooled)."""
     cols = {k: f"{kind}_{'std' if k == 'var' else k}" for k in WEIGHT_NAMES}
-    missing = used.filter(pl.any_horizontal(pl.col(c).is_null() for c in cols.values()))
-    if len(missing):
-        r = missing.row(0, named=True)
+    def first(bad) -> dict | None:  # the first row where `bad` holds for one of the columns
+        rows = used.filter(pl.any_horizontal(bad(pl.col(c)) for c in cols.values()))
+        return rows.row(0, named=True) if len(rows) else None
+
+    if (r := first(pl.Expr.is_null)) is not None:
         raise ActivationStoreError(
             f"released option per_position needs the store's position statistics, and {r['split']}/{r['form']} "
             f"{r['tower']} layer {r['layer']} has none{' pooled over its layers' if kind == 'pool' else ''}. "
             "Rerun the extraction with position_stats=True (the flow does when per_position is set).")
-    nan = used.filter(pl.any_horizontal(pl.col(c).is_nan() for c in cols.values()))
-    if len(nan):
-        r = nan.row(0, named=True)
+    if (r := first(pl.Expr.is_nan)) is not None:
         raise ValueError(
             f"released option per_position: {r['split']}/{r['form']} {r['tower']} layer {r['layer']} has a chunk of "
             f"{POSITION_CHUNK} batches of one row each, which has no per-position std (rows − 1 = 0). Extract with "
