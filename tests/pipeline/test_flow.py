@@ -129,8 +129,10 @@ def test_invalid_config_is_refused_with_the_rule():
         RunConfig(weights={"abs": 1, "nope": 1})
 
 
-def test_baselines_are_methods_of_the_same_flow(first_run):
-    """Each baseline is a cached task producing a model folder; evaluation and report are shared."""
+def test_baselines_are_methods_of_the_same_flow(first_run, tiny_model_dir):
+    """Each baseline is a cached task producing a model folder; evaluation and report are shared.
+    NPO takes its reference from the config, as on a real checkpoint (training one on an embedded
+    preset, ~2 min, is tests/baselines/test_baselines.py::test_npo_reference_is_the_recipe_on_retain_only)."""
     from pathlib import Path
 
     # Two sets (of four) are enough to see each method evaluated apart from the vanilla model, at half the cost.
@@ -145,9 +147,10 @@ def test_baselines_are_methods_of_the_same_flow(first_run):
     assert sum(s == "Completed" for n, s in prompting.items() if n.startswith("evaluate-prompting-")) == 4
     assert all(s == "Cached" for n, s in prompting.items() if n.startswith("evaluate-vanilla-"))
     assert "| method | MC | ROUGE-L | Fact | Cloze |" in (Path(report) / "results.md").read_text()
-    _, npo = run_method(two_sets, "npo")
-    assert npo["reference_model"] == "Completed" and npo["baseline-npo"] == "Completed"
-    _, again = run_method(two_sets, "npo")
+    with_reference = two_sets.model_copy(update={"reference": str(tiny_model_dir)})
+    _, npo = run_method(with_reference, "npo")
+    assert "reference_model" not in npo and npo["baseline-npo"] == "Completed"
+    _, again = run_method(with_reference, "npo")
     assert all(s == "Cached" for s in again.values())
 
 
