@@ -720,4 +720,8 @@ def format_summary(summary: ActivationsSummary) -> str:
     ]
     if "vision" in summary.towers():
         lines.append("(vision has no text form: its text-form statistics are 0, method.md)")
+    positions = sorted(summary.root.glob(POSITIONS_GLOB))
+    if positions:
+        lines.append(f"position statistics (the released mode's per_position): {len(positions)} positions-*.parquet "
+                     f"files in the stream folders, {_size(sum(f.stat().st_size for f in positions))}")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from manu_core.arch import mlp_sites
 from manu_core.extract import build_streams, extract_activations
 from manu_core.importance import ImportanceParams, importance_table, neuron_sums, position_statistics
 from manu_core.models import ARCHS, TinySpec, build_processor, build_tiny_model, train_tokenizer
-from manu_core.store import ActivationStoreError
+from manu_core.store import ActivationStoreError, format_summary, inspect_activations
 from tests.core.helpers import SMALL
 from tests.core.test_extract import MLP_BLOCKS, _hidden
 
@@ -105,6 +105,8 @@ def reference_stats(seen, sites):
 
 def test_position_statistics_match_the_reference(extracted):
     root, seen, sites = extracted
+    assert "position statistics (the released mode's per_position): 6 positions-*.parquet" in format_summary(
+        inspect_activations(root))  # forget and retain: language and vision on image+text, language on text
     want = reference_stats(seen, sites)
     got = position_statistics(root)
     assert got is not None
