@@ -321,8 +321,11 @@ class ActivationRecorder:
         if site.tower not in self._pooled:
             self._pooled[site.tower] = own
         elif (pooled := self._pooled[site.tower]) is not None:
-            same = pooled[1].shape == own[1].shape and pooled[1].device == own[1].device
-            self._pooled[site.tower] = combine_moments(pooled, own) if same else None  # layers unlike: no pool
+            if pooled[1].shape != own[1].shape:  # layers of unlike widths or lengths: no pool
+                self._pooled[site.tower] = None
+            else:  # a model split over devices: the pool stays where its first layer ran
+                own = tuple(t.to(pooled[1].device) if torch.is_tensor(t) else t for t in own)
+                self._pooled[site.tower] = combine_moments(pooled, own)
 
     def hook(self, i: int):
         site = self.sites[i]
