@@ -161,14 +161,17 @@ def combine_moments(p: tuple, q: tuple) -> tuple:
             p[3] + q[3], p[4] + q[4], p[5] + q[5])
 
 
-def position_sums(m: tuple) -> tuple[int, int, np.ndarray]:
-    """Moments -> (positions T, rows, (4, d) float64): per unit, the sum over the T positions of the
-    position's mean |a|, share of |a| > TOKEN_TAU, std (rows − 1 denominator; NaN for one row, as
-    torch) and rms (store.POSITION_STATS order)."""
+def position_sums(m: tuple) -> tuple[int, int, torch.Tensor]:
+    """Moments -> (positions T, rows, (4, d) float64 on their device): per unit, the sum over the T
+    positions of the position's mean |a|, share of |a| > TOKEN_TAU, std (rows − 1 denominator; NaN for
+    one row, as torch) and rms (store.POSITION_STATS order)."""
     n, _, m2, s_abs, s_active, s_sq = m
     std = (m2 / (n - 1)).sqrt() if n > 1 else torch.full_like(m2, float("nan"))
-    stats = torch.stack([s_abs / n, s_active / n, std, (s_sq / n).sqrt()]).sum(1)  # (4, d)
-    return int(m2.shape[0]), int(n), stats.cpu().numpy()
+    return int(m2.shape[0]), int(n), torch.stack([s_abs / n, s_active / n, std, (s_sq / n).sqrt()]).sum(1)
+
+
+def _on_host(sums: tuple[int, int, torch.Tensor]) -> tuple[int, int, np.ndarray]:
+    return sums[0], sums[1], sums[2].cpu().numpy()
 
 
 class ActivationRecorder:
@@ -211,8 +214,8 @@ class ActivationRecorder:
         self._tok: torch.Tensor | None = None  # (B, 4, units) float32 token statistics (store.TOKEN_STATS)
         self._max: dict[MlpSite, torch.Tensor] = {}  # largest counted |a_t| per site in this batch (device scalars)
         self._fired = [False] * len(self.sites)
-        self._moments: dict[MlpSite, tuple] = {}  # per-position moments of each site (position_stats)
-        self._pooled: dict[str, tuple | None] = {}  # ... and of each tower's layers together
+        self._positions: dict[MlpSite, tuple] = {}  # each site's position sums (position_stats), on its device
+        self._pooled: dict[str, tuple | None] = {}  # the moments of each tower's layers together
         self._lang = self._vis = None
         if self.n_language:
             mask = position_mask(batch, self.aggregation)  # (B, T) bool
@@ -317,7 +320,7 @@ class ActivationRecorder:
                 f"{self.adapter.model_type} gives {tuple(x.shape)}. Extract without position_stats for this model."
             )
         own = position_moments(x)
-        self._moments[site] = own
+        self._positions[site] = position_sums(own)  # reduced now: only the pooled moments stay (T, d)
         if site.tower not in self._pooled:
             self._pooled[site.tower] = own
         elif (pooled := self._pooled[site.tower]) is not None:
@@ -380,8 +383,8 @@ class ActivationRecorder:
             maxima = torch.stack([self._max[s] for s in self.sites]).cpu().tolist()
             self.last_max_abs = dict(zip(self.sites, maxima))
         if self.position_stats:
-            self.last_positions = {s: position_sums(m) for s, m in self._moments.items()}
-            self.last_pooled = {t: position_sums(m) for t, m in self._pooled.items() if m is not None}
+            self.last_positions = {s: _on_host(v) for s, v in self._positions.items()}
+            self.last_pooled = {t: _on_host(position_sums(m)) for t, m in self._pooled.items() if m is not None}
         host = out.cpu().numpy()  # the one device -> host copy per batch: (B, units)
         self._batch_size = None
         return {s: host[:, a:b] for s, (a, b) in self.offsets.items()}
