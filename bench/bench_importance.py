@@ -18,6 +18,13 @@ with the paper mode. Prints time, peak RSS (per step and overall) and the polars
     python bench/bench_importance.py --samples 200 --lang-layers 2 --lang-units 512 --vision-layers 2 --vision-units 256
     python bench/bench_importance.py --no-token-stats      # the store without token statistics (paper mode only)
     python bench/bench_importance.py --formulations        # also time alternative Polars formulations
+    python bench/bench_importance.py --linear-outputs      # the released code's hook sites (option linear_outputs)
+
+--linear-outputs generates the store of the MLP Linears' outputs instead (store.py, "Linear outputs"):
+per language layer gate_proj 11,008 + up_proj 11,008 + down_proj 4,096 units, per vision layer fc1
+4,096 + fc2 1,024 (LLaVA-1.5-7B), with its modules.json, under its own --root; it times the released
+mode with linear_outputs (per layer and with pool_layers). The paper, selective and numpy-reference
+steps are the hidden-unit store's (they refuse a Linear-output store), so they are not run there.
 
 The synthetic folder is generated once (seeded) under --root and reused while its manifest matches
 (shape, seed and --token-stats: changing any regenerates it).
@@ -41,11 +48,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from manu_core.store import (  # noqa: E402
-    FORMS, SPLITS, ActivationStoreError, check_complete, inspect_activations, partition_dir, write_partition,
+    FORMS, SPLITS, ActivationStoreError, check_complete, inspect_activations, partition_dir, write_layout,
+    write_partition,
 )
 
 TARGET_S = 60.0
+# --linear-outputs: the Linears of LLaVA-1.5-7B's MLPs and their output widths, in storage order
+LINEAR_OUTPUTS = {"language": [("gate_proj", 11008), ("up_proj", 11008), ("down_proj", 4096)],
+                  "vision": [("fc1", 4096), ("fc2", 1024)]}
 MANIFEST = "bench_manifest.json"
+DEFAULT_ROOT = "artifacts/bench/importance_llava7b"
 
 
 def streams(tower: str) -> list[tuple[str, str]]:
@@ -63,6 +75,7 @@ def generate(args: argparse.Namespace, root: Path) -> None:
     """
     config = {k: getattr(args, k) for k in ("samples", "lang_layers", "lang_units", "vision_layers", "vision_units", "part_rows", "seed",
                                             "token_stats")}
+    config["linear_outputs"] = args.linear_outputs
     config["store_format"] = 3  # 3: sample totals in the file's key-value metadata (2: in the schema; 1: none)
     manifest = root / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) == config:  # written last: generation finished
@@ -102,6 +115,8 @@ def generate(args: argparse.Namespace, root: Path) -> None:
                                     profile_ids=[f"p{i // 15:04d}" for i in range(start, start + n)], activations=x, part=part,
                                     **extra)
         print(f"  generated {tower}: {layers} layers x {units} units ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.linear_outputs:
+        write_layout(root, LINEAR_OUTPUTS)
     manifest.write_text(json.dumps(config))
 
 
@@ -132,6 +147,10 @@ MODES = [  # (label, mode, options): the importance_table calls timed after one 
     ("released pool_layers", "released", {"pool_layers": True}),
     ("selective (one-shot)", "selective", {}),
 ]
+OUTPUT_MODES = [  # the same on a Linear-output store (--linear-outputs)
+    ("released linear_outputs", "released", {"linear_outputs": True}),
+    ("released lin.out. pooled", "released", {"linear_outputs": True, "pool_layers": True}),
+]
 
 
 def _hwm_mib() -> float:
@@ -149,7 +168,7 @@ def _reset_hwm() -> bool:
         return False
 
 
-def run_polars(root: Path, alpha: float, out: Path) -> dict:
+def run_polars(root: Path, alpha: float, out: Path, linear_outputs: bool = False) -> dict:
     """neuron_sums once, then importance_table per mode; writes the paper table to `out`; returns timings."""
     import polars as pl
 
@@ -182,7 +201,7 @@ def run_polars(root: Path, alpha: float, out: Path) -> dict:
     has_tokens = sums["tokens"].null_count() == 0
     steps["sums"]["token_stats"] = bool(has_tokens)
     steps["sums"]["rows"] = len(sums)
-    for label, mode, options in MODES:
+    for label, mode, options in (OUTPUT_MODES if linear_outputs else MODES):
         if mode != "paper" and not has_tokens:
             continue  # released and selective need the token statistics
         params = ImportanceParams(alpha=alpha, mode=mode, options=options)
@@ -249,7 +268,7 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     steps = None
     if args.child == "polars":
-        steps = run_polars(root, args.alpha, out)
+        steps = run_polars(root, args.alpha, out, args.linear_outputs)
         # The overall peak: the largest of the per-step peaks (VmHWM is reset before each mode).
         peak_mib = max(s.get("peak_rss_mib") or 0 for s in steps.values())
         peak_mib = max(peak_mib, _hwm_mib())
@@ -264,6 +283,7 @@ def child(args: argparse.Namespace) -> None:
 
 def measure(kind: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--root", args.root, "--out", str(out), "--alpha", str(args.alpha)]
+    cmd += ["--linear-outputs"] if args.linear_outputs else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{kind} run failed:\n{proc.stderr}")
@@ -347,9 +367,29 @@ def formulations(root: Path, tau: float = 0.1) -> None:
         print(f"  {name:40s} {min(times) * 1000:8.1f} ms   max abs diff {err:.1e}")
 
 
+def report_linear_outputs(pol: dict, args: argparse.Namespace, work: Path) -> None:
+    """The --linear-outputs run: sums + table per released variant against the target (no numpy step)."""
+    shutil.rmtree(work)
+    steps = pol["steps"]
+    sums, read = steps.pop("sums"), steps.pop("read")
+    steps.pop("write")
+    print(f"\nLinear-output store (language {args.lang_units:,} and vision {args.vision_units:,} outputs per layer), "
+          f"sums table {sums['rows']:,} rows, alpha {args.alpha}")
+    print(f"{'neuron_sums (footers)':26s} {sums['seconds']:8.2f}s   peak RSS {sums['peak_rss_mib']:.0f} MiB")
+    print(f"{'neuron_sums (reading)':26s} {read['seconds']:8.2f}s   (agrees with the footers to "
+          f"{read['max_rel_diff']:.1e} relative, identical counts: {read['same_counts']})")
+    ok = read["max_rel_diff"] < 1e-9 and read["same_counts"]
+    for label, s in steps.items():
+        total = sums["seconds"] + s["seconds"]
+        ok &= total <= TARGET_S
+        print(f"{label:26s} {s['seconds']:8.2f}s  sums+table {total:6.1f}s  {total / TARGET_S:.2f} of the target  "
+              f"{'PASS' if total <= TARGET_S else 'FAIL'}  selected {s['selected']:,} of {s['scored']:,} scored")
+    print(f"target <= {TARGET_S:.0f} s (sums + table) for every variant: {'PASS' if ok else 'FAIL'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="artifacts/bench/importance_llava7b")
+    p.add_argument("--root", default=DEFAULT_ROOT)
     p.add_argument("--samples", type=int, default=1500, help="samples per stream")
     p.add_argument("--lang-layers", type=int, default=32)
     p.add_argument("--lang-units", type=int, default=11008)
@@ -361,6 +401,8 @@ def main() -> None:
     p.add_argument("--token-stats", action=argparse.BooleanOptionalAction, default=True,
                    help="generate the store with token statistics (needed by the released and selective modes)")
     p.add_argument("--formulations", action="store_true", help="also time alternative Polars formulations")
+    p.add_argument("--linear-outputs", action="store_true",
+                   help="a store of the MLP Linears' outputs at the 7B shape (released option linear_outputs)")
     p.add_argument("--delete", action="store_true", help="delete the generated folder at the end")
     p.add_argument("--child", choices=["polars", "numpy"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -370,6 +412,10 @@ def main() -> None:
 
     import polars as pl
 
+    if args.linear_outputs:
+        args.lang_units, args.vision_units = (sum(w for _, w in LINEAR_OUTPUTS[t]) for t in ("language", "vision"))
+        if args.root == DEFAULT_ROOT:
+            args.root = DEFAULT_ROOT + "_linear_outputs"
     root = Path(args.root)
     generate(args, root)
     size = sum(f.stat().st_size for f in root.rglob("*.parquet"))
@@ -379,6 +425,8 @@ def main() -> None:
     work = root.parent / f".{root.name}-bench-out"
     work.mkdir(exist_ok=True)
     pol = measure("polars", args, work / "polars.parquet")
+    if args.linear_outputs:
+        return report_linear_outputs(pol, args, work)
     ref = measure("numpy", args, work / "numpy.npz")
     got = pl.read_parquet(work / "polars.parquet")
     exp = np.load(work / "numpy.npz")

@@ -2,6 +2,10 @@
 
     python bench/bench_unlearning.py [--preset lite] [--modes paper,released,selective]
         [--alphas 0.02,0.05,0.1,0.2] [--random-seeds 0,1,2]
+    python bench/bench_unlearning.py --modes released/linear_outputs    # a mode with options set true
+
+A mode may name options after slashes, each set to true (released/linear_outputs/pool_layers); the
+extraction records what the modes read (Linear outputs, position statistics).
 
 One extraction and one pass of the sums on the vanilla model serve every mode and α; then, per mode
 and α, the mode's selection and random selections of as many units per tower (seeded), each applied
@@ -30,6 +34,7 @@ from manu_core.models import load_model
 from manu_core.presets import eval_subset, get_preset, preset_dataset, resolve_model
 from tasks.cache import models_dir
 from manu_core.prune import prune_units
+from manu_core.store import OUTPUTS_DIR
 from manu_core.unlearn import random_selection
 
 SETS = ("forget", "retain", "celebrity")
@@ -74,11 +79,16 @@ def main() -> None:
     t0 = time.perf_counter()
     vanilla = scores(model, processor, items)
     t_eval = time.perf_counter() - t0
+    modes = [(m.split("/")[0], {o: True for o in m.split("/")[1:]}) for m in args.modes.split(",")]
+    params = [ImportanceParams(mode=m, options=o or None) for m, o in modes]  # checks names before any work
+    needs = {k: any(p.extraction()[k] for p in params) for k in ("position_stats", "linear_outputs")}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         acts = extract_activations(model, processor, ds, Path(tmp) / "acts", aggregation=args.aggregation,
-                                   seed=preset.seed, progress=False)
-        sums = neuron_sums(acts, ImportanceParams().tau)
+                                   seed=preset.seed, progress=False, **needs)
+        sums = {False: neuron_sums(acts, ImportanceParams().tau)}
+        if needs["linear_outputs"]:
+            sums[True] = neuron_sums(acts / OUTPUTS_DIR, ImportanceParams().tau)
         t_manu = time.perf_counter() - t0
     print(f"preset {preset.name}, model {model_dir.name}, split {ds.split.name}; "
           f"extraction + sums {t_manu:.1f} s (once, for every mode), one evaluation {t_eval:.1f} s")
@@ -86,14 +96,15 @@ def main() -> None:
     print(f"{'drop in points (image+text/text)':<44} {header}")
     print(f"{'vanilla (absolute, %)':<44} {fmt({k: 100 * v for k, v in vanilla.items()})}")
     seeds = [int(s) for s in args.random_seeds.split(",") if s]
-    for mode in args.modes.split(","):
+    for (mode, options), given in zip(modes, params):
         for alpha in (float(a) for a in args.alphas.split(",")):
-            table = importance_table(sums, ImportanceParams(alpha=alpha, mode=mode))
+            table = importance_table(sums[given.extraction()["linear_outputs"]],
+                                     ImportanceParams(alpha=alpha, mode=mode, options=options or None))
             per_tower = dict(table.filter("selected").group_by("tower").len().sort("tower").rows())
             m, _ = load_model(model_dir)
             prune_units(m, table)
             manu = drops(vanilla, scores(m, processor, items))
-            label = f"{mode} α={alpha:g} (" + ", ".join(f"{t[0]} {n}" for t, n in per_tower.items()) + ")"
+            label = "/".join([mode, *options]) + f" α={alpha:g} (" + ", ".join(f"{t[0]} {n}" for t, n in per_tower.items()) + ")"
             print(f"{label:<44} {fmt(manu)}")
             rand = []
             for seed in seeds:

@@ -32,7 +32,8 @@ def _fail(exc: Exception) -> None:
 SCORING_HELP = "scoring mode: paper (the paper's formulas) | released (the authors' code) | selective (Pochinkov & Schoots)"
 OPTION_HELP = ("a scoring mode's option as key=value, repeatable: released pool_layers=true, clamp=10 (or none), "
                "per_position=true (the released code's per-position statistics; pair with --extract-batch-size 4, "
-               "its batch size); selective statistic=abs|freq|std|rms")
+               "its batch size), linear_outputs=true (score and prune the MLP Linears' outputs, as the released "
+               "code does); selective statistic=abs|freq|std|rms")
 
 
 def _option_value(text: str):

@@ -203,7 +203,9 @@ class RunConfig(BaseModel):
     scoring: Literal["paper", "released", "selective"] = Field(
         "paper", description="scoring mode: paper (default) | released (the authors' code) | selective (Pochinkov & Schoots)")
     scoring_options: dict = Field(default_factory=dict, description="the mode's options: released {pool_layers: bool, "
-                                  "clamp: float|null, per_position: bool (extracts per-batch position statistics; "
+                                  "clamp: float|null, linear_outputs: bool (scores and prunes the outputs of the MLP Linears, "
+                                  "as the released code; extracts them too), per_position: bool (extracts per-batch "
+                                  "position statistics; "
                                   "they depend on extract_batch_size: the released code's is 4)}; "
                                   "selective {statistic: abs|freq|std|rms}")
     weights: ImportanceWeights = Field(default_factory=ImportanceWeights,
@@ -247,10 +249,18 @@ class RunConfig(BaseModel):
 
         return PRESETS.get(self.model)
 
+    def _extraction(self) -> dict[str, bool]:
+        return ImportanceParams(alpha=0.5, mode=self.scoring, options=self.scoring_options or None).extraction()
+
+    def needs_linear_outputs(self) -> bool:
+        """The extraction also hooks the MLP Linears' outputs: the released mode's linear_outputs option
+        (a sweep's released variants take the config's options)."""
+        return self._extraction()["linear_outputs"]
+
     def needs_position_stats(self) -> bool:
         """The extraction also records per-position statistics: the released mode's per_position option
         reads them (a sweep's released variants take the config's options)."""
-        return self.scoring == "released" and bool((self.scoring_options or {}).get("per_position"))
+        return self._extraction()["position_stats"]
 
     def resolved_alpha(self) -> float:
         p = self.preset()
@@ -370,6 +380,7 @@ class Shared:
     model_dir: str
     activations: Optional[str] = None
     sums: Optional[str] = None
+    output_sums: Optional[str] = None  # sums of the MLP Linears' outputs (released option linear_outputs)
 
     @property
     def forget(self) -> str:
@@ -437,7 +448,8 @@ def _manu_importance(shared: Shared, variant: dict) -> str:
     iterative) a loop of extract on the current model -> importance_sums -> select(step, previous)
     -> prune(vanilla, cumulative selection), each step a cached task run; returns the last selection."""
     if not variant.get("iterative"):
-        return _select(shared, shared.sums, variant, variant["alpha"])
+        outputs = bool((variant.get("options") or {}).get("linear_outputs"))
+        return _select(shared, shared.output_sums if outputs else shared.sums, variant, variant["alpha"])
     c = shared.config
     steps = iterative_steps(variant["alpha"], variant["step"])
     imp, sums = None, shared.sums
@@ -639,8 +651,11 @@ def _with_activations(shared: Shared) -> Shared:
     c = shared.config
     acts = stages.extract(shared.model_dir, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
                           device=c.device, dtype=c.dtype, seed=c.seed, label=shared.forget,
-                          position_stats=c.needs_position_stats())
-    return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau, label=shared.forget))
+                          position_stats=c.needs_position_stats(), linear_outputs=c.needs_linear_outputs())
+    outputs = (stages.importance_sums(acts, tau=c.tau, label=f"{shared.forget} linear outputs", linear_outputs=True)
+               if c.needs_linear_outputs() else None)
+    return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau, label=shared.forget),
+                  outputs)
 
 
 def _lens(model_dir: str, shared: Shared, label: str, system: Optional[str] = None):

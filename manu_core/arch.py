@@ -54,6 +54,11 @@ class MlpKind:
     def hook_module(self) -> str:
         return self.cols[0]
 
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every Linear of the block in forward order (the released code hooks each one's output)."""
+        return (*self.rows, *self.cols)
+
 
 GATED = MlpKind("gated", rows=("gate_proj", "up_proj"), cols=("down_proj",))  # LLaMA, Mistral, Qwen
 PLAIN = MlpKind("plain", rows=("fc1",), cols=("fc2",))  # CLIP, SigLIP, Qwen2-VL vision
@@ -256,23 +261,26 @@ def get_adapter(model_or_config) -> ArchAdapter:
 
 @dataclass(frozen=True)
 class MlpSite:
-    """One MLP layer's hidden units: units 0..width-1 of (tower, layer)."""
+    """One MLP layer's hidden units: units 0..width-1 of (tower, layer). With `module` set, the
+    outputs of that Linear of the block instead (`output_sites`: the released code's hook sites)."""
 
     tower: str
     layer: int
     path: str  # dotted path of the MLP module, e.g. "model.language_model.layers.3.mlp"
     kind: MlpKind
-    width: int  # number of hidden units (d_mlp)
+    width: int  # number of hidden units (d_mlp); of a `module` site, the Linear's out_features
     live: bool = True  # False: a vision layer whose output the model never reads
+    module: str | None = None  # None: the hidden units; else a Linear of kind.linears, hooked on its output
 
     @property
     def name(self) -> str:
-        return f"{self.tower}.{self.layer}"
+        return f"{self.tower}.{self.layer}" + (f".{self.module}" if self.module else "")
 
     @property
     def hook_path(self) -> str:
-        """The Linear whose input is this layer's hidden-unit activations (down_proj / fc2)."""
-        return f"{self.path}.{self.kind.hook_module}"
+        """The Linear hooked: for hidden units the one whose input they are (down_proj / fc2, a
+        forward pre-hook); for a `module` site that Linear (a forward hook on its output)."""
+        return f"{self.path}.{self.module or self.kind.hook_module}"
 
 
 def _resolve(model, paths: tuple[str, ...]):
@@ -314,6 +322,18 @@ def mlp_sites(model, *, towers: tuple[str, ...] = TOWERS, live_only: bool = True
     out = []
     for t in towers:
         out += [s for s in _tower_sites(model, adapter, t) if s.live or not live_only]
+    return out
+
+
+def output_sites(model, sites: list[MlpSite]) -> list[MlpSite]:
+    """The Linear-output sites of `sites` (hidden-unit sites): one per Linear of each block, in
+    (tower, layer, kind.linears) order, as the authors' released code hooks them (gated: gate_proj,
+    up_proj, down_proj; plain: fc1, fc2). down_proj / fc2 outputs are residual-stream channels."""
+    out = []
+    for s in sites:
+        mlp = model.get_submodule(s.path)
+        out += [MlpSite(s.tower, s.layer, s.path, s.kind, getattr(mlp, m).out_features, s.live, module=m)
+                for m in s.kind.linears]
     return out
 
 

@@ -35,6 +35,10 @@ Choices this module makes (and why):
   forget stream of that form (method.md: "D_r is subsampled (seeded) to as many samples as D_f"),
   drawn from one seeded order of the retain QA pairs shared by both forms, so the two retain
   streams ask about the same facts as far as the sizes allow.
+- Linear outputs (`linear_outputs=True`, the released code's hook sites): a forward hook on each
+  MLP Linear (gate_proj, up_proj, down_proj; fc1, fc2) reduces its output with the same masks and
+  statistics as the hidden units (`arch.output_sites`); a layer's outputs are stored side by side in
+  the sub-store `linear_outputs/` (store.py, "Linear outputs"). The hidden-unit store is unchanged.
 - The forward runs the model's backbone (`ArchAdapter.backbone`), not the LM head: logits are not
   needed, and on a 32k vocabulary the head is a sizeable part of a forward.
 
@@ -60,12 +64,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites
+from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites, output_sites
 from manu_core.data import Dataset, Sample, samples as profile_samples
 from manu_core.io import atomic_dir
 from manu_core.models import as_dtype
 from manu_core.prompts import encode_samples, model_inputs
-from manu_core.store import FORMS, POOLED_LAYER, SPLITS, TOKEN_STATS, TOKEN_TAU, write_partition, write_positions
+from manu_core.store import (FORMS, OUTPUTS_DIR, POOLED_LAYER, SPLITS, TOKEN_STATS, TOKEN_TAU, write_layout,
+                              write_partition, write_positions)
 from manu_core.vocab import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -123,6 +128,11 @@ def position_mask(batch: Mapping[str, torch.Tensor], aggregation: str = "mean") 
 
 # ----------------------------------------------------------------------------------------------
 # Hooks
+
+
+def _site_order(s: MlpSite) -> tuple:
+    """Sites in (tower, layer) order, a layer's hidden units before its Linear outputs (in forward order)."""
+    return TOWERS.index(s.tower), s.layer, -1 if s.module is None else s.kind.linears.index(s.module)
 
 
 def _matmul_f32(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -189,10 +199,9 @@ class ActivationRecorder:
                                   "pass token_stats=True too.")
         self.token_stats = token_stats
         self.position_stats = position_stats
-        order = {t: i for i, t in enumerate(TOWERS)}
-        self.sites = tuple(sorted(sites, key=lambda s: (order[s.tower], s.layer)))
-        if len({(s.tower, s.layer) for s in self.sites}) != len(self.sites):
-            raise ExtractionError("the same site is listed twice; pass each (tower, layer) once.")
+        self.sites = tuple(sorted(sites, key=_site_order))
+        if len({_site_order(s) for s in self.sites}) != len(self.sites):
+            raise ExtractionError("the same site is listed twice; pass each (tower, layer, module) once.")
         self.aggregation = aggregation
         self.config = model.config
         self.adapter = get_adapter(model)
@@ -215,7 +224,7 @@ class ActivationRecorder:
         self._max: dict[MlpSite, torch.Tensor] = {}  # largest counted |a_t| per site in this batch (device scalars)
         self._fired = [False] * len(self.sites)
         self._positions: dict[MlpSite, tuple] = {}  # each site's position sums (position_stats), on its device
-        self._pooled: dict[str, tuple | None] = {}  # the moments of each tower's layers together
+        self._pooled: dict[tuple, tuple | None] = {}  # (tower, module) -> the moments of its layers together
         self._lang = self._vis = None
         if self.n_language:
             mask = position_mask(batch, self.aggregation)  # (B, T) bool
@@ -321,21 +330,23 @@ class ActivationRecorder:
             )
         own = position_moments(x)
         self._positions[site] = position_sums(own)  # reduced now: only the pooled moments stay (T, d)
-        if site.tower not in self._pooled:
-            self._pooled[site.tower] = own
-        elif (pooled := self._pooled[site.tower]) is not None:
+        key = (site.tower, site.module)  # the layers of a tower pool per hooked module
+        if key not in self._pooled:
+            self._pooled[key] = own
+        elif (pooled := self._pooled[key]) is not None:
             if pooled[1].shape != own[1].shape:  # layers of unlike widths or lengths: no pool
-                self._pooled[site.tower] = None
+                self._pooled[key] = None
             else:  # a model split over devices: the pool stays where its first layer ran
                 own = tuple(t.to(pooled[1].device) if torch.is_tensor(t) else t for t in own)
-                self._pooled[site.tower] = combine_moments(pooled, own)
+                self._pooled[key] = combine_moments(pooled, own)
 
     def hook(self, i: int):
         site = self.sites[i]
         a, b = self.offsets[site]
         reduce = self._language if site.tower == "language" else self._vision
 
-        def pre_hook(module, args):
+        def pre_hook(module, args, output=None):
+            x = args[0] if site.module is None else output  # hidden units in, or the Linear's output
             if self._batch_size is None:
                 raise ExtractionError(
                     f"activation hook {site.name} fired before `set_batch`; call recorder.set_batch(batch) "
@@ -347,8 +358,8 @@ class ActivationRecorder:
                     "checkpointing?); run one plain forward per set_batch."
                 )
             self._fired[i] = True
-            out = self._buffer(args[0].device)
-            r = reduce(args[0]).to(out.device, non_blocking=True)
+            out = self._buffer(x.device)
+            r = reduce(x).to(out.device, non_blocking=True)
             if not self.token_stats:
                 out[:, a:b] = r
                 return
@@ -356,7 +367,7 @@ class ActivationRecorder:
             self._tok[:, :, a:b] = r[:, b - a :].reshape(r.shape[0], len(TOKEN_STATS), b - a)
             self._max[site] = self._last_max.to(out.device)
             if self.position_stats:
-                self._record_positions(site, args[0])
+                self._record_positions(site, x)
 
         return pre_hook
 
@@ -384,7 +395,7 @@ class ActivationRecorder:
             self.last_max_abs = dict(zip(self.sites, maxima))
         if self.position_stats:
             self.last_positions = {s: _on_host(v) for s, v in self._positions.items()}
-            self.last_pooled = {t: _on_host(position_sums(m)) for t, m in self._pooled.items() if m is not None}
+            self.last_pooled = {k: _on_host(position_sums(m)) for k, m in self._pooled.items() if m is not None}
         host = out.cpu().numpy()  # the one device -> host copy per batch: (B, units)
         self._batch_size = None
         return {s: host[:, a:b] for s, (a, b) in self.offsets.items()}
@@ -393,12 +404,15 @@ class ActivationRecorder:
 @contextmanager
 def activation_hooks(model, sites: Sequence[MlpSite], aggregation: str = "mean",
                      token_stats: bool = False, position_stats: bool = False) -> Iterator[ActivationRecorder]:
-    """Forward pre-hooks on every site's down_proj / fc2, removed on exit (also after an error)."""
+    """Forward pre-hooks on every hidden-unit site's down_proj / fc2 and forward hooks on every
+    Linear-output site's Linear (`arch.output_sites`), removed on exit (also after an error)."""
     recorder = ActivationRecorder(model, sites, aggregation, token_stats, position_stats)
     handles = []
     try:
         for i, site in enumerate(recorder.sites):
-            handles.append(model.get_submodule(site.hook_path).register_forward_pre_hook(recorder.hook(i)))
+            target = model.get_submodule(site.hook_path)
+            register = target.register_forward_pre_hook if site.module is None else target.register_forward_hook
+            handles.append(register(recorder.hook(i)))
         yield recorder
     finally:
         for h in handles:
@@ -502,7 +516,7 @@ class BatchTokens:
     stats: dict[MlpSite, dict[str, np.ndarray]]
     max_abs: dict[MlpSite, float]
     positions: dict[MlpSite, tuple[int, int, np.ndarray]] | None = None  # (T, rows, (4, width)): position_sums
-    pooled: dict[str, tuple[int, int, np.ndarray]] | None = None  # the same per tower, its layers together
+    pooled: dict[tuple, tuple[int, int, np.ndarray]] | None = None  # the same per (tower, module), its layers together
 
 
 def extract_stream(model, processor, samples: Sequence[Sample], **kwargs) -> dict[MlpSite, np.ndarray]:
@@ -582,6 +596,7 @@ def extract_activations(
     prefetch: bool | None = None,
     token_stats: bool = True,
     position_stats: bool = False,
+    linear_outputs: bool = False,
     images=None,
 ) -> Path:
     """Extract every live site over the four streams into the activation store at `root`.
@@ -597,6 +612,10 @@ def extract_activations(
     `position_stats` (default off) also stores, per batch, the released code's per-position statistics
     (store.py, "Position statistics"; the `released` mode's `per_position` option reads them): they
     depend on how samples are batched, so `batch_size` is then part of what is measured.
+    `linear_outputs` (default off) also hooks the output of every Linear of each MLP block (gate_proj,
+    up_proj, down_proj; fc1, fc2), as the authors' released code does, into the store's OUTPUTS_DIR
+    sub-store (store.py, "Linear outputs"; the `released` mode's `linear_outputs` option reads it),
+    with the same statistics as the hidden units.
     `images` resolves image keys (None: the embedded portraits; a local MLLMU-Bench's `Benchmark.image`).
     """
     _check_aggregation(aggregation, with_answers)
@@ -617,6 +636,11 @@ def extract_activations(
         if not ss:
             raise ExtractionError(f"stream {split}/{form} is empty; every stream needs at least one sample.")
     sites = mlp_sites(model, towers=tuple(towers))
+    if linear_outputs:
+        if not token_stats:
+            raise ExtractionError("linear_outputs are read by the released mode, which needs token statistics; "
+                                  "pass token_stats=True (the default) with linear_outputs=True.")
+        sites += output_sites(model, sites)
     total_width = sum(s.width for s in sites)
     rows_per_part = part_rows or _part_rows(total_width, batch_size)
     if rows_per_part % batch_size:
@@ -636,31 +660,59 @@ def extract_activations(
                 if i * batch_size % rows_per_part == 0 or i * batch_size >= len(ss):
                     _write_part(tmp, split, form, rows, part, first)
                     part, rows, first = part + 1, [], i
+        if linear_outputs:
+            write_layout(tmp / OUTPUTS_DIR, {tower: [(s.module, s.width) for s in group]
+                                             for (folder, tower, _layer), group in _store_groups(sites).items()
+                                             if folder})
     log.info("wrote activations of %d sites x %s streams to %s", len(sites), len(streams), root)
     return root
 
 
+def _store_groups(sites) -> dict[tuple[str, str, int], list[MlpSite]]:
+    """(store folder, tower, layer) -> the sites stored there, side by side: a hidden-unit site alone
+    at the root; a layer's Linear-output sites, in forward order, under OUTPUTS_DIR."""
+    groups: dict[tuple[str, str, int], list[MlpSite]] = {}
+    for site in sorted(sites, key=_site_order):
+        groups.setdefault(("" if site.module is None else OUTPUTS_DIR, site.tower, site.layer), []).append(site)
+    return groups
+
+
+def _side_by_side(values: list[tuple[int, int, np.ndarray]]) -> tuple[int, int, np.ndarray]:
+    """Position sums of the modules of one layer (or pool), joined along the units."""
+    if len({v[:2] for v in values}) != 1:
+        raise ExtractionError(f"the Linear outputs of one layer saw different (positions, rows): "
+                              f"{sorted({v[:2] for v in values})}; report this as a bug.")
+    return values[0][0], values[0][1], np.concatenate([v[2] for v in values], axis=1)
+
+
 def _write_part(root: Path, split: str, form: str, rows: list, part: int, first_batch: int = 0) -> None:
     """rows: (samples, site -> (B, width)[, BatchTokens]) per batch; `first_batch`: the stream's index
-    of rows[0] (position statistics are kept per batch)."""
+    of rows[0] (position statistics are kept per batch). Linear-output sites go to root/OUTPUTS_DIR,
+    a layer's modules side by side (store.py, "Linear outputs")."""
     samples = [s for r in rows for s in r[0]]
     sids, pids = [s.sample_id for s in samples], [s.profile_id for s in samples]
-    for site in rows[0][1]:
-        acts = np.concatenate([r[1][site] for r in rows])  # (n, width) float32
+    groups = _store_groups(rows[0][1])
+    tokens = len(rows[0]) == 3
+    for (folder, tower, layer), sites in groups.items():
+        acts = np.concatenate([np.concatenate([r[1][site] for site in sites], axis=1) for r in rows])  # (n, width)
         tok = {}
-        if len(rows[0]) == 3:
-            tok = dict(tokens=np.concatenate([r[2].tokens[site.tower] for r in rows]).round().astype(np.int64),
-                       token_stats={k: np.concatenate([r[2].stats[site][k] for r in rows]) for k in TOKEN_STATS},
-                       max_abs=max(r[2].max_abs[site] for r in rows))
-        write_partition(root, split=split, form=form, tower=site.tower, layer=site.layer,
+        if tokens:
+            tok = dict(tokens=np.concatenate([r[2].tokens[tower] for r in rows]).round().astype(np.int64),
+                       token_stats={k: np.concatenate([np.concatenate([r[2].stats[site][k] for site in sites], axis=1)
+                                                       for r in rows]) for k in TOKEN_STATS},
+                       max_abs=max(r[2].max_abs[site] for r in rows for site in sites))
+        write_partition(root / folder, split=split, form=form, tower=tower, layer=layer,
                         sample_ids=sids, profile_ids=pids, activations=acts, part=part, **tok)
-    if len(rows[0]) == 3 and rows[0][2].positions is not None:
-        for tower in sorted({site.tower for site in rows[0][1]}):
-            records = []
-            for b, r in enumerate(rows, first_batch):
-                per_layer = [(s.layer, v) for s, v in r[2].positions.items() if s.tower == tower]
-                pooled = r[2].pooled.get(tower)
-                records += [(b, layer, *v) for layer, v in sorted(per_layer)]
-                if pooled is not None:
-                    records.append((b, POOLED_LAYER, *pooled))
-            write_positions(root, split=split, form=form, tower=tower, part=part, records=records)
+    if not tokens or rows[0][2].positions is None:
+        return
+    for folder, tower in sorted({(f, t) for f, t, _ in groups}):
+        layers = {layer: sites for (f, t, layer), sites in groups.items() if (f, t) == (folder, tower)}
+        modules = [site.module for site in next(iter(layers.values()))]
+        records = []
+        for b, r in enumerate(rows, first_batch):
+            records += [(b, layer, *_side_by_side([r[2].positions[site] for site in sites]))
+                        for layer, sites in sorted(layers.items())]
+            pooled = [r[2].pooled.get((tower, m)) for m in modules]
+            if all(p is not None for p in pooled):
+                records.append((b, POOLED_LAYER, *_side_by_side(pooled)))
+        write_positions(root / folder, split=split, form=form, tower=tower, part=part, records=records)

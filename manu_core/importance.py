@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 
 from manu_core.store import (
     FORMS,
+    LAYOUT_FILE,
+    OUTPUTS_DIR,
     SAMPLE_TAU,
     SAMPLE_TOTALS,
     SPLITS,
@@ -54,6 +56,7 @@ from manu_core.store import (
     check_complete,
     inspect_activations,
     read_footer_totals,
+    read_layout,
     read_positions,
     read_sample_totals,
     read_token_totals,
@@ -88,6 +91,10 @@ OUTPUT_COLUMNS = (
     *(f"{s}_{k}" for s in SPLITS for k in (*WEIGHT_NAMES, "importance")),
     "score", "rank", "selected",
 )
+# A Linear-output store's neurons (store.py, "Linear outputs"): `unit` indexes the layer's outputs side by
+# side; `module` (gate_proj, up_proj, down_proj; fc1, fc2) and `row` (its output row) name it. Present in
+# the sums and importance tables of such a store only; pruning zeroes those output rows (prune.py).
+SITE_COLUMNS = ("module", "row")
 CHUNK_VALUES = 1 << 22  # activations per chunk (rows x width): bounds memory, keeps temporaries in cache
 
 
@@ -163,7 +170,8 @@ SCORING_MODES: dict[str, ModeSpec] = {
     "released": ModeSpec("released", "the authors' released code: per-tower statistics over tokens, "
                          "Σ w·(F/(R+ε) − 1), top p% per tower", 1e-5,
                          {"abs": 2.0, "freq": 0.0, "var": 2.0, "rms": 2.0}, "tower", ("tower",),
-                         {"pool_layers": False, "clamp": None, "per_position": False}, True),
+                         {"pool_layers": False, "clamp": None, "per_position": False, "linear_outputs": False},
+                         True),
     "selective": ModeSpec("selective", "selective pruning (Pochinkov & Schoots 2024): one token statistic's "
                           "forget/retain ratio, top fraction over all layers", 1e-3,
                           {k: 1.0 for k in WEIGHT_NAMES}, "global", SCOPES, {"statistic": "abs"}, True),
@@ -189,8 +197,9 @@ def _check_options(spec: ModeSpec, options: Mapping[str, object]) -> dict:
     if spec.name == "released":
         if not isinstance(out["pool_layers"], bool):
             raise ValueError(f"released option pool_layers must be true or false; got {out['pool_layers']!r}.")
-        if not isinstance(out["per_position"], bool):
-            raise ValueError(f"released option per_position must be true or false; got {out['per_position']!r}.")
+        for flag in ("per_position", "linear_outputs"):
+            if not isinstance(out[flag], bool):
+                raise ValueError(f"released option {flag} must be true or false; got {out[flag]!r}.")
         if out["clamp"] is not None and (_number("released option clamp", out["clamp"]) <= 0):
             raise ValueError(f"released option clamp must be > 0 (the released code uses 1000) or None; "
                              f"got {out['clamp']!r}.")
@@ -203,7 +212,7 @@ def _check_options(spec: ModeSpec, options: Mapping[str, object]) -> dict:
 class ImportanceParams:
     """Scoring and selection settings. `mode` picks the scoring (SCORING_MODES: paper, released,
     selective); eps, weights and scope left None take that mode's defaults; `options` are the mode's
-    own (released: pool_layers, clamp; selective: statistic). `weights` also accepts a mapping or
+    own (released: pool_layers, clamp, per_position, linear_outputs; selective: statistic). `weights` also accepts a mapping or
     'abs=1,freq=0,...'."""
 
     alpha: float = 0.05  # pruning ratio: top α of the neurons in each scope group (paper: 0.02, 0.05, 0.1)
@@ -216,6 +225,13 @@ class ImportanceParams:
 
     def option(self, name: str):
         return dict(self.options)[name]  # type: ignore[arg-type]
+
+    def extraction(self) -> dict[str, bool]:
+        """What the extraction must record for this scoring, as `extract_activations` keywords: the
+        released options per_position (position statistics) and linear_outputs (the Linears' outputs)."""
+        released = self.mode == "released"
+        return {"position_stats": released and bool(self.option("per_position")),
+                "linear_outputs": released and bool(self.option("linear_outputs"))}
 
     def __post_init__(self) -> None:
         defaults = mode_defaults(self.mode)
@@ -547,6 +563,24 @@ def _with_positions(sums: pl.DataFrame, root: str | Path) -> pl.DataFrame:
             .join(pooled, on=[*stream, "unit"], how="left"))
 
 
+def _with_modules(sums: pl.DataFrame, root: str | Path) -> pl.DataFrame:
+    """A Linear-output store's sums with each unit's module and output row (SITE_COLUMNS); others as given."""
+    layout = read_layout(root)
+    if layout is None:
+        return sums
+    frames = []
+    for tower, mods in layout.items():
+        frames += [pl.DataFrame({"tower": tower, "unit": np.arange(w, dtype=np.int64) + off, "module": m,
+                                 "row": np.arange(w, dtype=np.int64)})
+                   for (m, w), off in zip(mods, np.cumsum([0] + [w for _, w in mods]))]
+    decoded = sums.join(pl.concat(frames), on=["tower", "unit"], how="left", maintain_order="left")
+    if (lost := decoded.filter(pl.col("module").is_null())).height:
+        r = lost.row(0, named=True)
+        raise ActivationStoreError(f"{root}: {r['tower']} layer {r['layer']} unit {r['unit']} lies outside the "
+                                   f"modules of {LAYOUT_FILE} ({layout.get(r['tower'])}); rerun the extraction.")
+    return decoded
+
+
 def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads: int = 2,
                 use_totals: bool = True) -> pl.DataFrame:
     """The five sums per (split, form, tower, layer, unit) of an activation folder (method.md, "Importance functions").
@@ -581,7 +615,7 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
         for p in parts:
             footers = [read_footer_totals(f.path) for f in p.parts]  # one read per part serves both totals
             frames.append(_with_keys(p, _footer_sums(p, footers), tokens, footers))
-        return _with_positions(pl.concat(frames), summary.root)
+        return _with_modules(_with_positions(pl.concat(frames), summary.root), summary.root)
     jobs = [(p, j) for p in summary.partitions for j in _jobs(p, max(1, CHUNK_VALUES // p.width))]
     log.info("Summing %d partitions (%d chunks) under %s", len(summary.partitions), len(jobs), summary.root)
     cache: dict = {}
@@ -606,7 +640,7 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
                 total = _add(total, sums)  # type: ignore[arg-type]
         finish()
     # Partitions come sorted by (split, form, tower, layer) and units in order: no sort needed.
-    return _with_positions(pl.concat(frames), summary.root)
+    return _with_modules(_with_positions(pl.concat(frames), summary.root), summary.root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,6 +693,15 @@ def _check_sums(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
             f"sums table: {len(dup)} duplicate (split, form, tower, layer, unit) rows, e.g. {dup.row(0)[:-1]}; "
             "sum them first."
         )
+    outputs = params.mode == "released" and params.option("linear_outputs")
+    if outputs and "module" not in sums.columns:
+        raise ValueError("released option linear_outputs scores the MLP Linears' outputs, and these are the sums of "
+                         "hidden units. Use the sums of the store's linear_outputs/ sub-store (extract with "
+                         "linear_outputs=True; the flow does when the option is set).")
+    if not outputs and "module" in sums.columns:
+        raise ValueError(f"these sums are of the MLP Linears' outputs (a linear_outputs store), which only the "
+                         f"released mode's linear_outputs option scores; mode {params.mode!r} scores hidden units: "
+                         "use the sums of the activation store itself, or set linear_outputs.")
     if SCORING_MODES[params.mode].token_stats and sums["tokens"].null_count():
         raise ActivationStoreError(
             f"scoring mode {params.mode!r} needs the store's token statistics (per-token sums), and these "
@@ -839,7 +882,8 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams, *, already: p
     """Per-split statistics, score and selection under `params.mode`: one row per neuron, sorted by
     (tower, layer, unit).
 
-    Columns: tower, layer, unit, forget_{abs,freq,var,rms,importance}, retain_{...}, score, rank, selected.
+    Columns: tower, layer, unit, forget_{abs,freq,var,rms,importance}, retain_{...}, score, rank, selected;
+    for the sums of a Linear-output store (released option linear_outputs), also module and row (SITE_COLUMNS).
     paper: the four importance functions and their weighted sum I; released and selective: the split's
     token statistics (mean |a|, share active, std, rms) and, as importance, their weighted sum (released)
     or the statistic scored (selective). A neuron without a score (released with pool_layers: layers
@@ -856,9 +900,11 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams, *, already: p
             raise ValueError("iterative selection (already=...) is for the 'selective' and 'paper' modes; the "
                              "released code selects once per tower.")
         previous = already.filter(pl.col("selected")).select(*NEURON, prev=pl.lit(True))
-    if params.mode == "released":
-        return _select_threshold(table, params)
-    return _select(table, params, previous)
+    out = _select_threshold(table, params) if params.mode == "released" else _select(table, params, previous)
+    if "module" in sums.columns:  # a Linear-output store: name each unit's module and output row
+        names = sums.select(*NEURON, *SITE_COLUMNS).unique(NEURON)
+        out = out.join(names, on=list(NEURON), how="left", maintain_order="left")
+    return out
 
 
 def require_selection(table: pl.DataFrame, params: ImportanceParams) -> int:
@@ -923,7 +969,12 @@ def _select(table: pl.DataFrame, params: ImportanceParams, previous: pl.DataFram
 
 
 def compute_importance(root: str | Path, params: ImportanceParams, *, progress: bool = False) -> pl.DataFrame:
-    """Importance table of an activation folder: `importance_table(neuron_sums(root, params.tau), params)`."""
+    """Importance table of an activation folder: `importance_table(neuron_sums(root, params.tau), params)`;
+    with the released option linear_outputs, of its linear_outputs/ sub-store (when `root` is not one)."""
+    root = Path(root)
+    if params.mode == "released" and params.option("linear_outputs") and read_layout(root) is None \
+            and (root / OUTPUTS_DIR).is_dir():
+        root = root / OUTPUTS_DIR
     return importance_table(neuron_sums(root, params.tau, progress=progress), params)
 
 
@@ -934,5 +985,5 @@ def write_importance(df: pl.DataFrame, path: str | Path) -> Path:
         raise ValueError(
             f"importance table lacks column(s) {', '.join(missing)}; write the output of importance_table."
         )
-    table = df.select(OUTPUT_COLUMNS).to_arrow()
+    table = df.select(*OUTPUT_COLUMNS, *(c for c in SITE_COLUMNS if c in df.columns)).to_arrow()
     return write_table_atomic(table, path, compression="zstd", compression_level=3, row_group_size=1 << 20)

@@ -8,6 +8,13 @@ gate_proj row, up_proj row (and their bias entries), down_proj column; plain MLP
 fc2 column). No hook is involved, so nothing is left behind and the model keeps its shapes: it
 saves with `save_pretrained` and reloads with `from_pretrained`.
 
+Linear outputs (the `released` mode's `linear_outputs` option, as the authors' released code prunes):
+a selection whose table has `module` and `row` columns names output rows of the MLP's Linears
+(gate_proj, up_proj, down_proj; fc1, fc2), and `prune_units` zeroes each one's weight row and bias
+entry instead. For gate_proj / up_proj / fc1 that silences the hidden unit of that row (gate and up
+independently: act(0)·up = 0, act(gate)·0 = 0); for down_proj / fc2 it zeroes one residual-stream
+channel of the MLP's output (its bias entry too), whatever the hidden units do.
+
 Why a pruned unit contributes nothing: its down_proj / fc2 column is zero, so whatever value the
 unit takes, its contribution to the MLP output is 0·a = 0. Its activation is also exactly 0 for the
 activations used here (gated: up row zero gives up_i = 0, so act(gate_i)·0 = 0; plain: fc1 row and
@@ -40,7 +47,7 @@ class PruneReport:
 
     per_site: tuple[tuple[str, int, int, int], ...]  # (tower, layer, pruned, width), pruned > 0 only
     n_pruned: int
-    n_units: int  # hidden units of every live site of the model
+    n_units: int  # hidden units of every live site of the model (Linear-output pruning: their outputs)
 
     @property
     def fraction(self) -> float:
@@ -114,28 +121,95 @@ def unit_groups(model, df: pl.DataFrame) -> list[tuple[MlpSite, torch.Tensor]]:
     return out
 
 
+def _is_outputs(selection) -> bool:
+    return isinstance(selection, pl.DataFrame) and "module" in selection.columns
+
+
+def output_rows(model, selection: pl.DataFrame) -> list[tuple[MlpSite, str, torch.Tensor]]:
+    """A Linear-output selection (columns tower, layer, module, row; only `selected` rows when it has
+    that column), validated against the model: (site, module, output rows) per (tower, layer, module)."""
+    missing = [c for c in ("tower", "layer", "module", "row") if c not in selection.columns]
+    if missing:
+        raise PruneError(f"a Linear-output selection needs columns tower, layer, module, row; missing "
+                         f"{', '.join(missing)}. Pass the importance table of a linear_outputs scoring.")
+    df = selection.filter(pl.col("selected")) if "selected" in selection.columns else selection
+    df = df.select("tower", "layer", "module", "row").unique().sort("tower", "layer", "module", "row")
+    if df.null_count().sum_horizontal().item():
+        raise PruneError("selection has null tower/layer/module/row values; every row needs all four.")
+    sites = {(s.tower, s.layer): s for s in mlp_sites(model, live_only=False)}
+    out = []
+    for (tower, layer, module), g in df.group_by("tower", "layer", "module", maintain_order=True):
+        site = sites.get((tower, layer))
+        if site is None:
+            raise PruneError(f"selection names {tower} layer {layer}, which this {get_adapter(model).model_type} "
+                             "model does not have. Was the selection made for another model?")
+        if module not in site.kind.linears:
+            raise PruneError(f"selection names module {module!r} of {tower} layer {layer}, whose MLP has "
+                             f"{', '.join(site.kind.linears)}. Was the selection made for another model?")
+        width = model.get_submodule(f"{site.path}.{module}").out_features
+        rows = g["row"]
+        if rows.min() < 0 or rows.max() >= width:
+            raise PruneError(f"output row {rows.filter((rows < 0) | (rows >= width))[0]} of {tower} layer {layer} "
+                             f"{module} is out of range (0..{width - 1}). Was the selection made for another model?")
+        out.append((site, module, torch.tensor(rows.to_list(), dtype=torch.long)))
+    return out
+
+
+def _output_params(model, site: MlpSite, module: str) -> list[torch.nn.Parameter]:
+    lin = model.get_submodule(f"{site.path}.{module}")
+    return [lin.weight] + ([lin.bias] if lin.bias is not None else [])  # row i: weight[i, :], bias[i]
+
+
+@dataclass(frozen=True)
+class PrunedSlice:
+    """Slices `index` along `dim` of `param`: what a selection zeroes in one parameter."""
+
+    param: torch.nn.Parameter
+    dim: int
+    index: torch.Tensor
+
+
+def pruned_slices(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]]
+                  ) -> tuple[list[PrunedSlice], dict[tuple[str, int], int]]:
+    """Every parameter slice the selection zeroes (hidden units: `arch.unit_weights`; a Linear-output
+    table: those output rows and bias entries), and the units pruned per (tower, layer); validated
+    against the model."""
+    out, per_layer = [], {}
+    if _is_outputs(selection):
+        for site, module, rows in output_rows(model, selection):  # type: ignore[arg-type]
+            out += [PrunedSlice(p, 0, rows) for p in _output_params(model, site, module)]
+            per_layer[(site.tower, site.layer)] = per_layer.get((site.tower, site.layer), 0) + int(rows.numel())
+        return out, per_layer
+    for site, idx in unit_groups(model, selection_frame(selection)):
+        out += [PrunedSlice(w.param, w.dim, idx) for w in unit_weights(model, site)]
+        per_layer[(site.tower, site.layer)] = int(idx.numel())
+    return out, per_layer
+
+
 def prune_units(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]]) -> PruneReport:
     """Zero every weight of each selected unit, in place (method.md, "Pruning"). An empty selection
-    (α = 0) changes nothing. Returns what was pruned."""
-    df = selection_frame(selection)
-    groups = unit_groups(model, df)
-    per_site = []
+    (α = 0) changes nothing. Returns what was pruned. A table with `module` and `row` columns (a
+    linear_outputs scoring) zeroes those Linears' output rows instead (module docstring); the report
+    then counts Linear outputs (per layer: pruned of the layer's outputs)."""
+    slices, per_layer = pruned_slices(model, selection)
     with torch.no_grad():
-        for site, idx in groups:
-            for w in unit_weights(model, site):
-                w.param.index_fill_(w.dim, idx.to(w.param.device), 0)
-            per_site.append((site.tower, site.layer, int(idx.numel()), site.width))
-    n_units = sum(s.width for s in mlp_sites(model))
-    return PruneReport(tuple(per_site), sum(p[2] for p in per_site), n_units)
+        for sl in slices:
+            sl.param.index_fill_(sl.dim, sl.index.to(sl.param.device), 0)
+    live = mlp_sites(model)
+    if _is_outputs(selection):
+        widths = {(s.tower, s.layer): sum(model.get_submodule(f"{s.path}.{m}").out_features for m in s.kind.linears)
+                  for s in mlp_sites(model, live_only=False)}
+    else:
+        widths = {(s.tower, s.layer): s.width for s in mlp_sites(model, live_only=False)}
+    per_site = tuple((t, l, n, widths[(t, l)]) for (t, l), n in
+                     sorted(per_layer.items(), key=lambda kv: (TOWERS.index(kv[0][0]), kv[0][1])))
+    return PruneReport(per_site, sum(p[2] for p in per_site), sum(widths[(s.tower, s.layer)] for s in live))
 
 
 def pruned_weights_are_zero(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]]) -> bool:
-    """True when every weight slice of every selected unit is exactly zero."""
-    for site, idx in unit_groups(model, selection_frame(selection)):
-        for w in unit_weights(model, site):
-            if bool(w.param.detach().index_select(w.dim, idx.to(w.param.device)).any()):
-                return False
-    return True
+    """True when every weight slice of every selected unit (or output row) is exactly zero."""
+    return all(not bool(sl.param.detach().index_select(sl.dim, sl.index.to(sl.param.device)).any())
+               for sl in pruned_slices(model, selection)[0])
 
 
 def save_pruned(model, processor, selection: pl.DataFrame | Iterable[tuple[str, int, int]], out_dir: str | Path,

@@ -34,9 +34,8 @@ from typing import Callable, Sequence
 import polars as pl
 import torch
 
-from manu_core.arch import unit_weights
 from manu_core.data import Sample
-from manu_core.prune import unit_groups, prune_units, selection_frame
+from manu_core.prune import prune_units, pruned_slices
 from manu_core.train import StageConfig, train_stage
 from manu_core.vocab import did_you_mean
 
@@ -85,12 +84,11 @@ def attack_samples(attack: str, forget: Sequence[Sample], retain: Sequence[Sampl
 def _mask_gradients(model, selection: pl.DataFrame) -> list:
     """Gradient hooks that zero the selected units' slices of every weight that trains."""
     handles = []
-    for site, idx in unit_groups(model, selection_frame(selection)):
-        for w in unit_weights(model, site):
-            if not w.param.requires_grad:
-                continue
-            keep = torch.ones_like(w.param, dtype=torch.bool).index_fill_(w.dim, idx.to(w.param.device), False)
-            handles.append(w.param.register_hook(lambda g, keep=keep: g * keep))
+    for sl in pruned_slices(model, selection)[0]:
+        if not sl.param.requires_grad:
+            continue
+        keep = torch.ones_like(sl.param, dtype=torch.bool).index_fill_(sl.dim, sl.index.to(sl.param.device), False)
+        handles.append(sl.param.register_hook(lambda g, keep=keep: g * keep))
     return handles
 
 

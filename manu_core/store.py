@@ -59,6 +59,17 @@ beside its `layer=` folders (NNNNN: the part), one row per (batch, layer) with:
 
 Averages over positions and batches follow from these sums (importance.py, `position_statistics`).
 
+**Linear outputs** (optional: `extract_activations(..., linear_outputs=True)`; the `released` mode's
+`linear_outputs` option reads them). The authors' released code hooks the *outputs* of the MLP's
+Linears, not its hidden units. Those are kept in a sub-store `<root>/linear_outputs/` of the same
+layout, columns, totals and position files, where the `activation` of a (tower, layer) is the
+layer's Linear outputs side by side in forward order: gate_proj, up_proj, down_proj (gated MLPs);
+fc1, fc2 (plain MLPs). down_proj / fc2 outputs are residual-stream channels (d_model wide), the
+others hidden-unit pre-activations. `<root>/linear_outputs/modules.json` says which: per tower, the
+[module, width] pairs in that order (`read_layout`), so unit u of a layer is row u − offset of the
+module whose span holds it. Readers of `<root>` skip the sub-store; `inspect_activations(<root>/linear_outputs)`
+reads it like any store.
+
 Storage choices (readers also accept list<float32> and large_list<float32> from other tools, checking
 that every row has the same length): `fixed_size_list<float32, width>` (Polars reads it as an Array
 column, the width lives in the schema); CRC32 page checksums, verified by the importance step's
@@ -76,6 +87,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -87,7 +99,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manu_core.io import atomic_file
+from manu_core.io import atomic_file, atomic_write_json
 from manu_core.vocab import FORMS, SPLITS, TOWERS  # noqa: F401  (re-exported: the store's partition keys)
 COLUMNS = ("sample_id", "profile_id", "activation")
 TOKEN_STATS = ("abs", "sq", "pos", "active")  # per-sample token sums write_partition takes (token_<name>)
@@ -103,6 +115,8 @@ PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 POSITION_STATS = ("abs", "freq", "std", "rms")  # per-position statistics, summed over positions
 POOLED_LAYER = -1  # `layer` of a tower's position statistics with its layers pooled
 POSITIONS_GLOB = "split=*/form=*/tower=*/positions-*.parquet"
+OUTPUTS_DIR = "linear_outputs"  # the sub-store of the MLP Linears' outputs (module docstring)
+LAYOUT_FILE = "modules.json"  # its layout: tower -> [[module, width], ...] in storage order
 
 
 class ActivationStoreError(ValueError):
@@ -369,6 +383,29 @@ def read_positions(root: str | Path) -> pl.DataFrame | None:
     return pl.concat(frames).sort("split", "form", "tower", "batch", "layer", maintain_order=True)
 
 
+def write_layout(root: str | Path, layout: dict[str, list[tuple[str, int]]]) -> Path:
+    """Write a Linear-output sub-store's modules.json (module docstring), atomically."""
+    return atomic_write_json(Path(root) / LAYOUT_FILE,
+                             {t: [[m, int(w)] for m, w in mods] for t, mods in sorted(layout.items())})
+
+
+def read_layout(root: str | Path) -> dict[str, list[tuple[str, int]]] | None:
+    """The layout of a Linear-output sub-store (tower -> [(module, width)] in storage order); None for
+    a store of hidden units (no modules.json)."""
+    path = Path(root) / LAYOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        out = {t: [(str(m), int(w)) for m, w in mods] for t, mods in raw.items()}
+    except (ValueError, TypeError) as e:
+        raise ActivationStoreError(f"{path}: unreadable module layout ({e}); rerun the extraction.") from e
+    bad = sorted(set(out) - set(TOWERS))
+    if bad:
+        raise ActivationStoreError(f"{path}: unknown tower {bad[0]!r}; towers are {', '.join(TOWERS)}.")
+    return out
+
+
 def _token_totals(folder: Path, values: np.ndarray, tokens, stats: dict, max_abs: float) -> dict:
     """The part's token totals (module docstring), from per-sample float32 sums."""
     n, width = values.shape
@@ -537,7 +574,7 @@ def _read_part(path: Path, part: int) -> PartFile:
 def _parse(path: Path, key: str, choices: tuple[str, ...] | None) -> str | int | None:
     """Parse a hive folder name `key=value`; None for entries that are not such folders."""
     name = path.name
-    if not path.is_dir() or name.startswith((".", "_")):
+    if not path.is_dir() or name.startswith((".", "_")) or (key == "split" and name == OUTPUTS_DIR):
         return None
     k, sep, v = name.partition("=")
     if not sep or k != key:
@@ -724,4 +761,12 @@ def format_summary(summary: ActivationsSummary) -> str:
     if positions:
         lines.append(f"position statistics (the released mode's per_position): {len(positions)} positions-*.parquet "
                      f"files in the stream folders, {_size(sum(f.stat().st_size for f in positions))}")
+    layout = read_layout(summary.root)
+    if layout is not None:
+        lines.append("Linear outputs side by side per layer (the released mode's linear_outputs): "
+                     + "; ".join(f"{t} " + ", ".join(f"{m} {w}" for m, w in mods) for t, mods in layout.items()))
+    sub = summary.root / OUTPUTS_DIR
+    if (sub / LAYOUT_FILE).is_file():
+        lines.append(f"{OUTPUTS_DIR}/: the MLP Linears' outputs (the released mode's linear_outputs); "
+                     f"`manu inspect {sub}` lists them")
     return "\n".join(lines)

@@ -42,12 +42,13 @@ def manu_unlearn(
     images=None,
 ) -> ManuResult:
     """Prune `model` in place with MANU (method.md): activations of forget/retain x both forms,
-    importance and top-α selection, zeroed units. Writes `activations/` and `importance.parquet`
-    under `workdir`. `dataset`: the embedded Dataset, or the four streams (split, form) -> samples,
+    importance and top-α selection, zeroed units. Writes `activations/` (with what `params` needs:
+    position statistics, Linear outputs) and `importance.parquet` under `workdir`. `dataset`: the embedded Dataset, or the four streams (split, form) -> samples,
     e.g. a local benchmark's `Benchmark.streams()` with `images=Benchmark.image`."""
     workdir = Path(workdir)
     acts = extract_activations(model, processor, dataset, workdir / "activations", aggregation=aggregation,
-                               batch_size=batch_size, device=device, seed=seed, progress=progress, images=images)
+                               batch_size=batch_size, device=device, seed=seed, progress=progress, images=images,
+                               **params.extraction())
     table = compute_importance(acts, params)
     require_selection(table, params)
     imp = write_importance(table, workdir / "importance.parquet")
@@ -61,7 +62,8 @@ def random_selection(importance: pl.DataFrame, seed: int, scope: str = "tower") 
     within each tower (scope "tower"), or within each (tower, layer) (scope "layer"), keeping each
     group's selected count; scope "global" is one draw over all neurons (group counts not kept).
 
-    Returns (tower, layer, unit, selected) in `importance`'s row order."""
+    Returns (tower, layer, unit, selected) in `importance`'s row order, with module and row when the
+    table has them (Linear outputs: prune_units then zeroes output rows, as for the selection shadowed)."""
     groups = {"global": [], "tower": ["tower"], "layer": ["tower", "layer"]}
     if scope not in groups:
         raise ValueError(f"scope must be one of {', '.join(groups)}; got {scope!r}. "
@@ -71,7 +73,8 @@ def random_selection(importance: pl.DataFrame, seed: int, scope: str = "tower") 
             raise ValueError(f"random_selection needs an importance table with column {col!r}; "
                              f"got columns {importance.columns}.")
     keys = groups[scope]
-    frame = importance.select("tower", "layer", "unit", "selected").with_row_index("_row")
+    site = [c for c in ("module", "row") if c in importance.columns]  # a Linear-output table keeps its names
+    frame = importance.select("tower", "layer", "unit", *site, "selected").with_row_index("_row")
     picks: set[int] = set()
     parts = frame.partition_by(keys, maintain_order=True, as_dict=True) if keys else {(): frame}
     for key, part in sorted(parts.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
@@ -82,4 +85,4 @@ def random_selection(importance: pl.DataFrame, seed: int, scope: str = "tower") 
         rng = random.Random(f"random-prune/{seed}/{scope}/{name}")  # str seeds: same draw in every process
         rows = part["_row"].to_list()
         picks.update(rows[i] for i in rng.sample(range(len(rows)), k))
-    return frame.select("tower", "layer", "unit", selected=pl.col("_row").is_in(sorted(picks)))
+    return frame.select("tower", "layer", "unit", *site, selected=pl.col("_row").is_in(sorted(picks)))

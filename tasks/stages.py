@@ -262,9 +262,11 @@ def vanilla_model(model: str) -> str:
 @manu_task(name="extract", paths=("model_dir", "data_dir"), ignore=("device", "label"), task_run_name=_labelled("extract"))
 def extract(model_dir: str, data_dir: str, aggregation: str = "mean", batch_size: int = 32, device: str = "cpu",
             dtype: str | None = None, seed: int = 0, label: str = "", progress: bool = True,
-            position_stats: bool = False) -> str:
+            position_stats: bool = False, linear_outputs: bool = False) -> str:
     """Per-layer activations of the four streams, Parquet (manu_core/store.py); with `position_stats`
-    also the released code's per-position statistics per batch (the released mode's per_position)."""
+    also the released code's per-position statistics per batch (the released mode's per_position);
+    with `linear_outputs` also the MLP Linears' outputs, in activations/linear_outputs/ (its
+    linear_outputs option)."""
     from manu_core.extract import extract_activations
 
     streams = read_streams(data_dir)
@@ -273,22 +275,26 @@ def extract(model_dir: str, data_dir: str, aggregation: str = "mean", batch_size
         model, processor = load(model_dir, slot, dtype, device)
         acts = extract_activations(model, processor, streams, out / "activations", aggregation=aggregation,
                                    batch_size=batch_size, device=slot.device, seed=seed, progress=progress,
-                                   position_stats=position_stats, images=images_of(data_dir))
+                                   position_stats=position_stats, linear_outputs=linear_outputs,
+                                   images=images_of(data_dir))
     get_run_logger().info("activations (Parquet): %s", acts)
     return str(finish(out))
 
 
 @manu_task(name="importance_sums", paths=("activations_dir",), ignore=("label",),
            task_run_name=_labelled("importance_sums"))
-def importance_sums(activations_dir: str, tau: float = 0.1, label: str = "") -> str:
-    """The five sums per neuron and stream (method.md, "Importance functions"), in Polars."""
+def importance_sums(activations_dir: str, tau: float = 0.1, label: str = "", linear_outputs: bool = False) -> str:
+    """The five sums per neuron and stream (method.md, "Importance functions"), in Polars; with
+    `linear_outputs`, of the MLP Linears' outputs (the store's linear_outputs/ sub-store)."""
     from manu_core.importance import neuron_sums
+    from manu_core.store import OUTPUTS_DIR
 
     out = stage_dir()
     out.mkdir(parents=True, exist_ok=True)
+    root = Path(activations_dir) / "activations"
     with atomic_file(out / "sums.parquet") as tmp:
-        neuron_sums(Path(activations_dir) / "activations", tau).write_parquet(tmp, statistics=False)
-    return str(finish(out, meta={"tau": tau}))
+        neuron_sums(root / OUTPUTS_DIR if linear_outputs else root, tau).write_parquet(tmp, statistics=False)
+    return str(finish(out, meta={"tau": tau, "linear_outputs": linear_outputs}))
 
 
 def _select_run_name(parameters: dict) -> str:

@@ -138,6 +138,47 @@ def test_released_per_position_extracts_position_statistics_and_scores_from_them
     assert not np.allclose(scores, tokens["score"].drop_nulls().to_numpy(), rtol=1e-3)
 
 
+def test_released_linear_outputs_scores_and_prunes_the_linears_output_rows(tiny_model_dir, tmp_path):
+    """--scoring-option linear_outputs=true: the one extraction also records the MLP Linears' outputs, their
+    sums are a second cached task, and MANU and its random control prune output rows (residual channels)."""
+    from manu_core.importance import ImportanceParams, importance_table, neuron_sums
+    from manu_core.models import load_model
+    from manu_core.prune import pruned_weights_are_zero
+
+    cfg = fast_config(scoring="released", alpha=0.08, scoring_options={"linear_outputs": True})
+    assert cfg.needs_linear_outputs() and not fast_config(scoring="released").needs_linear_outputs()
+    out, runs = flow(cfg)
+    assert len(named(runs, "extract")) == 1
+    assert sorted(r.name for r in named(runs, "importance_sums")) == [
+        "importance_sums-3 ids", "importance_sums-3 ids linear outputs"]
+    run = json.loads((Path(out) / "results.json").read_text())["run"]
+    acts = Path(run["activations"]) / "activations" / "linear_outputs"
+    want = importance_table(neuron_sums(acts, 0.1), ImportanceParams(alpha=0.08, mode="released",
+                                                                    options={"linear_outputs": True}))
+    got = pl.read_parquet(Path(run["model"]) / "selection.parquet")
+    assert got.equals(want)
+    assert set(got.filter(pl.col("selected"))["module"]) >= {"down_proj", "fc2"}  # residual channels among them
+    report = json.loads((Path(run["model"]) / "prune_report.json").read_text())
+    assert report["n_pruned"] == int(got["selected"].sum()) and report["n_units"] == got.height
+    assert pruned_weights_are_zero(load_model(run["model"])[0], got)
+    rnd, rnd_runs = flow(cfg, method="random")
+    drawn = pl.read_parquet(Path(json.loads((Path(rnd) / "results.json").read_text())["run"]["model"])
+                            / "selection.parquet")
+    assert [r.state.name for r in named(rnd_runs, "importance_sums")] == ["Cached", "Cached"]
+    count = lambda t: dict(t.group_by("tower").agg(pl.col("selected").sum()).sort("tower").iter_rows())
+    assert count(drawn) == count(got) and not drawn["selected"].equals(got["selected"])
+    # `manu importance` on the run's activations with the option reads the sub-store itself
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    target = tmp_path / "cli-importance.parquet"
+    res = CliRunner().invoke(app, ["importance", str(acts.parent), "--out", str(target), "--alpha", "0.08",
+                                   "--scoring", "released", "--scoring-option", "linear_outputs=true"])
+    assert res.exit_code == 0, res.output
+    assert pl.read_parquet(target).equals(got)
+
+
 def test_configs_refuse_bad_modes_and_alphas_with_the_fix():
     with pytest.raises(ValidationError, match=r"scorings must be distinct scoring modes .* got \['paper', 'papr'\]"
                                               r" \(unknown: \['papr'\]\)"):
