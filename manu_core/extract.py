@@ -615,7 +615,8 @@ def extract_activations(
     `linear_outputs` (default off) also hooks the output of every Linear of each MLP block (gate_proj,
     up_proj, down_proj; fc1, fc2), as the authors' released code does, into the store's OUTPUTS_DIR
     sub-store (store.py, "Linear outputs"; the `released` mode's `linear_outputs` option reads it),
-    with the same statistics as the hidden units.
+    with the same statistics as the hidden units; there every layer is hooked, dead vision layers
+    included (LLaVA's last), as the released code does.
     `images` resolves image keys (None: the embedded portraits; a local MLLMU-Bench's `Benchmark.image`).
     """
     _check_aggregation(aggregation, with_answers)
@@ -640,7 +641,8 @@ def extract_activations(
         if not token_stats:
             raise ExtractionError("linear_outputs are read by the released mode, which needs token statistics; "
                                   "pass token_stats=True (the default) with linear_outputs=True.")
-        sites += output_sites(model, sites)
+        # every layer's Linears, the dead vision layer's too: the released code hooks them all
+        sites += output_sites(model, mlp_sites(model, towers=tuple(towers), live_only=False))
     total_width = sum(s.width for s in sites)
     rows_per_part = part_rows or _part_rows(total_width, batch_size)
     if rows_per_part % batch_size:

@@ -190,12 +190,13 @@ def prune_units(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]])
     """Zero every weight of each selected unit, in place (method.md, "Pruning"). An empty selection
     (α = 0) changes nothing. Returns what was pruned. A table with `module` and `row` columns (a
     linear_outputs scoring) zeroes those Linears' output rows instead (module docstring); the report
-    then counts Linear outputs (per layer: pruned of the layer's outputs)."""
+    then counts Linear outputs (per layer: pruned of the layer's outputs; n_units: every layer's, dead
+    vision layers included, as the extraction hooks them)."""
     slices, per_layer = pruned_slices(model, selection)
     with torch.no_grad():
         for sl in slices:
             sl.param.index_fill_(sl.dim, sl.index.to(sl.param.device), 0)
-    live = mlp_sites(model)
+    live = mlp_sites(model, live_only=not _is_outputs(selection))  # Linear outputs: every layer is hooked
     if _is_outputs(selection):
         widths = {(s.tower, s.layer): sum(model.get_submodule(f"{s.path}.{m}").out_features for m in s.kind.linears)
                   for s in mlp_sites(model, live_only=False)}

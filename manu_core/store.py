@@ -68,7 +68,8 @@ fc1, fc2 (plain MLPs). down_proj / fc2 outputs are residual-stream channels (d_m
 others hidden-unit pre-activations. `<root>/linear_outputs/modules.json` says which: per tower, the
 [module, width] pairs in that order (`read_layout`), so unit u of a layer is row u − offset of the
 module whose span holds it. Readers of `<root>` skip the sub-store; `inspect_activations(<root>/linear_outputs)`
-reads it like any store.
+reads it like any store. It holds every layer, dead vision layers included (LLaVA's last: the
+released code hooks it, and its pooling quirk counts it), unlike the hidden-unit store.
 
 Storage choices (readers also accept list<float32> and large_list<float32> from other tools, checking
 that every row has the same length): `fixed_size_list<float32, width>` (Polars reads it as an Array

@@ -54,7 +54,8 @@ def extracted(request, ds, tmp_path_factory):
     arch = request.param
     model, processor = tiny(ds, arch)
     streams = {k: v[: COUNTS[k]] for k, v in build_streams(ds, retain_size=None).items()}
-    layers = {t: sorted(s.layer for s in mlp_sites(model, towers=(t,))) for t in LINEARS}
+    # the released code hooks every layer's Linears, LLaVA's dead last vision layer too
+    layers = {t: sorted(s.layer for s in mlp_sites(model, towers=(t,), live_only=False)) for t in LINEARS}
     raw: dict = {}
     handles = []
     for tower, mods in LINEARS.items():
@@ -142,6 +143,10 @@ def test_the_sub_store_holds_every_linear_output_and_leaves_the_hidden_units_alo
     assert layout == {t: [(m, getattr(mlp[t], m).out_features) for m in mods] for t, mods in LINEARS.items()}
     widths = {p.tower: p.width for p in inspect_activations(root).partitions}
     assert widths == {t: sum(w for _, w in layout[t]) for t in LINEARS}
+    stored = lambda r: {p.layer for p in inspect_activations(r).partitions if p.tower == "vision"}
+    live = {s.layer for s in mlp_sites(model, towers=("vision",))}
+    assert stored(root) == set(layers["vision"]) and stored(root.parent) == live  # dead layers: here only
+    assert (live < set(layers["vision"])) == (model.config.model_type == "llava")
     assert f"{OUTPUTS_DIR}/: the MLP Linears' outputs" in format_summary(inspect_activations(root.parent))
     # the per-sample means of the sub-store: each module's output averaged over the counted tokens
     first = seen[("forget", "text", "language", 0, "down_proj")][0]
