@@ -63,6 +63,11 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
         lines.append("MANU scoring modes: " + ", ".join(f"`{m}`" for m in modes) + " (manu[mode] α=…; "
                      "paper: the paper's formulas, released: the authors' released code, selective: Pochinkov & "
                      "Schoots' selective pruning).")
+    options = sorted({(r["config"].get("scoring", "paper"), k, json.dumps(v)) for r in runs
+                      for k, v in (r["config"].get("scoring_options") or {}).items()})
+    if options:  # a sweep's variants of the config's own mode take its options; labels do not name them
+        lines.append("Scoring options: " + "; ".join(f"`{m}` {k}={v}" for m, k, v in options)
+                     + " (the other modes at their defaults).")
     if any(r["method"] == "random" for r in runs):
         lines.append("random(manu[…] α=…): the control of that MANU variant, as many neurons per tower as it "
                      "selects (per layer when it selects per layer), drawn uniformly, one run per seed; the tables "

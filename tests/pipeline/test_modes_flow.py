@@ -158,6 +158,11 @@ def test_released_linear_outputs_scores_and_prunes_the_linears_output_rows(tiny_
     got = pl.read_parquet(Path(run["model"]) / "selection.parquet")
     assert got.equals(want)
     assert set(got.filter(pl.col("selected"))["module"]) >= {"down_proj", "fc2"}  # residual channels among them
+    from tasks.cache import pipeline_dir
+
+    [figs] = [d for d in (pipeline_dir() / "report").iterdir() if (d / "sources.json").is_file()
+              and json.loads((d / "sources.json").read_text())["reports"] == [out]]
+    assert "Scoring options: `released` linear_outputs=true" in (figs / "report.md").read_text()
     report = json.loads((Path(run["model"]) / "prune_report.json").read_text())
     assert report["n_pruned"] == int(got["selected"].sum()) and report["n_units"] == got.height
     assert pruned_weights_are_zero(load_model(run["model"])[0], got)
