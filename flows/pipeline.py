@@ -249,18 +249,19 @@ class RunConfig(BaseModel):
 
         return PRESETS.get(self.model)
 
-    def _extraction(self) -> dict[str, bool]:
+    def extraction(self) -> dict[str, bool]:
+        """What the run's extraction records beyond the defaults (`ImportanceParams.extraction`)."""
         return ImportanceParams(alpha=0.5, mode=self.scoring, options=self.scoring_options or None).extraction()
 
     def needs_linear_outputs(self) -> bool:
         """The extraction also hooks the MLP Linears' outputs: the released mode's linear_outputs option
         (a sweep's released variants take the config's options)."""
-        return self._extraction()["linear_outputs"]
+        return self.extraction()["linear_outputs"]
 
     def needs_position_stats(self) -> bool:
         """The extraction also records per-position statistics: the released mode's per_position option
         reads them (a sweep's released variants take the config's options)."""
-        return self._extraction()["position_stats"]
+        return self.extraction()["position_stats"]
 
     def resolved_alpha(self) -> float:
         p = self.preset()
@@ -448,8 +449,10 @@ def _manu_importance(shared: Shared, variant: dict) -> str:
     iterative) a loop of extract on the current model -> importance_sums -> select(step, previous)
     -> prune(vanilla, cumulative selection), each step a cached task run; returns the last selection."""
     if not variant.get("iterative"):
-        outputs = bool((variant.get("options") or {}).get("linear_outputs"))
-        return _select(shared, shared.output_sums if outputs else shared.sums, variant, variant["alpha"])
+        params = ImportanceParams(alpha=variant["alpha"], mode=variant.get("mode", "paper"),
+                                  options=variant.get("options"))
+        sums = shared.output_sums if params.extraction()["linear_outputs"] else shared.sums
+        return _select(shared, sums, variant, variant["alpha"])
     c = shared.config
     steps = iterative_steps(variant["alpha"], variant["step"])
     imp, sums = None, shared.sums
@@ -651,7 +654,7 @@ def _with_activations(shared: Shared) -> Shared:
     c = shared.config
     acts = stages.extract(shared.model_dir, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
                           device=c.device, dtype=c.dtype, seed=c.seed, label=shared.forget,
-                          position_stats=c.needs_position_stats(), linear_outputs=c.needs_linear_outputs())
+                          **c.extraction())
     outputs = (stages.importance_sums(acts, tau=c.tau, label=f"{shared.forget} linear outputs", linear_outputs=True)
                if c.needs_linear_outputs() else None)
     return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau, label=shared.forget),

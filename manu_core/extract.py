@@ -345,7 +345,7 @@ class ActivationRecorder:
         a, b = self.offsets[site]
         reduce = self._language if site.tower == "language" else self._vision
 
-        def pre_hook(module, args, output=None):
+        def record(module, args, output=None):  # a forward pre-hook, or (Linear outputs) a forward hook
             x = args[0] if site.module is None else output  # hidden units in, or the Linear's output
             if self._batch_size is None:
                 raise ExtractionError(
@@ -369,7 +369,7 @@ class ActivationRecorder:
             if self.position_stats:
                 self._record_positions(site, x)
 
-        return pre_hook
+        return record
 
     def collect(self) -> dict[MlpSite, np.ndarray]:
         """Per-sample activations of the last forward: site -> (B, width) float32 (host, one copy)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from manu_core.arch import TOWERS, MlpSite, get_adapter, mlp_sites, unit_weights
+from manu_core.arch import TOWERS, MlpSite, get_adapter, mlp_sites, output_sites, unit_weights
 from manu_core.io import atomic_dir, atomic_write_json
 
 SELECTION_FILE = "selection.parquet"
@@ -136,23 +136,29 @@ def output_rows(model, selection: pl.DataFrame) -> list[tuple[MlpSite, str, torc
     df = df.select("tower", "layer", "module", "row").unique().sort("tower", "layer", "module", "row")
     if df.null_count().sum_horizontal().item():
         raise PruneError("selection has null tower/layer/module/row values; every row needs all four.")
-    sites = {(s.tower, s.layer): s for s in mlp_sites(model, live_only=False)}
+    sites = {(s.tower, s.layer, s.module): s for s in _every_output_site(model)}
     out = []
     for (tower, layer, module), g in df.group_by("tower", "layer", "module", maintain_order=True):
-        site = sites.get((tower, layer))
+        site = sites.get((tower, layer, module))
         if site is None:
-            raise PruneError(f"selection names {tower} layer {layer}, which this {get_adapter(model).model_type} "
-                             "model does not have. Was the selection made for another model?")
-        if module not in site.kind.linears:
+            linears = [m for t, l, m in sites if (t, l) == (tower, layer)]
+            if not linears:
+                raise PruneError(f"selection names {tower} layer {layer}, which this {get_adapter(model).model_type} "
+                                 "model does not have. Was the selection made for another model?")
             raise PruneError(f"selection names module {module!r} of {tower} layer {layer}, whose MLP has "
-                             f"{', '.join(site.kind.linears)}. Was the selection made for another model?")
-        width = model.get_submodule(f"{site.path}.{module}").out_features
+                             f"{', '.join(linears)}. Was the selection made for another model?")
+        width = site.width
         rows = g["row"]
         if rows.min() < 0 or rows.max() >= width:
             raise PruneError(f"output row {rows.filter((rows < 0) | (rows >= width))[0]} of {tower} layer {layer} "
                              f"{module} is out of range (0..{width - 1}). Was the selection made for another model?")
         out.append((site, module, torch.tensor(rows.to_list(), dtype=torch.long)))
     return out
+
+
+def _every_output_site(model) -> list[MlpSite]:
+    """The Linear-output sites of every layer, dead vision layers included (what the extraction hooks)."""
+    return output_sites(model, mlp_sites(model, live_only=False))
 
 
 def _output_params(model, site: MlpSite, module: str) -> list[torch.nn.Parameter]:
@@ -196,15 +202,14 @@ def prune_units(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]])
     with torch.no_grad():
         for sl in slices:
             sl.param.index_fill_(sl.dim, sl.index.to(sl.param.device), 0)
-    live = mlp_sites(model, live_only=not _is_outputs(selection))  # Linear outputs: every layer is hooked
-    if _is_outputs(selection):
-        widths = {(s.tower, s.layer): sum(model.get_submodule(f"{s.path}.{m}").out_features for m in s.kind.linears)
-                  for s in mlp_sites(model, live_only=False)}
-    else:
-        widths = {(s.tower, s.layer): s.width for s in mlp_sites(model, live_only=False)}
+    outputs = _is_outputs(selection)
+    widths: dict[tuple[str, int], int] = {}  # units per layer: hidden units, or the layer's Linear outputs together
+    for s in _every_output_site(model) if outputs else mlp_sites(model, live_only=False):
+        widths[(s.tower, s.layer)] = widths.get((s.tower, s.layer), 0) + s.width
+    counted = mlp_sites(model, live_only=not outputs)  # Linear outputs: every layer is hooked, dead ones too
     per_site = tuple((t, l, n, widths[(t, l)]) for (t, l), n in
                      sorted(per_layer.items(), key=lambda kv: (TOWERS.index(kv[0][0]), kv[0][1])))
-    return PruneReport(per_site, sum(p[2] for p in per_site), sum(widths[(s.tower, s.layer)] for s in live))
+    return PruneReport(per_site, sum(p[2] for p in per_site), sum(widths[(s.tower, s.layer)] for s in counted))
 
 
 def pruned_weights_are_zero(model, selection: pl.DataFrame | Iterable[tuple[str, int, int]]) -> bool:
