@@ -26,7 +26,7 @@ from typing import Callable, Literal, Optional, Union
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -728,16 +728,36 @@ def _run_label(shared: Shared, method: str, variant: dict) -> str:
     return f"{variant_label(method, variant)} on {shared.forget}"
 
 
-def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list,
-            relearn_controls: dict[str, dict[str, list]]) -> tuple[str, Optional[str]]:
-    """Unlearn, evaluate and record one variant: (results folder, logit-lens folder or None).
-    `relearn_controls`: the forget set's memo of the relearning stages every method shares (`_relearn`)."""
-    cfg = shared.config
+@dataclass(frozen=True)
+class Started:
+    """A variant unlearned, its evaluations (and logit lens) submitted: what `finish_one` collects."""
+    method: str
+    variant: dict
+    unlearned: str
+    importance: Optional[str]
+    evaluations: list
+    lens: Optional[PrefectFuture]
+
+
+def start_one(shared: Shared, method: str, variant: dict) -> Started:
+    """Unlearn one variant and submit its evaluations and logit lens without waiting for them, so the
+    next variant's selection and pruning (or training) run while the device evaluates this one."""
     unlearned, imp = METHODS[method].unlearn(shared, variant)
+    label = _slug(variant_label(method, variant))
+    overrides = METHODS[method].eval_overrides or {}
+    lens = _lens(unlearned, shared, label, overrides.get("system")) if METHODS[method].lens else None
+    return Started(method, variant, unlearned, imp, _evaluate_all(unlearned, shared, label, overrides), lens)
+
+
+def finish_one(shared: Shared, started: Started, vanilla_units: list,
+               relearn_controls: dict[str, dict[str, list]]) -> tuple[str, Optional[str]]:
+    """Wait for a started variant's evaluations, run its relearning attacks (when enabled) and record
+    it: (results folder, logit-lens folder or None). `relearn_controls`: the forget set's memo of the
+    relearning stages every method shares (`_relearn`)."""
+    cfg, method, variant, unlearned, imp = shared.config, started.method, started.variant, started.unlearned, started.importance
     label = variant_label(method, variant)
     overrides = METHODS[method].eval_overrides or {}
-    lens = _lens(unlearned, shared, _slug(label), overrides.get("system")) if METHODS[method].lens else None
-    units = _results(_evaluate_all(unlearned, shared, _slug(label), overrides))
+    units = _results(started.evaluations)
     split = shared.forget
     title = f"{label} on {cfg.model}, forget {split}"
     run = {"config": cfg.model_dump(), "method": method, "variant": variant, "label": label, "model": unlearned,
@@ -749,7 +769,7 @@ def run_one(shared: Shared, method: str, variant: dict, vanilla_units: list,
                         relearn_units=[u for us in relearn.values() for u in us],
                         relearn_labels=[stage for stage, us in relearn.items() for _ in us])
     _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{label}"))
-    return rep, lens.result() if lens is not None else None
+    return rep, started.lens.result() if started.lens is not None else None
 
 
 @flow(name="manu", task_runner=task_runner(), log_prints=True)
@@ -775,15 +795,17 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
         vanilla_lens = _lens(shared.model_dir, shared, "vanilla")
         if any(METHODS[m].needs_activations for m in methods):
             shared = _with_activations(shared)
+        # every variant unlearned and its evaluations queued first, then collected in order: the device
+        # evaluates one variant while the next is selected, pruned and saved
+        started = [start_one(shared, m, v) for m in methods for v in METHODS[m].variants(cfg, sweep)]
         vanilla_units = _results(vanilla)
         lenses.append(vanilla_lens.result())
         relearn_controls: dict[str, dict[str, list]] = {}
-        for method in methods:
-            for variant in METHODS[method].variants(cfg, sweep):
-                last, lens = run_one(shared, method, variant, vanilla_units, relearn_controls)
-                runs.append(last)
-                if lens is not None:
-                    lenses.append(lens)
+        for one in started:
+            last, lens = finish_one(shared, one, vanilla_units, relearn_controls)
+            runs.append(last)
+            if lens is not None:
+                lenses.append(lens)
     alpha = _chosen_alpha(config, sweep)
     if sweep is None:
         title = json.loads((Path(last) / "results.json").read_text())["run"]["label"]
@@ -792,8 +814,9 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
         log.info("results: %s | report with figures: %s", Path(last) / "results.md", Path(report) / "report.html")
         print((Path(last) / "results.md").read_text())
         return last
-    report = reporting.report(runs, lenses, f"Sweep on {config.model}", chosen_alpha=alpha)
-    comp = reporting.comparison(runs, budget=sweep.retain_budget)
+    drawn = reporting.report.submit(runs, lenses, f"Sweep on {config.model}", chosen_alpha=alpha)
+    comp = reporting.comparison(runs, budget=sweep.retain_budget)  # meanwhile
+    report = drawn.result()
     out = reporting.sweep_table(report, comp, _slug(f"{config.model}-{'-'.join(map(str, splits))}"))
     create_markdown_artifact(key=_slug(f"sweep-{config.model}"), markdown="# Sweep\n\n" + (Path(out) / "sweep.md").read_text(),
                              description="every method and variant per forget set")

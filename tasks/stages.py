@@ -12,12 +12,14 @@ with its own loaded model, so parallel evaluations spread over the GPUs and queu
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
 import os
 import queue
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import polars as pl
 from prefect import get_run_logger, task
+from prefect.context import TaskRunContext
 
 from manu_core import data as mdata
 from manu_core.vocab import FORMS, OFFICIAL_SPLITS
@@ -78,6 +81,14 @@ def slot_devices(device: str) -> list[str]:
 _POOLS: dict[str, queue.Queue] = {}
 _POOLS_LOCK = threading.Lock()
 _SLOT_MODELS: dict[tuple[str, int], tuple[tuple, object]] = {}
+_HOLDS: collections.deque = collections.deque(maxlen=100_000)  # (task name, start, end) per slot hold
+
+
+def slot_holds() -> list[tuple[str, float, float]]:
+    """(task name, start, end) in time.time() seconds of the latest device-slot holds in this process:
+    how long each model task had its device, without the time it queued for a free slot (a task run's
+    Prefect span includes that wait). bench/bench_pipeline.py times the flow's stages with it."""
+    return list(_HOLDS)
 
 
 @contextmanager
@@ -91,9 +102,12 @@ def device_slot(device: str = "cpu"):
                 _POOLS[device].put(Slot(i, d))
         pool = _POOLS[device]
     slot = pool.get()
+    ctx = TaskRunContext.get()
+    start = time.time()
     try:
         yield slot
     finally:
+        _HOLDS.append((ctx.task.name if ctx is not None else "", start, time.time()))
         pool.put(slot)
 
 

@@ -1,5 +1,8 @@
 """The `manu` flow on the embedded tiny preset: what reruns when what changes, and failures."""
 
+import time
+from collections import Counter
+
 import pytest
 
 from flows.pipeline import EvalSettings, RunConfig, manu
@@ -199,13 +202,22 @@ def test_two_device_slots_run_model_tasks_at_once_with_serial_results(tiny_model
 
     monkeypatch.setattr(stages, "device_slot", counted)
     monkeypatch.setattr(stages, "load", tracked)
+    since = time.time()
     state = manu(cfg, method="manu", return_state=True)
     assert state.is_completed(), state
     assert peak[0] == 2, peak  # two model tasks ran at once
     assert loads[0] > 2 and not shared  # each slot its own model objects
+    # every hold is recorded under its task's name (bench/bench_pipeline.py times model stages with them)
+    holds = sorted((a, b, name) for name, a, b in stages.slot_holds() if a >= since)
+    model_runs = Counter(r.task_key.rsplit("-", 1)[0] for r in settled_task_runs(state)
+                         if r.name.startswith(("extract", "evaluate", "logit-lens")))
+    assert Counter(name for _, _, name in holds) == model_runs and model_runs["extract"] == 1
+    assert any(b1 > a2 for (_, b1, _), (a2, _, _) in zip(holds, holds[1:]))  # two holds at once
     runs = {key(r): r for r in settled_task_runs(state)}
     acts = Path(runs["extract"].state.result()) / "activations"
-    model, processor = load_model(tiny_model_dir)
+    # the flow's own vanilla model: the flow resolves the preset for the torch thread count it runs at
+    # (presets.as_trained_here), which can differ from the fixture's (this test run alone: 1 vs 2)
+    model, processor = load_model(runs["vanilla_model"].state.result())
     ref = extract_activations(model, processor, stages.read_streams(runs["prepare_data"].state.result()),
                               tmp_path / "serial", batch_size=cfg.extract_batch_size, progress=False)
     mine, theirs = sorted(acts.rglob("*.parquet")), sorted(ref.rglob("*.parquet"))

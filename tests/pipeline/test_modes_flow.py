@@ -80,6 +80,17 @@ def test_one_extraction_serves_every_mode_and_alpha(sweep_run):
     assert "| random(manu[released] α=0.08), seed 0 |" in md
 
 
+def test_the_device_evaluates_a_variant_while_the_next_is_pruned(sweep_run):
+    _, runs = sweep_run
+    prunes, results = named(runs, "prune-"), named(runs, "results-")
+    evals = [r for r in named(runs, "evaluate-") if not r.name.startswith("evaluate-vanilla")]
+    assert len(prunes) == 2 * len(MODES) * len(ALPHAS) and len(results) == len(prunes)
+    # every variant is unlearned before the first one is recorded, and the first variant's evaluations
+    # start before the last variant is pruned
+    assert max(r.end_time for r in prunes) <= min(r.start_time for r in results)
+    assert min(r.start_time for r in evals) < max(r.start_time for r in prunes)
+
+
 def test_random_run_keeps_the_per_tower_counts_of_the_variant_it_shadows(sweep_run):
     for mode in ("selective", "paper"):  # global top-α: the towers' shares come from the scores
         cfg = fast_config(scoring=mode, alpha=0.08)
