@@ -9,7 +9,10 @@ Parameters are validated pydantic models (`RunConfig`, `SweepConfig`; the UI ren
 forms). A sweep reuses one extraction and one set of importance sums per forget split for every
 scoring mode (manu_core.importance.SCORING_MODES: paper, released, selective) and α; every method
 is an entry of `METHODS`, so a baseline joins the sweep by adding one. `random` is the control of
-each full-weight MANU variant: as many neurons per tower, drawn uniformly, per seed.
+each full-weight MANU variant: as many neurons per tower, drawn uniformly, per seed. Variants are
+unlearned one after another, each one's evaluations queued as soon as its model exists
+(`start_one`), and collected in order afterwards (`finish_one`), so the device evaluates while the
+next variant is pruned.
 """
 
 from __future__ import annotations
