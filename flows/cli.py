@@ -343,6 +343,9 @@ def run(
                                  "fine-tune on half the forget profiles (text only, image+text) or on retain only, "
                                  "then the other half evaluated (manu_core/relearn.py)"),
     relearn_steps: int = typer.Option(20, "--relearn-steps", help="--relearn: optimizer steps per attack"),
+    never_learned: str = typer.Option("auto", "--never-learned", help="the never-learned reference the forget set is "
+                                      "judged against: auto (free ones only: a planted preset's), train (the preset's "
+                                      "recipe without the forget set, cached), none, or a model folder"),
 ) -> None:
     """The `manu` Prefect flow, once: cached tasks, UI artifacts, the results table at the end."""
     from pydantic import ValidationError
@@ -370,11 +373,22 @@ def run(
         check_artifacts_writable()
         forget_value = (None if forget is None else forget if forget.startswith("forget_") or forget == "validation"
                         else forget.split(","))
+        reference = never_learned
+        if never_learned not in ("auto", "train", "none"):
+            if not Path(never_learned).is_dir():
+                raise ValueError(f"--never-learned takes auto, train, none or a model folder; {never_learned!r} is "
+                                 "none of these (no such folder).")
+            reference = {}  # filled below, keyed by the forget set's name once the config resolves it
         config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,
                            scoring_options=parse_scoring_options(scoring_option), iterative=iterative, step=step,
                            random_seeds=seed_list, benchmark=str(benchmark) if benchmark else None,
                            extract_batch_size=extract_batch_size,
-                           eval=EvalSettings(max_profiles=caps), relearn={"enabled": relearn, "steps": relearn_steps})
+                           eval=EvalSettings(max_profiles=caps), relearn={"enabled": relearn, "steps": relearn_steps},
+                           never_learned=reference)
+        if isinstance(reference, dict):
+            name = config.data_spec()["forget"]
+            name = name if isinstance(name, str) else f"{len(name)} ids"
+            config = config.model_copy(update={"never_learned": {name: str(Path(never_learned).resolve())}})
         config.check_data()  # forget among the profiles the model learned, before any server or task
     except ValidationError as e:  # the rule, the value and the fix, without pydantic's echo of every field
         _fail(ValueError("; ".join((".".join(map(str, err["loc"])) + ": " if err["loc"] else "")

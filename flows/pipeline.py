@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
@@ -57,6 +57,8 @@ class EvalSettings(BaseModel):
     sets: list[str] = Field(default_factory=lambda: list(EVAL_SETS))
     forms: list[str] = Field(default_factory=lambda: list(FORMS))
     max_profiles: dict[str, int] = Field(default_factory=dict, description="per set: at most N seeded profiles")
+    tasks: Optional[list[Literal["mc", "gen", "cloze"]]] = Field(
+        None, description="only these tasks (e.g. [mc]: the cheap signal a sweep's curves read); None: every task")
     seed: int = 0
 
     @field_validator("sets", "forms")
@@ -236,6 +238,11 @@ class RunConfig(BaseModel):
                                      "None: trained here for an embedded preset")
     lens_samples: int = Field(32, ge=0, description="logit lens (report Fig. 2): QA pairs per (split, form); 0 = all")
     relearn: RelearnSettings = Field(default_factory=RelearnSettings)
+    never_learned: Union[Literal["auto", "train", "none"], dict[str, str]] = Field(
+        "auto", description="the never-learned reference each forget set is judged against (docs/evaluation.md): "
+                            "train (an embedded preset's recipe without the forget set, cached like a preset), "
+                            "auto (only where it is free: a planted preset's planted units zeroed), none, or "
+                            "{forget set name: model folder} for a checkpoint")
 
     @model_validator(mode="after")
     def _check(self):
@@ -385,6 +392,7 @@ class Shared:
     activations: Optional[str] = None
     sums: Optional[str] = None
     output_sums: Optional[str] = None  # sums of the MLP Linears' outputs (released option linear_outputs)
+    reference_units: tuple[str, ...] = ()  # the never-learned reference's forget-set evaluations
 
     @property
     def forget(self) -> str:
@@ -590,7 +598,8 @@ def _evaluate_all(model_dir: str, shared: "Shared", label: str, overrides: Optio
     cfg, data = shared.config, shared.data
     settings = {**cfg.eval.config_for(shared.model_dir), **(overrides or {})}
     return [stages.evaluate.submit(model_dir, data, s, f, settings, cfg.eval.max_profiles.get(s, 0),
-                                   device=cfg.device, dtype=cfg.dtype, label=label, progress=False)
+                                   device=cfg.device, dtype=cfg.dtype, label=label, progress=False,
+                                   tasks=cfg.eval.tasks)
             for s in cfg.eval.sets for f in cfg.eval.forms]
 
 
@@ -660,8 +669,31 @@ def _with_activations(shared: Shared) -> Shared:
                           **c.extraction())
     outputs = (stages.importance_sums(acts, tau=c.tau, label=f"{shared.forget} linear outputs", linear_outputs=True)
                if c.needs_linear_outputs() else None)
-    return Shared(c, shared.data, shared.model_dir, acts, stages.importance_sums(acts, tau=c.tau, label=shared.forget),
-                  outputs)
+    return replace(shared, activations=acts, sums=stages.importance_sums(acts, tau=c.tau, label=shared.forget),
+                   output_sums=outputs)
+
+
+def _never_learned(shared: Shared) -> list:
+    """The never-learned reference of the forget set (RunConfig.never_learned), evaluated on the forget
+    set in every form with the vanilla model's settings and caps: its evaluation futures, or [] where
+    the run has none."""
+    cfg, log = shared.config, get_run_logger()
+    choice, preset = cfg.never_learned, cfg.preset()
+    if isinstance(choice, dict):
+        if shared.forget not in choice:
+            log.warning("no never-learned reference named for forget set %s (never_learned has %s)", shared.forget,
+                        sorted(choice))
+            return []
+        model = choice[shared.forget]
+    elif choice == "none" or preset is None or (choice == "auto" and preset.plant is None):
+        return []
+    else:
+        model = stages.never_learned_model.submit(cfg.model, shared.data)
+    settings = cfg.eval.config_for(shared.model_dir)
+    return [stages.evaluate.submit(model, shared.data, "forget", f, settings, cfg.eval.max_profiles.get("forget", 0),
+                                   device=cfg.device, dtype=cfg.dtype, label="never-learned", progress=False,
+                                   tasks=cfg.eval.tasks)
+            for f in cfg.eval.forms]
 
 
 def _lens(model_dir: str, shared: Shared, label: str, system: Optional[str] = None):
@@ -769,8 +801,9 @@ def finish_one(shared: Shared, started: Started, vanilla_units: list,
            "shadows": variant.get("shadows")}
     relearn = _relearn(shared, unlearned, _slug(label), overrides, relearn_controls) if cfg.relearn.enabled and method != "prompting" else {}
     rep = stages.results(vanilla_units, units, imp, title, run=run,
-                        relearn_units=[u for us in relearn.values() for u in us],
-                        relearn_labels=[stage for stage, us in relearn.items() for _ in us])
+                         relearn_units=[u for us in relearn.values() for u in us],
+                         relearn_labels=[stage for stage, us in relearn.items() for _ in us],
+                         reference_units=list(shared.reference_units) or None)
     _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{label}"))
     return rep, started.lens.result() if started.lens is not None else None
 
@@ -795,6 +828,7 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
         cfg = config.model_copy(update={"forget": forget})
         shared = _prepare(cfg, forget)
         vanilla = _evaluate_all(shared.model_dir, shared, "vanilla")
+        reference = _never_learned(shared)
         vanilla_lens = _lens(shared.model_dir, shared, "vanilla")
         if any(METHODS[m].needs_activations for m in methods):
             shared = _with_activations(shared)
@@ -802,6 +836,7 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
         # evaluates one variant while the next is selected, pruned and saved
         started = [start_one(shared, m, v) for m in methods for v in METHODS[m].variants(cfg, sweep)]
         vanilla_units = _results(vanilla)
+        shared = replace(shared, reference_units=tuple(_results(reference)))
         lenses.append(vanilla_lens.result())
         relearn_controls: dict[str, dict[str, list]] = {}
         for one in started:

@@ -157,15 +157,22 @@ def option_logprobs(
             for it in chunk:
                 rows = slice(start_row, start_row + len(it.options))
                 start_row += len(it.options)
-                ids, m, lp = target[rows], mask[rows], tok_lp[rows]
-                differ = (ids != ids[:1]).any(0) & m.any(0)
-                start = int(differ.nonzero()[0]) if bool(differ.any()) else 0
-                keep = m.clone()
-                keep[:, :start] = False
-                scores[it.item_id] = ((lp * keep).sum(1) / keep.sum(1).clamp(min=1)).tolist()
+                scores[it.item_id] = span_mean_logprobs(target[rows], mask[rows], tok_lp[rows])
             bar.update(len(chunk))
     bar.close()
     return scores
+
+
+def span_mean_logprobs(ids: torch.Tensor, mask: torch.Tensor, tok_lp: torch.Tensor) -> list[float]:
+    """One item's options, one row each (all three (n_options, T), aligned): the mean token
+    log-probability of each option's answer tokens (`mask`) from the first position where the
+    options' token ids differ to the end, i.e. log P(option | question, shared prefix) / its length.
+    When the options do not differ at all, every answer token counts."""
+    differ = (ids != ids[:1]).any(0) & mask.any(0)
+    start = int(differ.nonzero()[0]) if bool(differ.any()) else 0
+    keep = mask.clone().bool()
+    keep[:, :start] = False
+    return ((tok_lp * keep).sum(1) / keep.sum(1).clamp(min=1)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,20 +266,31 @@ def _few_shot(mc_items: Sequence[EvalItem], seed: int) -> tuple[list[EvalItem], 
 
 
 def _row(it: EvalItem, prediction: str, ground_truth: str, score: float, scorer: str, *, choice: str | None = None,
-         factuality: int | None = None, judge: str | None = None) -> dict:
+         factuality: int | None = None, judge: str | None = None,
+         option_logprobs: Sequence[float] | None = None) -> dict:
     return {"item_id": it.item_id, "set": it.set, "form": it.form, "task": it.task, "profile_id": it.profile_id,
             "question": it.question, "options": list(it.options),
             "correct": LETTERS[it.correct] if it.task == "mc" and it.correct >= 0 else None,
             "prediction": prediction, "ground_truth": ground_truth, "choice": choice, "score": float(score),
-            "factuality": factuality, "scorer": scorer, "judge": judge, "source": it.source}
+            "factuality": factuality, "scorer": scorer, "judge": judge, "source": it.source,
+            "option_logprobs": None if option_logprobs is None else [float(x) for x in option_logprobs]}
 
 
+# `option_logprobs` (one per option, in `options` order: `span_mean_logprobs`) is written by the
+# likelihood multiple-choice scorer only and is null elsewhere (the letter scorer has no likelihoods);
+# answers written before it existed lack the column, and `_conform` adds it as nulls when they are read.
 ANSWER_SCHEMA = {
     "item_id": pl.String, "set": pl.String, "form": pl.String, "task": pl.String, "profile_id": pl.String,
     "question": pl.String, "options": pl.List(pl.String), "correct": pl.String, "prediction": pl.String,
     "ground_truth": pl.String, "choice": pl.String, "score": pl.Float64, "factuality": pl.Int64,
-    "scorer": pl.String, "judge": pl.String, "source": pl.String,
+    "scorer": pl.String, "judge": pl.String, "source": pl.String, "option_logprobs": pl.List(pl.Float64),
 }
+
+
+def _conform(frame: pl.DataFrame) -> pl.DataFrame:
+    """An answers frame in ANSWER_SCHEMA's columns: columns added since it was written become nulls."""
+    missing = [pl.lit(None, dtype=d).alias(c) for c, d in ANSWER_SCHEMA.items() if c not in frame.columns]
+    return frame.with_columns(missing).select(list(ANSWER_SCHEMA)) if missing else frame
 
 
 class _Scorer:
@@ -305,7 +323,7 @@ class _Scorer:
                 s = scores[it.item_id]
                 pick = max(range(len(s)), key=s.__getitem__)
                 rows.append(_row(it, it.options[pick], it.options[it.correct], pick == it.correct, "likelihood",
-                                 choice=LETTERS[pick]))
+                                 choice=LETTERS[pick], option_logprobs=s))
             return rows
         if task == "mc":
             reqs = [self._request(it, mc_prompt(it.question, it.options), self.history) for it in chunk]
@@ -401,7 +419,8 @@ def evaluate_unit(
                     frame.write_parquet(tmp)
             bar.update(len(chunk))
     bar.close()
-    answers = pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=ANSWER_SCHEMA)
+    answers = (pl.concat([_conform(pl.read_parquet(p)) for p in parts]) if parts
+               else pl.DataFrame(schema=ANSWER_SCHEMA))
     summaries = summarize(answers)
     with atomic_file(out_dir / "answers.parquet") as tmp:
         answers.write_parquet(tmp)
@@ -458,7 +477,7 @@ def read_answers(out_dir: str | Path) -> pl.DataFrame:
     files += [p for p in sorted(Path(out_dir).glob("*/parts/*.parquet")) if p.parent.parent not in done]
     if not files:
         raise EvaluationError(f"no answers under {out_dir}; expected <set>-<form>/answers.parquet folders.")
-    return pl.concat([pl.read_parquet(f) for f in files])
+    return pl.concat([_conform(pl.read_parquet(f)) for f in files])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -411,6 +411,93 @@ def headline(drops: pl.DataFrame, chosen: pl.DataFrame) -> pl.DataFrame:
             .rename({"curve": "method"}))
 
 
+REFERENCE_COLUMNS = ("forget", "curve", "label", "strength", "seed", "form", "vanilla", "reference", "unlearned",
+                     "headroom", "headroom_lo", "headroom_hi", "headroom_excludes_0", "share", "share_lo", "share_hi",
+                     "gap", "gap_lo", "gap_hi", "verdict", "ks_p")
+
+
+def reference_frame(runs: list[dict]) -> pl.DataFrame:
+    """Every run's forget-set multiple choice against its never-learned reference (the `reference`
+    block of results.json: forget_quality.reference_block), one row per (run, form): the scores, the
+    headroom and the drop's share of it with intervals, and the paired log truth-ratio gap (forget
+    quality's headline) with TOFU's KS p-value. Empty when no run has a reference."""
+    rows = []
+    for r in runs:
+        block = r.get("reference")
+        if not block or r.get("without"):
+            continue
+        quality = {q["form"]: q for q in block["forget_quality"]}
+        for h in block["headroom"]:
+            if h["task"] != "mc" or h["set"] != "forget":
+                continue
+            q = quality.get(h["form"], {})
+            rows.append({"forget": r["forget"], "curve": curve_name(r["family"], r.get("mode"), r.get("iterative", False)),
+                         "label": r["label"], "strength": r.get("strength"), "seed": r.get("seed"), "form": h["form"],
+                         **{k: h[k] for k in ("vanilla", "reference", "unlearned", "headroom", "headroom_lo",
+                                              "headroom_hi", "headroom_excludes_0", "share", "share_lo", "share_hi")},
+                         "gap": q.get("paired_diff"), "gap_lo": q.get("paired_lo"), "gap_hi": q.get("paired_hi"),
+                         "verdict": q.get("verdict"), "ks_p": q.get("p_value")})
+    schema = {c: pl.Float64 for c in REFERENCE_COLUMNS} | {"forget": pl.String, "curve": pl.String, "label": pl.String,
+                                                            "seed": pl.Int64, "form": pl.String, "verdict": pl.String,
+                                                            "headroom_excludes_0": pl.Boolean}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def is_selective_headroom(share: float | None, excludes_0: bool, forget_drop: float, retain_drop: float) -> bool:
+    """HEADROOM_RULE (manu_core/forget_quality.py): at least half the learned headroom closed, on a
+    headroom whose interval is above 0, and the forget drop at least 2 x the retain drop."""
+    from manu_core.forget_quality import SELECTIVE_SHARE
+
+    return (bool(excludes_0) and share is not None and np.isfinite(share) and share >= SELECTIVE_SHARE
+            and np.isfinite(retain_drop) and forget_drop >= SELECTIVE_RATIO * retain_drop)
+
+
+def reference_markdown(ref: pl.DataFrame, head: pl.DataFrame | None) -> str:
+    """The never-learned reference section of the comparison: per reported forget set, each method at
+    its chosen setting (every run when no setting was chosen) beside the reference, with both
+    verdicts (in points, SELECTIVE_RULE; against the headroom, HEADROOM_RULE)."""
+    from manu_core.forget_quality import HEADROOM_RULE
+
+    out = ["## Against the never-learned reference (forget multiple choice)", "",
+           "`never-learned`: the forget-set score of the model trained by the same recipe without the forget "
+           "people; `headroom` = vanilla − never-learned (what was learned); `share` = the forget drop / headroom "
+           "(1: as if never learned; above 1: over-forgotten); `gap`: the mean paired log truth-ratio gap, "
+           "unlearned − never-learned (0: as if never learned; below: still knows), with TOFU's KS p-value. "
+           "95 % profile-bootstrap intervals.", "", f"**Selective against the headroom**: {HEADROOM_RULE}.", ""]
+    rows = ref.filter(pl.col("forget") != VALIDATION)
+    if head is not None:
+        pick = head.select(pl.col("forget"), pl.col("method").alias("curve"), "setting", "form").unique()
+        rows = rows.with_columns(setting=pl.col("label").str.replace(r" seed=\d+$", "")).join(
+            pick, on=["forget", "curve", "setting", "form"], how="semi")
+        retain = {(r["forget"], r["method"], r["form"]): (r["drop"]) for r in
+                  head.filter(pl.col("set") == "retain").iter_rows(named=True)}
+        forget = {(r["forget"], r["method"], r["form"]): (r["drop"], r["selective"]) for r in
+                  head.filter(pl.col("set") == "forget").iter_rows(named=True)}
+    else:
+        retain, forget = {}, {}
+    agg = (rows.group_by("forget", "curve", "form", maintain_order=True)
+           .agg(pl.col("label").first(), pl.len().alias("runs"), *(pl.col(c).mean() for c in REFERENCE_COLUMNS
+                if c not in ("forget", "curve", "label", "strength", "seed", "form", "verdict", "headroom_excludes_0")),
+                pl.col("headroom_excludes_0").all(), pl.col("verdict").unique().sort().str.join("/")))
+    for (name,), g in agg.sort("forget").group_by("forget", maintain_order=True):
+        out += [f"### forget {name}", "", "| method | form | vanilla | never-learned | headroom | share of headroom | "
+                "truth-ratio gap (KS p) | selective: points / headroom |", "|---|---|---|---|---|---|---|---|"]
+        for r in g.iter_rows(named=True):
+            key = (name, r["curve"], r["form"])
+            fd, sel = forget.get(key, (r["vanilla"] - r["unlearned"], None))
+            rd = retain.get(key)
+            by_head = "–" if rd is None else ("**yes**" if is_selective_headroom(r["share"], r["headroom_excludes_0"],
+                                                                                   fd, rd) else "no")
+            by_points = "–" if sel is None else ("**yes**" if sel else "no")
+            gap = "–" if r["gap"] is None else f"{r['gap']:+.3f} [{r['gap_lo']:+.3f}, {r['gap_hi']:+.3f}] ({r['ks_p']:.2g})"
+            seeds = f" ({r['runs']} seeds, means)" if r["runs"] > 1 else ""
+            out.append(f"| {r['label']}{seeds} | {FORM_LABELS.get(r['form'], r['form'])} | {r['vanilla']:.1f} | "
+                       f"{r['reference']:.1f} | {_ci(r['headroom'], r['headroom_lo'], r['headroom_hi'])} | "
+                       f"{r['share']:.2f} [{r['share_lo']:.2f}, {r['share_hi']:.2f}] | {gap} | {by_points} / {by_head} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def _ci(drop: float | None, lo: float | None, hi: float | None) -> str:
     return "–" if drop is None else f"{drop:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
@@ -478,9 +565,10 @@ def compare(runs: list[dict], out_dir: str | Path, *, budget: float = BUDGET, x_
         "forget", pl.exclude("forget"))
     chosen = chosen_settings(points, budget=budget)
     head = headline(drops, chosen) if chosen is not None else None
+    ref = reference_frame(runs)
     paths = {}
     for name, frame in (("drops", drops), ("points", points), ("curves", summary), ("chosen", chosen),
-                        ("headline", head)):
+                        ("headline", head), ("reference", None if ref.is_empty() else ref)):
         if frame is not None:
             with atomic_file(out / f"{name}.parquet") as tmp:
                 frame.write_parquet(tmp)
@@ -493,6 +581,8 @@ def compare(runs: list[dict], out_dir: str | Path, *, budget: float = BUDGET, x_
             paths[f"tradeoff-{forget}-{versus}"] = tradeoff_figure(
                 pts, out / "figures" / f"tradeoff-{forget}-{versus}.png", versus=versus, budget=budget)
     md = comparison_markdown(points, summary, chosen, head, budget=budget, x_max=x_max)
+    if not ref.is_empty():
+        md += "\n" + reference_markdown(ref, head)
     md += "\n" + "\n".join(f"![{n}](figures/{p.name})" for n, p in paths.items() if n.startswith("tradeoff-")) + "\n"
     with atomic_file(out / "comparison.md") as tmp:
         tmp.write_text(md)

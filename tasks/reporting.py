@@ -165,7 +165,8 @@ def comparison(runs: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot
                      "family": run["method"], "mode": variant.get("mode"), "iterative": variant.get("iterative", False),
                      "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),
                      "without": "+".join(dropped_weights(variant)) or None,
-                     "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"])})
+                     "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"]),
+                     "reference": res.get("reference")})
     out = stage_dir()
     paths = compare(compared, out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
     get_run_logger().info("comparison: %s", paths["markdown"])

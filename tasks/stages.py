@@ -269,6 +269,25 @@ def vanilla_model(model: str) -> str:
     return str(path)
 
 
+@manu_task(name="never_learned_model", paths=("data_dir",),
+           task_run_name=lambda parameters: f"never-learned-{Path(parameters['model']).name}")
+def never_learned_model(model: str, data_dir: str) -> str:
+    """The never-learned reference of an embedded preset for the run's forget set: the preset's recipe
+    trained without those people (cached like a preset), or, for a planted preset's planted set, the
+    planted units zeroed (presets.resolve_reference). A checkpoint's reference is a folder the user
+    names (RunConfig.never_learned), never trained here."""
+    from manu_core.presets import resolve_reference
+
+    forget = json.loads((Path(data_dir) / "split.json").read_text())["spec"]["forget"]
+    path = resolve_reference(model, forget if isinstance(forget, str) else tuple(forget), models=models_dir())
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "model.json", {"model": model, "forget": forget, "path": str(path)})
+    finish(out, outputs=[path])
+    get_run_logger().info("never-learned reference for forget %s: %s", forget, path)
+    return str(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # MANU
 
@@ -482,15 +501,23 @@ def relearn(model_dir: str, data_dir: str, attack: str, mask: str, params: dict,
                                  "held_out_ids": list(held), "samples": len(samples), "params": params})) + "/model"
 
 
-@manu_task(name="results", paths=("vanilla_units", "unlearned_units", "importance_dir", "relearn_units"),
+@manu_task(name="results", paths=("vanilla_units", "unlearned_units", "importance_dir", "relearn_units",
+                                  "reference_units"),
            task_run_name=lambda parameters: f"results-{parameters['title']}")
 def results(vanilla_units: list[str], unlearned_units: list[str], importance_dir: str | None, title: str,
-           run: dict, relearn_units: list[str] | None = None, relearn_labels: list[str] | None = None) -> str:
+            run: dict, relearn_units: list[str] | None = None, relearn_labels: list[str] | None = None,
+            reference_units: list[str] | None = None) -> str:
     """One run's results: results.json (every summary, the run's settings and its evaluation
     folders), results.md (the table, vanilla vs unlearned per set, task and form) and the selected
     neurons per tower/layer. The report people read (figures, report.html) is tasks.reporting.report. `relearn_units` (with their stage in `relearn_labels`: vanilla,
-    unlearned, <attack>/<mask>) are the held-out forget evaluations of the relearning attacks."""
+    unlearned, <attack>/<mask>) are the held-out forget evaluations of the relearning attacks.
+    `reference_units`: the never-learned reference's forget-set evaluations, which add its scores, the
+    headroom, each drop's share of it and the forget-quality statistic (`reference` in results.json).
+    A vanilla model that records planted units (manu_core/plant.py) adds the selection's planted recall
+    and precision per tower (`planted`)."""
     from manu_core.evaluate import Summary
+    from manu_core.forget_quality import reference_block, reference_markdown
+    from manu_core.plant import planted_ids, planted_recall, planted_units, recall_markdown
     from manu_core.report import counts_note, run_tables, summaries_frame, tables_markdown
 
     def summaries(units):
@@ -503,9 +530,24 @@ def results(vanilla_units: list[str], unlearned_units: list[str], importance_dir
         table = pl.read_parquet(Path(importance_dir) / "importance.parquet")
         per_layer = (table.group_by("tower", "layer").agg(units=pl.len(), selected=pl.col("selected").sum())
                      .sort("tower", "layer"))
+    planted, plant = planted_units(run.get("vanilla_model") or ""), None
+    if planted and importance_dir:
+        recall = planted_recall(table, planted)
+        plant = {"ids": list(planted_ids(run["vanilla_model"])), "n_units": len(planted), "recall": recall.to_dicts()}
+    reference = None
+    if reference_units:
+        def answers(units):
+            return pl.concat([pl.read_parquet(Path(u) / "answers.parquet") for u in units], how="diagonal_relaxed")
+        reference = reference_block(answers(vanilla_units), answers(unlearned_units), answers(reference_units),
+                                    [Summary(**s) for u in reference_units
+                                     for s in json.loads((Path(u) / "summary.json").read_text())])
     out = stage_dir()
     frame = summaries_frame({"vanilla": before, "unlearned": after})
     md = f"# {title}\n\n{tables_markdown(run_tables(frame, 'unlearned'))}\n\n{counts_note(frame)}\n"
+    if plant:
+        md += "\n" + recall_markdown(pl.DataFrame(plant["recall"]), plant["ids"]) + "\n"
+    if reference:
+        md += "\n" + reference_markdown(reference) + "\n"
     with atomic_dir(out) as tmp:
         (tmp / "results.md").write_text(md)
         per_layer.write_parquet(tmp / "selected_per_layer.parquet")
@@ -515,7 +557,8 @@ def results(vanilla_units: list[str], unlearned_units: list[str], importance_dir
                                                            "unlearned": list(unlearned_units)},
                                                  "relearn": [{"stage": stage, **asdict(s)} for stage, unit in
                                                              zip(relearn_labels or [], relearn_units or [])
-                                                             for s in summaries([unit])]})
+                                                             for s in summaries([unit])],
+                                                 "planted": plant, "reference": reference})
     return str(finish(out))
 
 
