@@ -12,6 +12,12 @@ per α, MANU in each scoring mode, the random control of the paper mode's select
 tower, one run per seed) and the attribution upper bound (|activation x gradient| of the forget
 answers' loss over the retain answers', top α per tower; computed on the forget and retain streams
 themselves, so it is an upper bound, not a method). Drops in points, image+text / text only.
+With --reference, the forget set's never-learned reference (presets.resolve_reference: trained without
+the forget people, cached like a preset) is scored too, and each row adds its forget drop as a share of
+the headroom (vanilla − reference, per form). On a planted preset (manu_core/plant.py) each row adds
+the selection's planted-unit recall in the language tower (hits / planted, mean over seeds).
+
+    python bench/recipe_grid.py --presets lite-planted --alphas 0.025,0.05,0.1 --seeds 0,1,2 --reference
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
+
 from manu_core.attribution import attribution_frame, select_attribution
 from manu_core.evaluate import evaluate_basic
 from manu_core.extract import build_streams, extract_activations
 from manu_core.importance import ImportanceParams, importance_table, neuron_sums
 from manu_core.models import load_model
-from manu_core.presets import eval_subset, PRESETS, get_preset, preset_dataset, resolve_model
-from tasks.cache import models_dir
+from manu_core.plant import planted_recall, planted_units
+from manu_core.presets import PRESETS, eval_subset, get_preset, preset_dataset, resolve_model, resolve_reference
 from manu_core.prune import prune_units
 from manu_core.unlearn import random_selection
+from tasks.cache import models_dir
 
 GRID = ("lite-memorise", "lite-short", "lite-lora", "lite-lora-hi", "lite-wide")
 BENCH_MC, BENCH_ROUGE, MEMORISED = 0.50, 0.65, 0.95  # the benchmark's vanilla; the rule's cut-off
@@ -61,14 +70,23 @@ def cell(drops: list[dict], set_: str) -> str:
     return out
 
 
-def unlearning(name: str, alphas: list[float], seeds: list[int]) -> None:
+def unlearning(name: str, alphas: list[float], seeds: list[int], reference: bool = False) -> None:
     preset = get_preset(name)
     model_dir = resolve_model(name, models=models_dir(), progress=False)
     ds = preset_dataset(preset)
     items = [it for it in eval_subset(ds, preset) if it.set in ("forget", "retain") and it.task == "mc"]
+    planted = planted_units(model_dir)
+    headroom = None
+    if reference:
+        ref_model, ref_processor = load_model(resolve_reference(name, models=models_dir(), progress=False))
+        ref = mc(ref_model, ref_processor, [it for it in items if it.set == "forget"])
     model, processor = load_model(model_dir)
     t0 = time.perf_counter()
     base = mc(model, processor, items)
+    if reference:
+        headroom = {f: base[("forget", f)] - ref[("forget", f)] for f in FORMS}
+        print(f"\n{name}: never-learned reference forget {ref[('forget', 'multimodal')]:.1f}/{ref[('forget', 'text')]:.1f}"
+              f"; headroom (vanilla − reference) {headroom['multimodal']:.1f}/{headroom['text']:.1f} points")
     with tempfile.TemporaryDirectory() as tmp:
         sums = neuron_sums(extract_activations(model, processor, ds, Path(tmp) / "acts", seed=preset.seed,
                                                progress=False), ImportanceParams().tau)
@@ -80,12 +98,26 @@ def unlearning(name: str, alphas: list[float], seeds: list[int]) -> None:
         m, _ = load_model(model_dir)
         prune_units(m, selection)
         s = mc(m, processor, items)
-        return {k: base[k] - s[k] for k in base}
+        out = {k: base[k] - s[k] for k in base}
+        if planted:
+            out["recall"] = planted_recall(selection, planted).filter(pl.col("tower") == "language")["recall"][0]
+        return out
+
+    def extra(drops: list[dict]) -> str:
+        cells = ""
+        if headroom:
+            share = {f: statistics.fmean(d[("forget", f)] for d in drops) / headroom[f] if headroom[f] else float("nan")
+                     for f in FORMS}
+            cells += f" {share['multimodal']:6.2f}/{share['text']:5.2f}"
+        if planted:
+            cells += f" {100 * statistics.fmean(d['recall'] for d in drops):7.0f} %"
+        return cells
 
     print(f"\n{name}: vanilla multiple choice forget {base[('forget', 'multimodal')]:.1f}/{base[('forget', 'text')]:.1f}, "
           f"retain {base[('retain', 'multimodal')]:.1f}/{base[('retain', 'text')]:.1f} "
           f"(forget_5, retain 25 profiles)")
-    print(f"  {'drop in points (image+text/text)':<34} {'forget':>24} {'retain':>24}")
+    print(f"  {'drop in points (image+text/text)':<34} {'forget':>24} {'retain':>24}"
+          + (" share of headroom" if headroom else "") + (" planted recall" if planted else ""))
     for alpha in alphas:
         rows = []
         for mode in ("paper", "released", "selective"):
@@ -96,7 +128,7 @@ def unlearning(name: str, alphas: list[float], seeds: list[int]) -> None:
                              [after(random_selection(table, s)) for s in seeds]))
         rows.append((f"attribution α={alpha:g} (upper bound)", [after(select_attribution(attr, alpha=alpha))]))
         for label, drops in rows:
-            print(f"  {label:<34} {cell(drops, 'forget'):>24} {cell(drops, 'retain'):>24}", flush=True)
+            print(f"  {label:<34} {cell(drops, 'forget'):>24} {cell(drops, 'retain'):>24}{extra(drops)}", flush=True)
     print(f"  ({time.perf_counter() - t0:.0f} s)")
 
 
@@ -106,6 +138,8 @@ def main() -> None:
     ap.add_argument("--alphas", default="0.05,0.1")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--vanilla-only", action="store_true")
+    ap.add_argument("--reference", action="store_true", help="score the never-learned reference (trains it on first use)"
+                    " and print each forget drop's share of the headroom")
     args = ap.parse_args()
     names = [n for n in args.presets.split(",") if n]
     print("Part 1: vanilla (post-training check, all forget_5 profiles and 50 retain; likelihood multiple choice)")
@@ -129,7 +163,8 @@ def main() -> None:
         return
     print("\nPart 2: unlearning on forget_5 (likelihood multiple choice; random: mean [each seed])")
     for name in names:
-        unlearning(name, [float(a) for a in args.alphas.split(",")], [int(s) for s in args.seeds.split(",")])
+        unlearning(name, [float(a) for a in args.alphas.split(",")], [int(s) for s in args.seeds.split(",")],
+                   reference=args.reference)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ PRESETS["tiny-planted"] = replace(PRESETS["tiny"], name="tiny-planted", plant=PL
 DEFAULT_RECIPE = "lite-lora-hi"
 PRESETS["lite"] = replace(PRESETS[DEFAULT_RECIPE], name="lite",
                           description=f"make demo: the default, recipe {DEFAULT_RECIPE} of the grid (docs/embedded.md)")
-PRESETS["lite-planted"] = replace(PRESETS["lite"], name="lite-planted", plant=PLANT,
+PRESETS["lite-planted"] = replace(PRESETS["lite"], name="lite-planted", plant=PLANT, alpha=0.05,
                                   description="the positive control: `lite` with forget_5's people learned only by "
                                               "26 new units per language layer (docs/embedded.md)")
 PRESETS["lite-pieces"] = replace(PRESETS["lite"], name="lite-pieces", tokenizer_names=False,

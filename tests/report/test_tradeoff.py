@@ -306,3 +306,34 @@ def test_compare_chooses_on_validation_and_reports_the_official_split(tmp_path):
     md = paths["markdown"].read_text()
     assert "Headline: forget forget_5" in md and "seeds" in md and "**yes**" in md
     assert paths["tradeoff-forget_5-retain"].stat().st_size > 1000
+
+
+def test_compare_reports_each_chosen_setting_against_the_never_learned_reference(tmp_path):
+    from manu_core.forget_quality import reference_block
+    from manu_core.tradeoff import compare, is_selective_headroom
+
+    vanilla = _answers({"forget": 0.0, "retain": 0.0}, 0)
+    reference = _answers({"forget": 0.625}, 9)  # never learned: wrong on 62.5 % of the forget items
+    runs = []
+    for forget in ("validation", "forget_5"):
+        for a, (f, r) in {0.05: (0.2, 0.02), 0.1: (0.5, 0.04)}.items():
+            for label, family, seed, unl in ((f"manu[paper] α={a:g}", "manu", None, (f, r)),
+                                             (f"random(manu[paper] α={a:g}) seed=0", "random", 0, (r, r))):
+                unlearned = _answers({"forget": unl[0], "retain": unl[1]}, 1)
+                runs.append({"forget": forget, "label": label, "family": family, "mode": "paper", "strength": a,
+                             "seed": seed, "vanilla": vanilla, "unlearned": unlearned,
+                             "reference": reference_block(vanilla, unlearned, reference, n_boot=200)})
+    paths = compare(runs, tmp_path, n_boot=200)
+    ref = pl.read_parquet(paths["reference"])
+    assert ref.height == 16 and set(ref["form"]) == {"multimodal", "text"}
+    manu = ref.filter((pl.col("forget") == "forget_5") & (pl.col("label") == "manu[paper] α=0.1")).row(0, named=True)
+    assert manu["headroom"] == pytest.approx(62.5) and manu["share"] == pytest.approx(50 / 62.5)
+    assert manu["headroom_lo"] <= 62.5 <= manu["headroom_hi"] and manu["headroom_excludes_0"]
+    assert manu["gap"] is None  # these answers keep no option likelihoods: no truth ratio, said, not faked
+    md = paths["markdown"].read_text()
+    section = md.split("## Against the never-learned reference")[1]
+    assert "### forget forget_5" in section and "validation" not in section.split("### forget forget_5")[0].split("\n\n")[-1]
+    assert "| manu[paper] α=0.1 | image+text | 100.0 | 37.5 |" in section and "**yes** / **yes**" in section
+    assert "| random(manu[paper] α=0.1) seed=0 |" in section  # the chosen setting of each method, not every point
+    assert is_selective_headroom(0.6, True, 30.0, 10.0) and not is_selective_headroom(0.4, True, 30.0, 1.0)
+    assert not is_selective_headroom(0.9, False, 30.0, 1.0) and not is_selective_headroom(0.9, True, 30.0, 20.0)
