@@ -498,6 +498,30 @@ def reference_markdown(ref: pl.DataFrame, head: pl.DataFrame | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def planted_frame(runs: list[dict]) -> pl.DataFrame:
+    """Every run's planted-unit recall and precision per tower (results.json `planted`: runs on a
+    planted preset, manu_core/plant.py); empty when no run has planted units."""
+    rows = [{"forget": r["forget"], "curve": curve_name(r["family"], r.get("mode"), r.get("iterative", False)),
+             "label": r["label"], "strength": r.get("strength"), "seed": r.get("seed"), **t}
+            for r in runs if r.get("planted") for t in r["planted"]["recall"]]
+    return pl.DataFrame(rows, schema={"forget": pl.String, "curve": pl.String, "label": pl.String, "strength": pl.Float64,
+                                      "seed": pl.Int64, "tower": pl.String, "planted": pl.Int64, "selected": pl.Int64,
+                                      "hits": pl.Int64, "recall": pl.Float64, "precision": pl.Float64}, orient="row")
+
+
+def planted_markdown(planted: pl.DataFrame) -> str:
+    """Planted recall of every run (language tower: where the units are planted), in run order."""
+    out = ["## Planted units recovered (positive control)", "",
+           "Per run, in the language tower (the planted tower): planted units among those the run pruned. "
+           "Random runs draw as many units per tower as the selection they shadow.", "",
+           "| forget | run | selected | planted among them | recall | precision |", "|---|---|---|---|---|---|"]
+    for r in planted.filter(pl.col("tower") == "language").iter_rows(named=True):
+        prec = "–" if r["precision"] is None else f"{100 * r['precision']:.0f} %"
+        out.append(f"| {r['forget']} | {r['label']} | {r['selected']} | {r['hits']} of {r['planted']} | "
+                   f"{100 * r['recall']:.0f} % | {prec} |")
+    return "\n".join(out) + "\n"
+
+
 def _ci(drop: float | None, lo: float | None, hi: float | None) -> str:
     return "–" if drop is None else f"{drop:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
@@ -565,10 +589,11 @@ def compare(runs: list[dict], out_dir: str | Path, *, budget: float = BUDGET, x_
         "forget", pl.exclude("forget"))
     chosen = chosen_settings(points, budget=budget)
     head = headline(drops, chosen) if chosen is not None else None
-    ref = reference_frame(runs)
+    ref, planted = reference_frame(runs), planted_frame(runs)
     paths = {}
     for name, frame in (("drops", drops), ("points", points), ("curves", summary), ("chosen", chosen),
-                        ("headline", head), ("reference", None if ref.is_empty() else ref)):
+                        ("headline", head), ("reference", None if ref.is_empty() else ref),
+                        ("planted", None if planted.is_empty() else planted)):
         if frame is not None:
             with atomic_file(out / f"{name}.parquet") as tmp:
                 frame.write_parquet(tmp)
@@ -583,6 +608,8 @@ def compare(runs: list[dict], out_dir: str | Path, *, budget: float = BUDGET, x_
     md = comparison_markdown(points, summary, chosen, head, budget=budget, x_max=x_max)
     if not ref.is_empty():
         md += "\n" + reference_markdown(ref, head)
+    if not planted.is_empty():
+        md += "\n" + planted_markdown(planted)
     md += "\n" + "\n".join(f"![{n}](figures/{p.name})" for n, p in paths.items() if n.startswith("tradeoff-")) + "\n"
     with atomic_file(out / "comparison.md") as tmp:
         tmp.write_text(md)

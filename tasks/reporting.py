@@ -166,7 +166,7 @@ def comparison(runs: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot
                      "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),
                      "without": "+".join(dropped_weights(variant)) or None,
                      "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"]),
-                     "reference": res.get("reference")})
+                     "reference": res.get("reference"), "planted": res.get("planted")})
     out = stage_dir()
     paths = compare(compared, out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
     get_run_logger().info("comparison: %s", paths["markdown"])
