@@ -539,7 +539,7 @@ def build_streams(
     The subsample comes from one seeded order of the retain QA pairs, shared by both forms.
     """
     streams: dict[tuple[str, str], list[Sample]] = {}
-    for split, ids in (("forget", dataset.split.retain_ids), ("retain", dataset.split.forget_ids)):
+    for split, ids in (("forget", dataset.split.forget_ids), ("retain", dataset.split.retain_ids)):
         every = [s for pid in ids for s in profile_samples(dataset.profile(pid))]
         for form in FORMS:
             streams[(split, form)] = [s for s in every if s.form == form]

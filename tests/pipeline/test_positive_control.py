@@ -95,3 +95,21 @@ def test_paper_mode_does_not_see_units_that_carry_a_person_in_both_forms_alike(r
         contrast=pl.col("forget_abs") + pl.col("forget_freq") + pl.col("forget_rms"))
     median = dict(lang.group_by("planted").agg(pl.col("contrast").median()).iter_rows())
     assert median[True] <= 1.25 * median[False], median  # no more form contrast on the forget set than any unit
+
+
+def test_the_unlearned_model_has_exactly_the_selected_units_zeroed(runs):
+    """Read from the saved weights themselves, not through prune.py: every selected language unit's
+    gate row, up row and down column are zero, and the unselected units' are not."""
+    import torch
+
+    from manu_core.models import load_model
+
+    run = runs["released"]["run"]
+    model, _ = load_model(run["model"])
+    chosen = pl.read_parquet(Path(run["model"]) / "selection.parquet").filter(pl.col("tower") == "language")
+    for layer, g in chosen.group_by("layer"):
+        mlp = model.model.language_model.layers[layer[0]].mlp
+        zero = ((mlp.down_proj.weight == 0).all(0) & (mlp.gate_proj.weight == 0).all(1) & (mlp.up_proj.weight == 0).all(1))
+        picked = torch.zeros_like(zero)
+        picked[g.filter(pl.col("selected"))["unit"].to_list()] = True
+        assert torch.equal(zero, picked), (layer, torch.nonzero(zero ^ picked).flatten().tolist()[:10])
