@@ -452,10 +452,11 @@ def is_selective_headroom(share: float | None, excludes_0: bool, forget_drop: fl
             and np.isfinite(retain_drop) and forget_drop >= SELECTIVE_RATIO * retain_drop)
 
 
-def reference_markdown(ref: pl.DataFrame, head: pl.DataFrame | None) -> str:
+def reference_markdown(ref: pl.DataFrame, head: pl.DataFrame | None, points: pl.DataFrame | None = None) -> str:
     """The never-learned reference section of the comparison: per reported forget set, each method at
-    its chosen setting (every run when no setting was chosen) beside the reference, with both
-    verdicts (in points, SELECTIVE_RULE; against the headroom, HEADROOM_RULE)."""
+    its chosen setting (with no chosen settings: every setting of `points`) beside the reference, with
+    both verdicts (in points, SELECTIVE_RULE; against the headroom, HEADROOM_RULE). Seeded runs (the
+    random control) show their mean."""
     from manu_core.forget_quality import HEADROOM_RULE
 
     out = ["## Against the never-learned reference (forget multiple choice)", "",
@@ -464,36 +465,38 @@ def reference_markdown(ref: pl.DataFrame, head: pl.DataFrame | None) -> str:
            "(1: as if never learned; above 1: over-forgotten); `gap`: the mean paired log truth-ratio gap, "
            "unlearned − never-learned (0: as if never learned; below: still knows), with TOFU's KS p-value. "
            "95 % profile-bootstrap intervals.", "", f"**Selective against the headroom**: {HEADROOM_RULE}.", ""]
-    rows = ref.filter(pl.col("forget") != VALIDATION)
+    keys = ["forget", "curve", "setting", "form"]
+    rows = ref.filter(pl.col("forget") != VALIDATION).with_columns(setting=pl.col("label").str.replace(r" seed=\d+$", ""))
+    drops: dict[tuple, tuple[float, float | None]] = {}  # (forget, curve, setting, form) -> (forget drop, retain drop)
     if head is not None:
-        pick = head.select(pl.col("forget"), pl.col("method").alias("curve"), "setting", "form").unique()
-        rows = rows.with_columns(setting=pl.col("label").str.replace(r" seed=\d+$", "")).join(
-            pick, on=["forget", "curve", "setting", "form"], how="semi")
-        retain = {(r["forget"], r["method"], r["form"]): (r["drop"]) for r in
-                  head.filter(pl.col("set") == "retain").iter_rows(named=True)}
-        forget = {(r["forget"], r["method"], r["form"]): (r["drop"], r["selective"]) for r in
-                  head.filter(pl.col("set") == "forget").iter_rows(named=True)}
-    else:
-        retain, forget = {}, {}
-    agg = (rows.group_by("forget", "curve", "form", maintain_order=True)
-           .agg(pl.col("label").first(), pl.len().alias("runs"), *(pl.col(c).mean() for c in REFERENCE_COLUMNS
+        rows = rows.join(head.select(pl.col("forget"), pl.col("method").alias("curve"), "setting", "form").unique(),
+                         on=keys, how="semi")
+        wide = (head.filter(pl.col("set").is_in(["forget", "retain"])).with_columns(pl.col("set") + "_drop")
+                .pivot(on="set", index=["forget", "method", "setting", "form"], values="drop", aggregate_function="mean"))
+        for r in wide.iter_rows(named=True):
+            drops[(r["forget"], r["method"], r["setting"], r["form"])] = (r["forget_drop"], r.get("retain_drop"))
+    elif points is not None:
+        for r in points.iter_rows(named=True):
+            drops[(r["forget"], r["method"], r["setting"], r["form"])] = (r["forget_drop"], r["retain_drop"])
+    agg = (rows.group_by(*keys, maintain_order=True)
+           .agg(pl.len().alias("runs"), *(pl.col(c).mean() for c in REFERENCE_COLUMNS
                 if c not in ("forget", "curve", "label", "strength", "seed", "form", "verdict", "headroom_excludes_0")),
-                pl.col("headroom_excludes_0").all(), pl.col("verdict").unique().sort().str.join("/")))
+                pl.col("headroom_excludes_0").all()))
     for (name,), g in agg.sort("forget").group_by("forget", maintain_order=True):
         out += [f"### forget {name}", "", "| method | form | vanilla | never-learned | headroom | share of headroom | "
                 "truth-ratio gap (KS p) | selective: points / headroom |", "|---|---|---|---|---|---|---|---|"]
         for r in g.iter_rows(named=True):
-            key = (name, r["curve"], r["form"])
-            fd, sel = forget.get(key, (r["vanilla"] - r["unlearned"], None))
-            rd = retain.get(key)
-            by_head = "–" if rd is None else ("**yes**" if is_selective_headroom(r["share"], r["headroom_excludes_0"],
-                                                                                   fd, rd) else "no")
-            by_points = "–" if sel is None else ("**yes**" if sel else "no")
+            fd, rd = drops.get((name, r["curve"], r["setting"], r["form"]), (r["vanilla"] - r["unlearned"], None))
+            if rd is None:
+                verdicts = "– / –"
+            else:
+                verdicts = " / ".join("**yes**" if ok else "no" for ok in (
+                    is_selective(fd, rd), is_selective_headroom(r["share"], r["headroom_excludes_0"], fd, rd)))
             gap = "–" if r["gap"] is None else f"{r['gap']:+.3f} [{r['gap_lo']:+.3f}, {r['gap_hi']:+.3f}] ({r['ks_p']:.2g})"
             seeds = f" ({r['runs']} seeds, means)" if r["runs"] > 1 else ""
-            out.append(f"| {r['label']}{seeds} | {FORM_LABELS.get(r['form'], r['form'])} | {r['vanilla']:.1f} | "
+            out.append(f"| {r['setting']}{seeds} | {FORM_LABELS.get(r['form'], r['form'])} | {r['vanilla']:.1f} | "
                        f"{r['reference']:.1f} | {_ci(r['headroom'], r['headroom_lo'], r['headroom_hi'])} | "
-                       f"{r['share']:.2f} [{r['share_lo']:.2f}, {r['share_hi']:.2f}] | {gap} | {by_points} / {by_head} |")
+                       f"{r['share']:.2f} [{r['share_lo']:.2f}, {r['share_hi']:.2f}] | {gap} | {verdicts} |")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -607,7 +610,7 @@ def compare(runs: list[dict], out_dir: str | Path, *, budget: float = BUDGET, x_
                 pts, out / "figures" / f"tradeoff-{forget}-{versus}.png", versus=versus, budget=budget)
     md = comparison_markdown(points, summary, chosen, head, budget=budget, x_max=x_max)
     if not ref.is_empty():
-        md += "\n" + reference_markdown(ref, head)
+        md += "\n" + reference_markdown(ref, head, points)
     if not planted.is_empty():
         md += "\n" + planted_markdown(planted)
     md += "\n" + "\n".join(f"![{n}](figures/{p.name})" for n, p in paths.items() if n.startswith("tradeoff-")) + "\n"

@@ -334,6 +334,26 @@ def test_compare_reports_each_chosen_setting_against_the_never_learned_reference
     section = md.split("## Against the never-learned reference")[1]
     assert "### forget forget_5" in section and "validation" not in section.split("### forget forget_5")[0].split("\n\n")[-1]
     assert "| manu[paper] α=0.1 | image+text | 100.0 | 37.5 |" in section and "**yes** / **yes**" in section
-    assert "| random(manu[paper] α=0.1) seed=0 |" in section  # the chosen setting of each method, not every point
+    assert "| random(manu[paper] α=0.1) | image+text |" in section and "α=0.05" not in section  # chosen settings only
     assert is_selective_headroom(0.6, True, 30.0, 10.0) and not is_selective_headroom(0.4, True, 30.0, 1.0)
     assert not is_selective_headroom(0.9, False, 30.0, 1.0) and not is_selective_headroom(0.9, True, 30.0, 20.0)
+
+
+def test_without_a_validation_run_every_setting_is_judged_against_the_reference(tmp_path):
+    from manu_core.forget_quality import reference_block
+    from manu_core.tradeoff import compare
+
+    vanilla, reference = _answers({"forget": 0.0, "retain": 0.0}, 0), _answers({"forget": 0.625}, 9)
+    runs = []
+    for a, (f, r) in {0.05: (0.125, 0.0), 0.1: (0.5, 0.0625)}.items():
+        unlearned = _answers({"forget": f, "retain": r}, 1)
+        runs.append({"forget": "forget_5", "label": f"manu[released] α={a:g}", "family": "manu", "mode": "released",
+                     "strength": a, "vanilla": vanilla, "unlearned": unlearned,
+                     "reference": reference_block(vanilla, unlearned, reference, n_boot=200)})
+    section = compare(runs, tmp_path, n_boot=200)["markdown"].read_text().split("## Against the never-learned")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| manu[released]")]
+    assert len(rows) == 4  # two settings x two forms, one row each (not pooled over α)
+    weak = next(r for r in rows if "α=0.05 | image+text" in r)
+    strong = next(r for r in rows if "α=0.1 | image+text" in r)
+    assert weak.endswith("| **yes** / no |") and "0.20" in weak  # 12.5 points pass the points rule, a fifth of 62.5 not
+    assert strong.endswith("| **yes** / **yes** |") and "0.80" in strong  # 50 points, retain 6.25: both rules
