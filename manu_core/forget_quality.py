@@ -51,7 +51,7 @@ import polars as pl
 from scipy.stats import ks_2samp
 
 from manu_core.scoring import LETTERS
-from manu_core.vocab import require_columns
+from manu_core.vocab import FORM_LABELS, require_columns
 
 KEYS = ("set", "form", "task", "scorer")  # one headroom per group
 ANSWER_COLUMNS = ("item_id", "set", "form", "task", "profile_id", "score", "scorer")
@@ -371,7 +371,8 @@ def reference_markdown(block: dict) -> str:
         share = f"{_num(r['share'], '{:.2f}')} [{_num(r['share_lo'], '{:.2f}')}, {_num(r['share_hi'], '{:.2f}')}]"
         if not r["headroom_excludes_0"]:
             share += " (headroom not above 0: not interpretable)"
-        lines.append(f"| {r['form']} | {r['task']} | {r['scorer']} | {_num(r['vanilla'])} | {_num(r['reference'])} | "
+        lines.append(f"| {FORM_LABELS.get(r['form'], r['form'])} | {r['task']} | {r['scorer']} | {_num(r['vanilla'])} | "
+                     f"{_num(r['reference'])} | "
                      f"{_num(r['unlearned'])} | {head} | {share} |")
     lines += ["", "Forget quality: the mean paired gap of log truth ratios, unlearned − never-learned, over the "
               "forget set's multiple-choice items (0: as if never learned; below: still knows; above: "
@@ -380,10 +381,11 @@ def reference_markdown(block: dict) -> str:
     vanilla = {r["form"]: r for r in block["vanilla_forget_quality"]}
     for r in block["forget_quality"]:
         if not r["available"]:
-            lines.append(f"| {r['form']} | unavailable: {r['reason']} | | | |")
+            lines.append(f"| {FORM_LABELS.get(r['form'], r['form'])} | unavailable: {r['reason']} | | | |")
             continue
         v = vanilla.get(r["form"], {})
-        lines.append(f"| {r['form']} | {r['paired_diff']:+.3f} [{r['paired_lo']:+.3f}, {r['paired_hi']:+.3f}] | "
+        lines.append(f"| {FORM_LABELS.get(r['form'], r['form'])} | {r['paired_diff']:+.3f} [{r['paired_lo']:+.3f}, "
+                     f"{r['paired_hi']:+.3f}] | "
                      f"{r['verdict']} | {r['p_value']:.3g} | "
                      + (f"{v['paired_diff']:+.3f} [{v['paired_lo']:+.3f}, {v['paired_hi']:+.3f}] |"
                         if v.get("available") else "- |"))
