@@ -216,7 +216,9 @@ def owned_name_tokens(tokenizer, profiles) -> dict[str, list[str]]:
 
 def train_vanilla(preset: Preset, out: Path, *, progress: bool = True) -> Path:
     """Train the preset's vanilla model into `out` (atomic): base on celebrities, then fine-tune on
-    all fictitious profiles, both forms. Writes config, loss curve and recall beside the weights.
+    the fictitious profiles, both forms (all of them, less a reference's `exclude`; a planted preset's
+    planted set is then learned by its planted units only). Writes config, loss curve and recall
+    beside the weights.
     torch's thread count is the preset's while it trains, and restored after."""
     with torch_threads(preset.threads):
         return _train_vanilla(preset, out, progress=progress)
