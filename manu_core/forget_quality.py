@@ -337,10 +337,6 @@ def forget_quality(unlearned: pl.DataFrame, reference: pl.DataFrame, *, set_name
 # ----------------------------------------------------------------------------------------------
 # One run's reference block (results.json "reference") and its table
 
-HEADROOM_RULE = ("selective against the headroom: the forget drop closes at least half of the learned "
-                 "headroom (share >= 0.5, headroom interval above 0) and is at least 2 x the retain drop")
-SELECTIVE_SHARE = 0.5
-
 
 def reference_block(vanilla: pl.DataFrame, unlearned: pl.DataFrame, reference: pl.DataFrame,
                     summaries: list | None = None, *, n_boot: int = 1000, seed: int = 0) -> dict:

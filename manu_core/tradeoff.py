@@ -36,6 +36,9 @@ RULE = ("per method, the strongest setting whose validation retain multiple-choi
         "{budget:g} points in every form; if none qualifies, the weakest setting, flagged within_budget=False")
 SELECTIVE_RULE = (f"selective: forget drop >= {SELECTIVE_MIN_FORGET:g} points and forget drop >= "
                   f"{SELECTIVE_RATIO:g} x retain drop")
+SELECTIVE_SHARE = 0.5  # the share of the never-learned headroom HEADROOM_RULE asks for
+HEADROOM_RULE = (f"the forget drop closes at least {SELECTIVE_SHARE:g} of the learned headroom (share >= "
+                 f"{SELECTIVE_SHARE:g}, headroom interval above 0) and is at least {SELECTIVE_RATIO:g} x the retain drop")
 
 
 class TradeoffError(ValueError):
@@ -444,10 +447,8 @@ def reference_frame(runs: list[dict]) -> pl.DataFrame:
 
 
 def is_selective_headroom(share: float | None, excludes_0: bool, forget_drop: float, retain_drop: float) -> bool:
-    """HEADROOM_RULE (manu_core/forget_quality.py): at least half the learned headroom closed, on a
-    headroom whose interval is above 0, and the forget drop at least 2 x the retain drop."""
-    from manu_core.forget_quality import SELECTIVE_SHARE
-
+    """HEADROOM_RULE: at least half the learned headroom closed, on a headroom whose interval is above
+    0, and the forget drop at least 2 x the retain drop."""
     return (bool(excludes_0) and share is not None and np.isfinite(share) and share >= SELECTIVE_SHARE
             and np.isfinite(retain_drop) and forget_drop >= SELECTIVE_RATIO * retain_drop)
 
@@ -457,8 +458,6 @@ def reference_markdown(ref: pl.DataFrame, head: pl.DataFrame | None, points: pl.
     its chosen setting (with no chosen settings: every setting of `points`) beside the reference, with
     both verdicts (in points, SELECTIVE_RULE; against the headroom, HEADROOM_RULE). Seeded runs (the
     random control) show their mean."""
-    from manu_core.forget_quality import HEADROOM_RULE
-
     out = ["## Against the never-learned reference (forget multiple choice)", "",
            "`never-learned`: the forget-set score of the model trained by the same recipe without the forget "
            "people; `headroom` = vanilla − never-learned (what was learned); `share` = the forget drop / headroom "
