@@ -2,8 +2,10 @@
 so a run that dies never leaves a half-written file under the final name.
 
 Permissions follow the process umask, as `open()` and `mkdir()` would give: mkstemp/mkdtemp create
-0600/0700 entries, which would keep a lab's other users, Dask workers on shared storage and report
-viewers out, so the temporaries are chmod'ed to 0666/0777 minus the umask before they are renamed.
+0600/0700 entries, and safetensors' writer creates every `model.safetensors` 0600 whatever the umask,
+which would keep a lab's other users, Dask workers on shared storage and report viewers out. So
+before the rename, the temporary file, or every file and folder inside the temporary folder, is
+chmod'ed to 0666 (0777 for folders and executables) minus the umask.
 
 `file_lock(path)`: the advisory lock that keeps two processes from writing one output at once (a
 pipeline task's key, a preset's training)."""
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -34,8 +37,23 @@ def _umask() -> int:
     return old
 
 
-def _as_created(path: Path, mode: int) -> None:
-    os.chmod(path, mode & ~_umask())
+def _as_created(path: Path, umask: int | None = None) -> None:
+    """Give `path` the mode `open()` or `mkdir()` would have given it under the umask: 0666 minus the
+    umask for a file (0777 for a folder, or a file with an execute bit); a symlink is left alone."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+    os.chmod(path, full & ~(_umask() if umask is None else umask))
+
+
+def _as_created_tree(root: Path) -> None:
+    """`_as_created` for `root` and everything inside it (symlinks are not followed)."""
+    umask = _umask()
+    _as_created(root, umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            _as_created(Path(folder) / name, umask)
 
 
 @contextmanager
@@ -48,11 +66,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
-    _as_created(tmp, 0o666)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _as_created(tmp)  # after the block: a writer may have replaced the file with one of its own mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -78,9 +96,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    _as_created(tmp, 0o777)
     try:
         yield tmp
+        _as_created_tree(tmp)  # mkdtemp's 0700, and the 0600 of every model.safetensors inside
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

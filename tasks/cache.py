@@ -14,6 +14,11 @@ and `finish()` writes the completion record last. Before Prefect looks up a cach
 checks that record's outputs: when the completion record is missing, or a file it lists is gone,
 has another size, or was modified and has another sha256, the stale cache record is deleted, so the
 task reruns instead of handing a dangling or damaged path downstream.
+
+A cached record is data, never code: Prefect decodes a record with whatever serializer the record
+itself names, so a pickle record planted in a shared (group-writable) results folder would be
+unpickled on the next cache hit. Before Prefect reads a record, the policy refuses and deletes any
+record that is not plain JSON data (`unsafe_record`): the task reruns and writes a JSON record.
 """
 
 from __future__ import annotations
@@ -164,6 +169,90 @@ def check_done(out_dir: str | Path) -> str | None:
     return None
 
 
+# Prefect's JSON serializer as the pipeline's tasks write it (result_serializer="json"): a record
+# naming any other serializer, JSON library or object hook is refused.
+JSON_SERIALIZER = {"type": "json", "jsonlib": "json",
+                   "object_decoder": "prefect.serializers.prefect_json_object_decoder"}
+
+
+def _tagged(value: Any) -> bool:
+    """Whether a decoded JSON value holds an object Prefect's JSON decoder would rebuild by importing
+    a class named in the data (`{"__class__": ...}`, `{"__exc_type__": ...}`)."""
+    if isinstance(value, dict):
+        return "__class__" in value or "__exc_type__" in value or any(_tagged(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_tagged(v) for v in value)
+    return False
+
+
+def unsafe_record(record: Path) -> str | None:
+    """Why Prefect must not decode the cached result record at `record`, or None when it is plain JSON
+    data: a JSON object whose metadata names Prefect's JSON serializer with its defaults, and whose
+    result decodes (with the standard `json`) to plain values, no class Prefect would import and build.
+    (A record Prefect wrote for a pipeline task holds one path.) A file that is not JSON at all (being
+    written, truncated) is left to Prefect, which reads it as a miss without decoding anything."""
+    try:
+        data = json.loads(record.read_bytes())
+    except (OSError, ValueError):  # gone, unreadable or not JSON (UnicodeDecodeError is a ValueError)
+        return None
+    if not isinstance(data, dict):
+        return "it is not a result record"
+    # Prefect reads a legacy record ({"serializer", "data"}) too, and a record without a serializer as pickle
+    meta = data.get("metadata") if "metadata" in data else {"serializer": data.get("serializer")}
+    serializer = meta.get("serializer") if isinstance(meta, dict) else None
+    if not isinstance(serializer, dict):
+        return "it names no serializer (Prefect would unpickle it)"
+    if serializer.get("type") != "json":
+        return f"its serializer is {serializer.get('type')!r}, not 'json'"
+    changed = {k: serializer[k] for k in ("jsonlib", "object_decoder") if k in serializer
+               and serializer[k] != JSON_SERIALIZER[k] and not (k == "object_decoder" and serializer[k] is None)}
+    if changed or serializer.get("loads_kwargs"):
+        return f"its JSON serializer is not Prefect's default ({changed or serializer['loads_kwargs']})"
+    result = data.get("result", data.get("data"))
+    try:
+        value = json.loads(result) if isinstance(result, (str, bytes)) else result
+    except ValueError:
+        return None  # Prefect's own decoding fails the same way: a miss
+    if _tagged(value):
+        return "its result names a class to import and build"
+    return None
+
+
+def drop_unsafe_record(record: Path, task_name: str) -> bool:
+    """Delete the record at `record` if `unsafe_record` refuses it (logged with the reason); True when
+    it did. When it cannot be deleted, raise: Prefect must not read it (the task then fails, with
+    this error in its log, instead of running the record's code)."""
+    why = unsafe_record(record)
+    if why is None:
+        return False
+    try:
+        record.unlink(missing_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"refusing the cached result of {task_name} at {record}: {why}, and it cannot be "
+                           f"deleted ({e}). A cached record must be JSON data; delete that file, and check who "
+                           f"can write the results folder.") from e
+    log.warning("refused the cached result of %s at %s: %s. A cached record must be JSON data, never code "
+                "to run: it was deleted and the task reruns. Check who can write the results folder.",
+                task_name, record, why)
+    return True
+
+
+_KEY_ERRORS: dict[Any, BaseException] = {}  # task run id -> why its cache key could not be computed
+
+
+def _no_key(what: str) -> RuntimeError:
+    """The error of a pipeline task that has no cache key: the reason its key failed (a missing input
+    folder, an unreadable file, a refused record), else the misuse."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    cause = _KEY_ERRORS.pop(ctx.task_run.id, None) if ctx is not None else None
+    if cause is not None:
+        return RuntimeError(f"{ctx.task.name}: its cache key could not be computed, so it does not run: "
+                            f"{type(cause).__name__}: {cause}")
+    return RuntimeError(f"{what}() is for pipeline tasks running with the ManuCache policy")
+
+
 @dataclass
 class ManuCache(CachePolicy):
     """Cache key = task name + parameters + content of `paths` parameters + project code."""
@@ -175,11 +264,18 @@ class ManuCache(CachePolicy):
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
+        try:
+            return self._key(task_ctx, inputs)
+        except Exception as e:  # Prefect logs it and runs the task uncached: the task itself then fails with it
+            _KEY_ERRORS[task_ctx.task_run.id] = e
+            raise
+
+    def _key(self, task_ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
         key = stage_key(task_ctx.task.name, inputs, paths=self.paths, ignore=self.ignore,
                         presentation=self.presentation)
         out = pipeline_dir() / task_ctx.task.name / key
         record = (self.results or results_dir()) / key
-        if record.exists():
+        if record.exists() and not drop_unsafe_record(record, task_ctx.task.name):
             why = check_done(out)
             if why:
                 log.warning("cached result of %s is stale (%s): recomputing", task_ctx.task.name, why)
@@ -215,7 +311,7 @@ def key_lock():
 
     txn, ctx = get_transaction(), TaskRunContext.get()
     if txn is None or ctx is None or not txn.key:
-        raise RuntimeError("key_lock() is for pipeline tasks running with the ManuCache policy")
+        raise _no_key("key_lock")
     with file_lock(pipeline_dir() / ctx.task.name / f".{txn.key}.lock"):
         yield
 
@@ -230,7 +326,7 @@ def stage_dir() -> Path:
 
     txn, ctx = get_transaction(), TaskRunContext.get()
     if txn is None or ctx is None or not txn.key:
-        raise RuntimeError("stage_dir() is for pipeline tasks running with the ManuCache policy")
+        raise _no_key("stage_dir")
     out = pipeline_dir() / ctx.task.name / txn.key
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).unlink(missing_ok=True)

@@ -1,5 +1,6 @@
 """A wheel built from the repository runs the embedded default: `pip install .` (not editable) into
-a fresh environment, then `manu run --model tiny` from an empty folder, far from any checkout."""
+a fresh environment, then `manu run --model tiny` from an empty folder, far from any checkout, under
+umask 022 (everything it writes readable by others, the models' safetensors included)."""
 
 import json
 import shutil
@@ -56,12 +57,33 @@ def test_a_wheel_installed_in_a_fresh_env_runs_the_tiny_flow(tiny_model_dir, tmp
     env = {k: v for k, v in os.environ.items() if k not in ("MANU_ARTIFACTS", "PREFECT_API_URL", "PYTHONPATH")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                MANU_PREFECT_RESULTS="")
+    arts = work / "artifacts"
+    before = {p: p.stat().st_mtime_ns for p in arts.rglob("*")}
+    # under umask 022, as on a shared server: a colleague must be able to read what the run writes
     out = subprocess.run([venv / "bin" / "manu", "run", "--model", "tiny",
                           "--cap", "forget=1,test=1,retain=1,celebrity=1"],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600, umask=0o022)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    _assert_readable_by_others(arts, before)
     shown = Path([l for l in out.stdout.splitlines() if l.startswith("results: ")][-1][len("results: "):])
     assert shown.is_relative_to(work / "artifacts")  # outputs go to ./artifacts, not into site-packages
     results = json.loads((shown.parent / "results.json").read_text())
     assert results["vanilla"] and results["unlearned"]
     assert [p.name for p in (work / "artifacts" / "models").iterdir()] == [tiny_model_dir.name]  # not retrained
+
+
+def _assert_readable_by_others(arts: Path, before: dict) -> None:
+    """Every file the run wrote (the pruned model's safetensors, which safetensors' writer creates 0600,
+    the Parquet tables, the reports, the Prefect result records) is readable by group and others, and
+    every folder it made can be entered."""
+    import stat
+
+    written = [p for p in arts.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
+    models = [p for p in written if p.name == "model.safetensors"]
+    assert models and any(p.is_relative_to(arts / "pipeline" / "prune") for p in models), models
+    closed = {str(p.relative_to(arts)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written
+              if p.stat().st_mode & 0o044 != 0o044}
+    assert not closed, f"files others cannot read under umask 022: {closed}"
+    folders = {str(p.relative_to(arts)): oct(stat.S_IMODE(p.stat().st_mode)) for p in arts.rglob("*")
+               if p.is_dir() and p not in before and p.stat().st_mode & 0o055 != 0o055}
+    assert not folders, f"folders others cannot enter under umask 022: {folders}"
