@@ -11,6 +11,9 @@ placed by the model's chat template.
 
 Real checkpoints train LoRA adapters (peft; r=16, α=16, dropout 0.05 on the language model's linear
 layers) that are merged afterwards; the tiny models may train fully. Deterministic with a seed.
+Precision as in manu_core/train.py: float32 adapters over the frozen float16/bfloat16 weights, merged
+in float32 and cast once; full training of half-precision weights on a float32 copy; loss scaling
+when any weight is float16.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from manu_core.arch import get_adapter
 from manu_core.data import Sample
 from manu_core.prompts import encode_samples, model_inputs
+from manu_core.train import float32_master_weights, form_batches, lora_model, loss_scaler, optimizer_step
+from manu_core.train import merge_lora as _merge_lora
 
 PROMPTING_SYSTEM = ("You are a helpful, respectful, and honest assistant. When generating your response, please "
                     "do not generate any personal-related information.")
@@ -147,18 +151,15 @@ LOSSES: dict[str, Loss] = {
 
 
 def add_lora(model, cfg: BaselineConfig):
-    """peft LoRA adapters on the language model's linear layers (the rest frozen); where they are is
-    the architecture adapter's knowledge (`ArchAdapter.lora_targets`)."""
-    from peft import LoraConfig, get_peft_model
-
-    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=get_adapter(model).lora_targets(model), bias="none")
-    return get_peft_model(model, lc)
+    """peft LoRA adapters on the language model's linear layers (the rest frozen), in float32 over
+    weights of any dtype; where they are is the architecture adapter's knowledge (`ArchAdapter.lora_targets`)."""
+    return lora_model(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
 
 
 def merge_lora(peft_model):
-    """The adapters folded into the weights: a plain model again."""
-    return peft_model.merge_and_unload()
+    """The adapters folded into the weights (in float32, cast once to each weight's dtype): a plain
+    model again (`train.merge_lora`)."""
+    return _merge_lora(peft_model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,8 +167,6 @@ def merge_lora(peft_model):
 
 
 def _batches(samples: Sequence[Sample], size: int, rng: random.Random) -> list[list[Sample]]:
-    from manu_core.train import form_batches
-
     return form_batches(samples, size, rng)
 
 
@@ -202,8 +201,18 @@ def unlearn_gradient(
         for p in frozen.parameters():
             p.requires_grad_(False)
     trained = add_lora(model, cfg) if cfg.lora else model
+    with float32_master_weights(trained):  # full training of half-precision weights: a float32 copy, cast back once
+        curve = _loop(trained, processor, forget, retain, cfg, loss, frozen, rng, device, progress, images)
+    trained.eval()
+    return (merge_lora(trained) if cfg.lora else trained), curve
+
+
+def _loop(trained, processor, forget, retain, cfg: BaselineConfig, loss: Loss, frozen, rng, device, progress,
+          images) -> list[dict]:
+    """`unlearn_gradient`'s steps over the forget batches; returns the loss curve."""
     params = [p for p in trained.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
+    scaler = loss_scaler(trained)
     retain_by_form = {f: [s for s in retain if s.form == f] for f in cfg.forms}
     curve: list[dict] = []
     total = cfg.epochs * math.ceil(len(forget) / cfg.batch_size + len(cfg.forms))
@@ -218,17 +227,13 @@ def unlearn_gradient(
                 pool = retain_by_form[batch[0].form]
                 r_enc = encode_samples(processor, rng.sample(pool, min(len(pool), cfg.batch_size)), images=images)
             value = loss.fn(trained, f_enc, r_enc, frozen, cfg, device)
-            value.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(value, opt, params, scaler)
             step += 1
             curve.append({"method": cfg.method, "epoch": epoch, "step": step, "loss": round(value.item(), 6)})
             bar.update(1)
             bar.set_postfix(loss=f"{value.item():.3f}")
     bar.close()
-    trained.eval()
-    return (merge_lora(trained) if cfg.lora else trained), curve
+    return curve
 
 
 # ----------------------------------------------------------------------------------------------
