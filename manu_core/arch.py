@@ -10,7 +10,10 @@ per architecture (keyed by `config.model_type`):
 - which vision layers are dead (method.md: LLaVA reads the vision tower at `vision_feature_layer`,
   -2 for LLaVA-1.5, so later layers never reach the output and are left out);
 - how the images the vision tower sees map to the samples of a batch (`ImageLayout`), for
-  per-sample vision activations.
+  per-sample vision activations;
+- what the authors' released code hard-codes per architecture (`ReleasedTower`: which MLP Linears it
+  hooks, which layers its pooled score lands on), for the `released` scoring mode (method.md, "Mode
+  `released`", "Per architecture").
 
 Adding an architecture is one `register(ArchAdapter(...))` call; the Qwen2-VL entry at the bottom
 is the worked example (its tower paths and an image layout, nothing else).
@@ -177,6 +180,45 @@ def _all_live(config, n_layers: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# The authors' released code, per architecture
+
+
+POOL_WINDOW = 3  # the released code stores every layer under three layers' names (method.md, pool_layers)
+
+
+@dataclass(frozen=True)
+class ReleasedTower:
+    """What the authors' released code (github franciscoliu/MANU, prune/prune_utility.py,
+    `register_feedforward_hooks`) hard-codes for one tower of one architecture; the `released` scoring
+    mode follows it by default (option sites="authors"; method.md, "Mode `released`", "Per architecture").
+
+    `linears`: the MLP Linears whose outputs it hooks (option linear_outputs); None: every one of the
+    block (`MlpKind.linears`). `skip`: its layer names are absolute indices (vision 21-23, language
+    29-31 on both of its architectures), here counted from the end of the tower: the pooled score
+    (option pool_layers) lands on the POOL_WINDOW layers that end `skip` layers before the tower's
+    last, so 0 is "the last three". Both defaults are the mode's rule for an architecture the authors
+    never ran (sites="uniform" applies them everywhere).
+    """
+
+    linears: tuple[str, ...] | None = None
+    skip: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.skip, int) or self.skip < 0:
+            raise ArchError(f"ReleasedTower.skip counts layers back from the tower's last, so it must be an int >= 0; "
+                            f"got {self.skip!r}.")
+
+    def pool_layers(self, layers) -> list[int]:
+        """The layers, among `layers` (the tower's layers present in the store), that the pooled score
+        lands on: the POOL_WINDOW of them ending `skip` before the last. A tower too short for that
+        (fewer than skip + POOL_WINDOW layers: a tiny stand-in) keeps a window of POOL_WINDOW starting
+        at its first layer; one of at most POOL_WINDOW layers gives them all."""
+        ordered = sorted(set(layers))
+        start = max(0, len(ordered) - POOL_WINDOW - self.skip)
+        return ordered[start : start + POOL_WINDOW]
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -190,6 +232,15 @@ class ArchAdapter:
     image_layout: Callable[[object, Mapping[str, torch.Tensor]], ImageLayout]
     live_vision_layers: Callable[[object, int], int] = _all_live
     backbone: str = "model"  # submodule that runs everything but the LM head (extraction skips the head)
+    released_language: ReleasedTower = ReleasedTower()  # the authors' hard-coded choices (ReleasedTower)
+    released_vision: ReleasedTower = ReleasedTower()
+
+    def __post_init__(self) -> None:
+        for name in TOWERS:
+            linears, kind = self.released(name).linears, self.tower(name).kind
+            if linears is not None and (not linears or set(linears) - set(kind.linears)):
+                raise ArchError(f"{self.model_type}: released_{name}.linears must name Linears of its {kind.name} MLP "
+                                f"({', '.join(kind.linears)}); got {linears!r}. Use None for every one.")
 
     def lora_targets(self, model) -> str:
         """peft `target_modules` regex: the attention and MLP projections of the language model's
@@ -205,6 +256,12 @@ class ArchAdapter:
         if name not in TOWERS:
             raise ArchError(_unknown("tower", name, TOWERS))
         return self.language if name == "language" else self.vision
+
+    def released(self, name: str) -> ReleasedTower:
+        """The authors' released code's choices for tower `name` (ReleasedTower)."""
+        if name not in TOWERS:
+            raise ArchError(_unknown("tower", name, TOWERS))
+        return self.released_language if name == "language" else self.released_vision
 
 
 ADAPTERS: dict[str, ArchAdapter] = {}
@@ -222,15 +279,24 @@ register(ArchAdapter(
     vision=TowerLayout(("model.vision_tower.encoder.layers", "vision_tower.vision_model.encoder.layers"), PLAIN),
     image_layout=_llava_images,
     live_vision_layers=_llava_live_vision_layers,
+    # The released code hooks fc1 and fc2, gate/up/down, and names vision 21-23, language 29-31: the
+    # last three of CLIP ViT-L's 24 layers and of Vicuna-7B's 32, hence the defaults (skip 0). The
+    # hidden-unit store leaves the dead vision layer 23 out, so there the last three are 20-22
+    # (method.md, pool_layers).
 ))
 register(ArchAdapter(
     model_type="idefics2",  # Mistral + SigLIP-like encoder
     language=TowerLayout(("model.text_model.layers",), GATED),
     vision=TowerLayout(("model.vision_model.encoder.layers",), PLAIN),
     image_layout=_idefics2_images,  # the connector reads last_hidden_state: every vision layer is live
+    # The released code hooks only fc1 of the vision MLPs (its fc2 hooks are commented out) and the
+    # same names as on LLaVA: language 29-31, the last three of Mistral-7B's 32 (skip 0), but vision
+    # 21-23 of SigLIP's 27 layers (0-26), which end 3 layers before the last (skip 3).
+    released_vision=ReleasedTower(linears=("fc1",), skip=3),
 ))
 register(ArchAdapter(
     model_type="qwen2_vl",  # the one-entry example of a third architecture (no tiny builder/processor yet)
+    # The authors never ran it: the released mode's defaults (every Linear, the last three layers).
     language=TowerLayout(("model.language_model.layers",), GATED),
     vision=TowerLayout(("model.visual.blocks",), PLAIN),
     image_layout=_qwen2_vl_images,  # the merger reads the last block: every vision layer is live
@@ -244,9 +310,12 @@ def _unknown(kind: str, value: object, available) -> str:
 
 
 def get_adapter(model_or_config) -> ArchAdapter:
-    """The adapter for a model (or its config), by `config.model_type`."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
+    """The adapter for a model, its config, or a `config.model_type` string (e.g. "idefics2")."""
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise ArchError(
             _unknown("architecture", model_type, ADAPTERS)

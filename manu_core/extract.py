@@ -39,6 +39,9 @@ Choices this module makes (and why):
   MLP Linear (gate_proj, up_proj, down_proj; fc1, fc2) reduces its output with the same masks and
   statistics as the hidden units (`arch.output_sites`); a layer's outputs are stored side by side in
   the sub-store `linear_outputs/` (store.py, "Linear outputs"). The hidden-unit store is unchanged.
+  Every Linear, also where the released code hooks fewer (Idefics2's vision tower: fc1 only): the
+  scoring leaves the others out per architecture (`arch.ReleasedTower`, released option `sites`), and a
+  Linear's statistics do not depend on which others are hooked, so one extraction serves both settings.
 - The forward runs the model's backbone (`ArchAdapter.backbone`), not the LM head: logits are not
   needed, and on a 32k vocabulary the head is a sizeable part of a forward.
 
@@ -613,10 +616,11 @@ def extract_activations(
     (store.py, "Position statistics"; the `released` mode's `per_position` option reads them): they
     depend on how samples are batched, so `batch_size` is then part of what is measured.
     `linear_outputs` (default off) also hooks the output of every Linear of each MLP block (gate_proj,
-    up_proj, down_proj; fc1, fc2), as the authors' released code does, into the store's OUTPUTS_DIR
+    up_proj, down_proj; fc1, fc2), the authors' released code's hook sites, into the store's OUTPUTS_DIR
     sub-store (store.py, "Linear outputs"; the `released` mode's `linear_outputs` option reads it),
     with the same statistics as the hidden units; there every layer is hooked, dead vision layers
-    included (LLaVA's last), as the released code does.
+    included (LLaVA's last), as the released code does. Where that code hooks fewer Linears (Idefics2's
+    vision fc2 outputs), the scoring leaves them out (module docstring).
     `images` resolves image keys (None: the embedded portraits; a local MLLMU-Bench's `Benchmark.image`).
     """
     _check_aggregation(aggregation, with_answers)

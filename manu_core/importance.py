@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -64,6 +65,9 @@ from manu_core.store import (
     write_table_atomic,
 )
 from manu_core.vocab import did_you_mean
+
+if TYPE_CHECKING:
+    from manu_core.arch import ReleasedTower
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +174,19 @@ SCORING_MODES: dict[str, ModeSpec] = {
     "released": ModeSpec("released", "the authors' released code: per-tower statistics over tokens, "
                          "Σ w·(F/(R+ε) − 1), top p% per tower", 1e-5,
                          {"abs": 2.0, "freq": 0.0, "var": 2.0, "rms": 2.0}, "tower", ("tower",),
-                         {"pool_layers": False, "clamp": None, "per_position": False, "linear_outputs": False},
+                         {"pool_layers": False, "clamp": None, "per_position": False, "linear_outputs": False,
+                          "sites": "authors"},
                          True),
     "selective": ModeSpec("selective", "selective pruning (Pochinkov & Schoots 2024): one token statistic's "
                           "forget/retain ratio, top fraction over all layers", 1e-3,
                           {k: 1.0 for k in WEIGHT_NAMES}, "global", SCOPES, {"statistic": "abs"}, True),
 }
 SELECTIVE_STATISTICS = ("abs", "freq", "std", "rms")
+# released option `sites`: "authors" follows what the released code hard-codes for the scored model's
+# architecture (arch.ReleasedTower: the Linears it hooks, the layers its pooled score lands on); "uniform"
+# applies the mode's own rule (every Linear, the last three layers) on every architecture. They differ on
+# Idefics2 only (docs/method.md, "Mode `released`", "Per architecture").
+RELEASED_SITES = ("authors", "uniform")
 
 
 def mode_defaults(mode: str) -> dict:
@@ -200,6 +210,10 @@ def _check_options(spec: ModeSpec, options: Mapping[str, object]) -> dict:
         for flag in ("per_position", "linear_outputs"):
             if not isinstance(out[flag], bool):
                 raise ValueError(f"released option {flag} must be true or false; got {out[flag]!r}.")
+        if out["sites"] not in RELEASED_SITES:
+            raise ValueError(f"released option sites must be one of {', '.join(RELEASED_SITES)} (authors: the released "
+                             f"code's choices for the model's architecture; uniform: every Linear, the last three "
+                             f"layers); got {out['sites']!r}.")
         if out["clamp"] is not None and (_number("released option clamp", out["clamp"]) <= 0):
             raise ValueError(f"released option clamp must be > 0 (the released code uses 1000) or None; "
                              f"got {out['clamp']!r}.")
@@ -212,8 +226,8 @@ def _check_options(spec: ModeSpec, options: Mapping[str, object]) -> dict:
 class ImportanceParams:
     """Scoring and selection settings. `mode` picks the scoring (SCORING_MODES: paper, released,
     selective); eps, weights and scope left None take that mode's defaults; `options` are the mode's
-    own (released: pool_layers, clamp, per_position, linear_outputs; selective: statistic). `weights` also accepts a mapping or
-    'abs=1,freq=0,...'."""
+    own (released: pool_layers, clamp, per_position, linear_outputs, sites; selective: statistic). `weights` also
+    accepts a mapping or 'abs=1,freq=0,...'."""
 
     alpha: float = 0.05  # pruning ratio: top α of the neurons in each scope group (paper: 0.02, 0.05, 0.1)
     eps: float | None = None  # ε in the ratios and the score (paper 1e-5, selective 1e-3)
@@ -814,11 +828,51 @@ def _pooled(sums: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     return sums.group_by(by, maintain_order=True).agg(*(pl.col(c).sum() for c in TOKEN_SUMS))
 
 
-def _released_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFrame:
+def released_choices(params: ImportanceParams, model_type: str | None) -> dict[str, ReleasedTower]:
+    """Per tower, the `arch.ReleasedTower` the released mode follows: with option sites="authors" (the
+    default) the released code's choices for `model_type` (a `config.model_type`, e.g. "idefics2"), with
+    sites="uniform" or no model_type the mode's own rule (every Linear, the last three layers), which is
+    the authors' choice on LLaVA. docs/method.md, "Mode `released`", "Per architecture"."""
+    from manu_core.arch import ReleasedTower, get_adapter  # imported here: arch imports torch, scoring needs none
+
+    if params.mode != "released" or params.option("sites") == "uniform" or model_type is None:
+        return {t: ReleasedTower() for t in TOWERS}
+    adapter = get_adapter(model_type)
+    return {t: adapter.released(t) for t in TOWERS}
+
+
+def _authors_linears(sums: pl.DataFrame, choices: dict) -> pl.DataFrame:
+    """A Linear-output store's sums restricted, per tower, to the Linears the released code hooks
+    (ReleasedTower.linears; Idefics2's vision tower: fc1 only). The others are not neurons of the table:
+    never scored, selected or drawn by the random control, as if never hooked (a Linear's statistics do
+    not depend on which other Linears are hooked, so one extraction serves both `sites` settings)."""
+    keep = {t: c.linears for t, c in choices.items() if c.linears is not None}
+    if "module" not in sums.columns or not keep:
+        return sums
+    for tower, linears in keep.items():
+        present = set(sums.filter(pl.col("tower") == tower)["module"].unique().to_list())
+        if present and not present & set(linears):
+            raise ValueError(f"released option sites='authors' scores the {tower} outputs of {', '.join(linears)} (the "
+                             f"released code's hook sites), and these sums have only {', '.join(sorted(present))}. "
+                             "Extract again with linear_outputs=True (it hooks every Linear), or set sites='uniform'.")
+    dropped = pl.any_horizontal(
+        (pl.col("tower") == t) & ~pl.col("module").is_in(list(linears)) for t, linears in keep.items())
+    return sums.filter(~dropped)
+
+
+def _released_scores(sums: pl.DataFrame, params: ImportanceParams, model_type: str | None = None) -> pl.DataFrame:
     """The authors' released code (docs/method.md, "Scoring modes"): vision units on the image+text
     form, language units on the text form; per-token statistics per split; score Σ_k w_k (F_k/(R_k+ε) − 1).
-    With pool_layers, a tower's layers are pooled per unit index and the score lands on its last three layers."""
+    With pool_layers, a tower's layers are pooled per unit index and the score lands on three of its layers:
+    per architecture, those its code names (`released_choices`; the last three but on Idefics2's vision
+    tower). With linear_outputs, the Linears it hooks (every one but on Idefics2's vision tower: fc1)."""
     eps, w, opts = params.eps, params.weights.as_dict(), dict(params.options)
+    choices = released_choices(params, model_type)
+    if model_type is None and params.option("sites") == "authors" and (opts["pool_layers"] or opts["linear_outputs"]):
+        log.warning("released mode without the model's architecture (model_type=None): the last three layers and "
+                    "every Linear are scored, the released code's choice on LLaVA but not on Idefics2 (vision: fc1 "
+                    "outputs, layers 21-23). Pass model_type (config.model_type) to follow it per architecture.")
+    sums = _authors_linears(sums, choices)
     form_of = pl.when(pl.col("tower") == "vision").then(pl.lit("multimodal")).otherwise(pl.lit("text"))
     used = sums.filter(pl.col("form") == form_of)
     _check_clamp(used, opts["clamp"])
@@ -849,9 +903,11 @@ def _released_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFra
         score=score,
     )
     if opts["pool_layers"]:
-        last3 = neurons.select("tower", "layer").unique().sort("tower", "layer").group_by(
-            "tower", maintain_order=True).tail(3)
-        table = neurons.join(last3, on=["tower", "layer"], how="inner").join(table, on=["tower", "unit"], how="left")
+        # the released code stores every layer under three layers' names: per tower, the score lands there
+        layers = neurons.select("tower", "layer").unique().group_by("tower").agg(pl.col("layer"))
+        targets = pl.DataFrame([(t, l) for t, ls in layers.iter_rows() for l in choices[t].pool_layers(ls)],
+                               schema={"tower": pl.String, "layer": pl.Int64}, orient="row")
+        table = neurons.join(targets, on=["tower", "layer"], how="inner").join(table, on=["tower", "unit"], how="left")
         table = neurons.join(table, on=list(NEURON), how="left")  # other layers: no score, never selected
     else:
         table = neurons.join(table, on=list(NEURON), how="left")
@@ -877,8 +933,8 @@ def _selective_scores(sums: pl.DataFrame, params: ImportanceParams) -> pl.DataFr
 SCORERS = {"paper": _paper_scores, "released": _released_scores, "selective": _selective_scores}
 
 
-def importance_table(sums: pl.DataFrame, params: ImportanceParams, *, already: pl.DataFrame | None = None
-                     ) -> pl.DataFrame:
+def importance_table(sums: pl.DataFrame, params: ImportanceParams, *, already: pl.DataFrame | None = None,
+                     model_type: str | None = None) -> pl.DataFrame:
     """Per-split statistics, score and selection under `params.mode`: one row per neuron, sorted by
     (tower, layer, unit).
 
@@ -887,13 +943,21 @@ def importance_table(sums: pl.DataFrame, params: ImportanceParams, *, already: p
     paper: the four importance functions and their weighted sum I; released and selective: the split's
     token statistics (mean |a|, share active, std, rms) and, as importance, their weighted sum (released)
     or the statistic scored (selective). A neuron without a score (released with pool_layers: layers
-    other than the last three) has null score and rank and is never selected.
+    other than the three its score lands on) has null score and rank and is never selected.
+
+    `model_type`: the scored model's `config.model_type` (e.g. "llava", "idefics2"). The released mode
+    follows the released code's choices for that architecture (option sites="authors", the default;
+    `released_choices`); None scores as sites="uniform" (the authors' choice on LLaVA, not on Idefics2).
+    The other modes ignore it.
 
     `already`: a previous importance table (iterative pruning): its selected neurons stay selected and
     are left out of the ranking, and ⌊α·N⌋ more are selected among the others.
     """
     sums = _check_sums(sums, params)
-    table = SCORERS[params.mode](sums, params)
+    if params.mode == "released":  # the one mode that reads the architecture
+        table = _released_scores(sums, params, model_type)
+    else:
+        table = SCORERS[params.mode](sums, params)
     previous = None
     if already is not None:
         if params.mode == "released":
@@ -968,14 +1032,16 @@ def _select(table: pl.DataFrame, params: ImportanceParams, previous: pl.DataFram
     return out.sort(list(NEURON)).select(OUTPUT_COLUMNS)
 
 
-def compute_importance(root: str | Path, params: ImportanceParams, *, progress: bool = False) -> pl.DataFrame:
-    """Importance table of an activation folder: `importance_table(neuron_sums(root, params.tau), params)`;
-    with the released option linear_outputs, of its linear_outputs/ sub-store (when `root` is not one)."""
+def compute_importance(root: str | Path, params: ImportanceParams, *, progress: bool = False,
+                       model_type: str | None = None) -> pl.DataFrame:
+    """Importance table of an activation folder: `importance_table(neuron_sums(root, params.tau), params,
+    model_type=model_type)`; with the released option linear_outputs, of its linear_outputs/ sub-store
+    (when `root` is not one)."""
     root = Path(root)
     if params.mode == "released" and params.option("linear_outputs") and read_layout(root) is None \
             and (root / OUTPUTS_DIR).is_dir():
         root = root / OUTPUTS_DIR
-    return importance_table(neuron_sums(root, params.tau, progress=progress), params)
+    return importance_table(neuron_sums(root, params.tau, progress=progress), params, model_type=model_type)
 
 
 def write_importance(df: pl.DataFrame, path: str | Path) -> Path:

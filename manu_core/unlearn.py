@@ -49,7 +49,7 @@ def manu_unlearn(
     acts = extract_activations(model, processor, dataset, workdir / "activations", aggregation=aggregation,
                                batch_size=batch_size, device=device, seed=seed, progress=progress, images=images,
                                **params.extraction())
-    table = compute_importance(acts, params)
+    table = compute_importance(acts, params, model_type=model.config.model_type)  # the released mode's sites
     require_selection(table, params)
     imp = write_importance(table, workdir / "importance.parquet")
     report = prune_units(model, table)

@@ -121,3 +121,61 @@ class _Wrapped(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.config = inner.config
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' released code, per architecture (docs/method.md, "Mode `released`", "Per architecture")
+
+
+def test_released_choices_follow_the_authors_hook_registration():
+    """prune_utility.register_feedforward_hooks: LLaVA fc1+fc2 and gate/up/down, Idefics2 fc1 only in the
+    vision tower; layer names vision 21-23, language 29-31 on both."""
+    llava, idefics2, qwen = (get_adapter(t) for t in ("llava", "idefics2", "qwen2_vl"))
+    assert llava.released("vision") == llava.released("language") == arch.ReleasedTower(None, 0)
+    assert idefics2.released("vision") == arch.ReleasedTower(linears=("fc1",), skip=3)
+    assert idefics2.released("language") == arch.ReleasedTower(None, 0)
+    assert qwen.released("vision") == qwen.released("language") == arch.ReleasedTower()  # never run by the authors
+    # the real towers get the authors' absolute numbers back
+    assert llava.released("vision").pool_layers(range(24)) == [21, 22, 23]  # CLIP ViT-L, dead layer 23 included
+    assert llava.released("vision").pool_layers(range(23)) == [20, 21, 22]  # the hidden-unit store (no layer 23)
+    assert llava.released("language").pool_layers(range(32)) == [29, 30, 31]
+    assert idefics2.released("vision").pool_layers(range(27)) == [21, 22, 23]  # SigLIP: not the last three
+    assert idefics2.released("language").pool_layers(range(32)) == [29, 30, 31]  # Mistral-7B
+    with pytest.raises(ArchError, match="Unknown tower 'visoin'"):
+        llava.released("visoin")
+
+
+@pytest.mark.parametrize("n,want", [(27, [21, 22, 23]), (9, [3, 4, 5]), (7, [1, 2, 3]), (6, [0, 1, 2]),
+                                    (5, [0, 1, 2]), (3, [0, 1, 2]), (2, [0, 1]), (1, [0])])
+def test_the_authors_vision_window_counts_from_the_end_and_clamps_at_the_first_layer(n, want):
+    """Idefics2's vision window: layers n−6..n−4 of n; shorter towers start at layer 0."""
+    assert get_adapter("idefics2").released("vision").pool_layers(range(n)) == want
+
+
+def test_the_window_is_taken_among_the_layers_present():
+    """By position among the store's layers (sorted, deduplicated), not by index arithmetic."""
+    assert arch.ReleasedTower(skip=3).pool_layers([9, 0, 2, 5, 7, 8, 11, 12, 2]) == [5, 7, 8]
+    assert arch.ReleasedTower().pool_layers([4, 1, 9, 6]) == [4, 6, 9]
+    assert arch.ReleasedTower().pool_layers([]) == []
+
+
+def test_released_choices_are_checked_against_the_mlp_kind(monkeypatch):
+    monkeypatch.setattr(arch, "ADAPTERS", dict(ADAPTERS))
+    with pytest.raises(ArchError, match=r"released_vision.linears must name Linears of its plain MLP \(fc1, fc2\); "
+                                        r"got \('gate_proj',\)"):
+        dataclasses.replace(ADAPTERS["idefics2"], released_vision=arch.ReleasedTower(linears=("gate_proj",)))
+    with pytest.raises(ArchError, match="must be an int >= 0; got -1"):
+        arch.ReleasedTower(skip=-1)
+
+
+def test_released_linears_name_the_tiny_models_linears(tok):
+    """The Linears named for Idefics2's vision tower are Linears the extraction hooks (arch.output_sites)."""
+    model = tiny(tok, "idefics2")
+    hooked = {s.module for s in arch.output_sites(model, mlp_sites(model, towers=("vision",)))}
+    assert set(get_adapter(model).released("vision").linears) < hooked == {"fc1", "fc2"}
+
+
+def test_get_adapter_takes_a_model_type_string(tok):
+    assert get_adapter("idefics2") is get_adapter(tiny(tok, "idefics2")) is ADAPTERS["idefics2"]
+    with pytest.raises(ArchError, match="Unknown architecture 'idefic2'. Did you mean 'idefics2'"):
+        get_adapter("idefic2")

@@ -9,6 +9,8 @@ the released code's per-position statistics over the rows of each batch, padding
 module over a tower's layers with pool_layers. Vision units on the image+text streams, language units
 on the text streams; score Σ_k w_k (F_k/(R_k + ε) − 1); per tower, one threshold over every hooked
 module: the units scoring ≥ the ⌊α·N⌋-th largest score. Pruning zeroes output rows (and bias entries).
+Per architecture (option sites="authors" with the model's type): on Idefics2 the released code hooks only
+fc1 of the vision MLPs and names vision layers 21-23 of 27 (docs/method.md, "Per architecture").
 """
 
 import copy
@@ -41,9 +43,9 @@ def ds():
     return mdata.build_dataset(forget=["001", "002"], n_profiles=5, n_celebrities=0)
 
 
-def tiny(ds, arch):
+def tiny(ds, arch, **sizes):
     tok = train_tokenizer([f"{s.question} {s.answer}" for p in ds.profiles for s in mdata.samples(p)], 512)
-    spec = TinySpec(arch=arch, **SMALL)
+    spec = TinySpec(arch=arch, **{**SMALL, **sizes})
     return build_tiny_model(spec, tok, seed=5).eval(), build_processor(spec, tok)
 
 
@@ -107,11 +109,11 @@ def position_stats(seen, split, form, tower, layers, module):
     return chunked([per_position(x) for x in stacked])
 
 
-def reference(seen, masks, layers, per_pos, pool):
+def reference(seen, masks, layers, per_pos, pool, linears=LINEARS):
     """{(tower, layer, module, row): score}, the selected keys, and the smallest gap between a tower's
-    threshold score and the next one below it."""
+    threshold score and the next lower one. `linears`: the modules hooked per tower."""
     scores, selected, margin = {}, set(), np.inf
-    for tower, mods in LINEARS.items():
+    for tower, mods in linears.items():
         form = "multimodal" if tower == "vision" else "text"
         tower_scores = {}
         for module in mods:
@@ -127,7 +129,8 @@ def reference(seen, masks, layers, per_pos, pool):
         ordered = sorted(tower_scores.values(), reverse=True)
         k = kfloor(ALPHA, len(ordered))
         selected |= {key for key, v in tower_scores.items() if v >= ordered[k - 1]}
-        margin = min(margin, ordered[k - 1] - ordered[k])
+        below = [v for v in ordered[k:] if v < ordered[k - 1]]  # pooled: a row's score repeats, exactly, per layer
+        margin = min(margin, ordered[k - 1] - below[0]) if below else margin
         scores.update(tower_scores)
     return scores, selected, margin
 
@@ -187,6 +190,85 @@ def test_released_linear_outputs_scores_and_selection_match_the_reference(extrac
     assert set(keys(picked)) == selected
     # one threshold per tower over every module: each tower's share is ⌊α·N⌋ (ties aside), spread over modules
     assert set(picked["module"]) - {"gate_proj", "up_proj", "down_proj", "fc1", "fc2"} == set()
+
+
+@pytest.mark.parametrize("per_pos,pool", [(False, False), (True, False), (True, True)],
+                         ids=["tokens", "per_position", "per_position+pool_layers"])
+def test_per_architecture_idefics2_scores_vision_fc1_only_and_llava_is_unchanged(extracted, per_pos, pool):
+    """With the model's type (sites="authors", the default): Idefics2's vision tower is scored on its fc1
+    outputs only, as the released code hooks it, against the reference hooking fc1 only; LLaVA's table is
+    the one without model_type, byte for byte. (Two vision layers: the window is both, as the last three.)"""
+    root, seen, masks, layers, model = extracted
+    arch = model.config.model_type
+    params = ImportanceParams(alpha=ALPHA, mode="released",
+                              options={"linear_outputs": True, "per_position": per_pos, "pool_layers": pool})
+    sums = neuron_sums(root, 0.1)
+    table, before = importance_table(sums, params, model_type=arch), importance_table(sums, params)
+    if arch == "llava":
+        assert table.equals(before, null_equal=True)
+        return
+    linears = {**LINEARS, "vision": ("fc1",)}
+    assert set(zip(table["tower"], table["module"])) == {("language", m) for m in LINEARS["language"]} | {("vision", "fc1")}
+    assert table.filter(pl.col("tower") == "vision").height == sum(
+        seen[("forget", "multimodal", "vision", l, "fc1")][0].shape[-1] for l in layers["vision"])
+    want, selected, margin = reference(seen, masks, layers, per_pos, pool, linears)
+    scored = table.filter(pl.col("score").is_not_null())
+    assert set(keys(scored)) == set(want)
+    rtol, atol = (1e-9, 1e-12) if per_pos else (1e-5, 1e-6)
+    np.testing.assert_allclose(scored["score"].to_numpy(), [want[k] for k in keys(scored)], rtol=rtol, atol=atol)
+    assert margin > 10 * atol
+    assert set(keys(table.filter(pl.col("selected")))) == selected
+    # the language tower is scored as before; sites="uniform" gives the table without model_type back
+    lang = lambda t: t.filter(pl.col("tower") == "language").drop("rank", "selected")
+    assert lang(table).equals(lang(before), null_equal=True)
+    uniform = ImportanceParams(alpha=ALPHA, mode="released", options={**dict(params.options), "sites": "uniform"})
+    assert importance_table(sums, uniform, model_type=arch).equals(before, null_equal=True)
+
+
+def test_idefics2_authors_layers_on_a_deeper_vision_tower(ds, tmp_path):
+    """Seven vision layers: the released code's vision 21-23 of 27 map to layers 1-3 of 7 (n−6..n−4), not
+    the last three (4-6); pooled over every layer, fc1 outputs only; pruning and the random control stay
+    on those fc1 rows."""
+    from manu_core.unlearn import random_selection
+
+    model, processor = tiny(ds, "idefics2", vision_layers=7)
+    streams = {k: v[: COUNTS[k]] for k, v in build_streams(ds, retain_size=None).items()}
+    acts = extract_activations(model, processor, streams, tmp_path / "acts", batch_size=BATCH, linear_outputs=True,
+                               progress=False)
+    sums = neuron_sums(acts / OUTPUTS_DIR, 0.1)
+    pooled = {"linear_outputs": True, "pool_layers": True}
+    authors = importance_table(sums, ImportanceParams(alpha=ALPHA, mode="released", options=pooled),
+                               model_type="idefics2")
+    uniform = importance_table(sums, ImportanceParams(alpha=ALPHA, mode="released", options={**pooled, "sites": "uniform"}),
+                               model_type="idefics2")
+    scored = lambda t, tower: t.filter((pl.col("tower") == tower) & pl.col("score").is_not_null())
+    assert sorted(set(scored(authors, "vision")["layer"])) == [1, 2, 3]
+    assert sorted(set(scored(uniform, "vision")["layer"])) == [4, 5, 6]
+    assert sorted(set(scored(authors, "language")["layer"])) == sorted(set(scored(uniform, "language")["layer"])) == [0, 1]
+    assert set(authors.filter(pl.col("tower") == "vision")["module"]) == {"fc1"}
+    assert set(uniform.filter(pl.col("tower") == "vision")["module"]) == {"fc1", "fc2"}
+    # one pooled score per fc1 row, whichever layers it lands on
+    by_row = lambda t: dict(zip(zip(t["layer"], t["row"]), t["score"]))
+    a = by_row(scored(authors, "vision"))
+    u = by_row(scored(uniform, "vision").filter(pl.col("module") == "fc1"))
+    assert a == {(layer - 3, row): v for (layer, row), v in u.items()}
+    # the threshold runs over the 3 × fc1-width scored values: ⌊α·N⌋ of them (ties: whole rows, 3 layers)
+    width = model.get_submodule(MLP_BLOCKS["idefics2", "vision"].format(0)).fc1.out_features
+    picked = authors.filter((pl.col("tower") == "vision") & pl.col("selected"))
+    assert len(scored(authors, "vision")) == 3 * width
+    assert picked.height == 3 * -(-kfloor(ALPHA, 3 * width) // 3)  # a row is picked in all three layers
+    assert set(picked["module"]) == {"fc1"} and set(picked["layer"]) == {1, 2, 3}
+    drawn = random_selection(authors, 0, "tower")
+    assert set(drawn.filter(pl.col("selected") & (pl.col("tower") == "vision"))["module"]) == {"fc1"}
+    pruned = copy.deepcopy(model)
+    report = prune_units(pruned, authors)
+    assert pruned_weights_are_zero(pruned, authors) and report.n_pruned == int(authors["selected"].sum())
+    for layer in range(7):
+        mlp, before = pruned.get_submodule(MLP_BLOCKS["idefics2", "vision"].format(layer)), \
+            model.get_submodule(MLP_BLOCKS["idefics2", "vision"].format(layer))
+        assert torch.equal(mlp.fc2.weight, before.fc2.weight)  # fc2 never pruned
+        zeroed = {r for r in range(width) if not mlp.fc1.weight[r].any()}
+        assert zeroed == set(picked.filter(pl.col("layer") == layer)["row"])
 
 
 def test_pruning_zeroes_output_rows_and_the_random_control_keeps_them(extracted, tmp_path):

@@ -247,10 +247,10 @@ def ref_released(data, alpha, eps=1e-5, w=None):
     return keys, np.array([score[k] for k in keys]), selected, columns
 
 
-def ref_released_pooled(data, alpha, eps=1e-5, w=None):
+def ref_released_pooled(data, alpha, eps=1e-5, w=None, targets=None):
     """pool_layers: one score per unit index per tower (token sums of ALL layers added), assigned to the
-    tower's last three layers; threshold over those 3·width values. Returns {key: score} (last-three layers
-    only) and the selected set."""
+    tower's last three layers (or `targets[tower]`, the layers named); threshold over those 3·width values.
+    Returns {key: score} (those layers only) and the selected set."""
     w = w or RELEASED_W
     keys = neurons(data)
     score, selected = {}, set()
@@ -261,7 +261,7 @@ def ref_released_pooled(data, alpha, eps=1e-5, w=None):
         s = released_score(f, r, eps, w)
         k = kfloor(alpha, 3 * len(s))
         threshold_select(list(range(len(s))), list(s), -(-k // 3) if k else 0)  # guard: distinct unit scores
-        last3 = layers[-3:]
+        last3 = layers[-3:] if targets is None else targets[tower]
         lkeys = [(tower, l, u) for l in last3 for u in range(len(s))]
         for key in lkeys:
             score[key] = s[key[2]]
@@ -489,6 +489,74 @@ def test_pool_layers_lands_only_on_the_last_three_layers(tmp_path, layers):
     # Without pooling the first layer's unit 0 (F_abs = 3) is the top neuron.
     df = compute_importance(tmp_path, ImportanceParams(alpha=0.125, mode="released", weights=ABS_ONLY))
     assert {(l, u) for _, l, u in selected_set(df)} == {(layers[0], 0)}
+
+
+@pytest.fixture(scope="module")
+def tall_store(tmp_path_factory):
+    """Four language layers, seven vision layers: Idefics2's vision layers (n−6..n−4) are not its last three."""
+    data = random_data(seed=14, lang_layers=(0, 1, 2, 3), vis_layers=tuple(range(7)))
+    return write_store(tmp_path_factory.mktemp("tall"), data), data
+
+
+def scored_layers(df):
+    return {(t, l) for t, l, s in zip(df["tower"], df["layer"], df["score"]) if s is not None}
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_released_pool_layers_lands_on_the_authors_layers_per_architecture(tall_store, alpha):
+    """docs/method.md, "Per architecture": the released code names vision 21-23 and language 29-31. On
+    Idefics2 (27 vision layers) 21-23 end three before the last: here, 7 vision layers, layers 1-3."""
+    root, data = tall_store
+    df = compute_importance(root, ImportanceParams(alpha=alpha, mode="released", options=POOL), model_type="idefics2")
+    score, selected = ref_released_pooled(data, alpha, targets={"vision": [1, 2, 3], "language": [1, 2, 3]})
+    got = by_key(df, "score")
+    np.testing.assert_allclose([got[k] for k in sorted(score)], [score[k] for k in sorted(score)], rtol=RTOL, atol=ATOL)
+    assert scored_layers(df) == {("vision", 1), ("vision", 2), ("vision", 3),
+                                 ("language", 1), ("language", 2), ("language", 3)}
+    assert selected_set(df) == selected and len(df) == 4 * LANG_W + 7 * VIS_W  # one row per neuron
+    # the option: the last three layers of each tower, as without the architecture
+    uniform = ImportanceParams(alpha=alpha, mode="released", options={**POOL, "sites": "uniform"})
+    df = compute_importance(root, uniform, model_type="idefics2")
+    score, selected = ref_released_pooled(data, alpha)
+    got = by_key(df, "score")
+    np.testing.assert_allclose([got[k] for k in sorted(score)], [score[k] for k in sorted(score)], rtol=RTOL, atol=ATOL)
+    assert scored_layers(df) == {("vision", 4), ("vision", 5), ("vision", 6),
+                                 ("language", 1), ("language", 2), ("language", 3)}
+    assert selected_set(df) == selected
+
+
+@pytest.mark.parametrize("options", [{}, POOL, {"pool_layers": True, "clamp": 1e3}], ids=["tokens", "pool", "pool+clamp"])
+def test_llava_and_uniform_score_the_same_bytes_as_before(tall_store, options):
+    """LLaVA's released choices are the mode's own rule (every Linear, the last three layers): the table
+    is the same, byte for byte, with or without model_type, and so is sites="uniform" on Idefics2."""
+    root, _ = tall_store
+    base = compute_importance(root, ImportanceParams(alpha=0.25, mode="released", options=options))
+    for model_type, sites in (("llava", "authors"), ("llava", "uniform"), ("idefics2", "uniform"), ("qwen2_vl", "authors")):
+        params = ImportanceParams(alpha=0.25, mode="released", options={**options, "sites": sites})
+        assert compute_importance(root, params, model_type=model_type).equals(base, null_equal=True), (model_type, sites)
+    if not options:  # hidden units without pooling: the architecture changes nothing either
+        params = ImportanceParams(alpha=0.25, mode="released")
+        assert compute_importance(root, params, model_type="idefics2").equals(base, null_equal=True)
+    for mode in ("paper", "selective"):  # the other modes ignore it
+        a = compute_importance(root, ImportanceParams(alpha=0.25, mode=mode))
+        assert compute_importance(root, ImportanceParams(alpha=0.25, mode=mode), model_type="idefics2").equals(a)
+
+
+def test_released_sites_and_model_type_errors_name_the_fix(tall_store, caplog):
+    root, _ = tall_store
+    with pytest.raises(ValueError, match="released option sites must be one of authors, uniform .*got 'last3'"):
+        ImportanceParams(mode="released", options={"sites": "last3"})
+    with pytest.raises(ValueError, match="Unknown architecture 'idefic2'. Did you mean 'idefics2'"):
+        compute_importance(root, ImportanceParams(mode="released", options=POOL), model_type="idefic2")
+    assert ImportanceParams(mode="released").option("sites") == "authors"  # the default
+    with caplog.at_level("WARNING", logger="manu_core.importance"):
+        compute_importance(root, ImportanceParams(alpha=0.25, mode="released", options=POOL))
+    assert "Pass model_type" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="manu_core.importance"):
+        compute_importance(root, ImportanceParams(alpha=0.25, mode="released"))  # nothing depends on it here
+        compute_importance(root, ImportanceParams(alpha=0.25, mode="released", options=POOL), model_type="llava")
+    assert "Pass model_type" not in caplog.text
 
 
 def test_clamp_is_exact_when_max_abs_is_below_it(store):
