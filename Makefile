@@ -32,6 +32,22 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# A CUDA torch for a GPU server (bench/gpu_check.sh refuses to run on a CPU build): `make install` keeps
+# whichever build pip chose, the CPU one where it found no CUDA or pip points at a CPU index. This puts
+# torch==$(TORCH_VERSION)+$(TORCH_CUDA) from PyTorch's CUDA index over it (pip replaces a +cpu build), then
+# the rest as `make install` does, and says what it got. Another CUDA: make install-gpu TORCH_CUDA=cu126.
+TORCH_CUDA ?= cu128
+TORCH_GPU_INDEX ?= https://download.pytorch.org/whl/$(TORCH_CUDA)
+.PHONY: install-gpu
+install-gpu: $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check --index-url $(TORCH_GPU_INDEX) "torch==$(TORCH_VERSION)+$(TORCH_CUDA)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+	@$(BIN)/python -c "import torch; ok = torch.version.cuda is not None; \
+		print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()}'); \
+		raise SystemExit(0 if ok else 'install-gpu: still a CPU build of torch; check TORCH_GPU_INDEX')"
+
 demo: $(STAMP)
 	$(BIN)/manu run --model lite
 
