@@ -13,7 +13,7 @@
    1.3 x (one run's extraction + importance) + the sweep's evaluations. Evaluation caps --caps
    (default 10 profiles per set) keep it short; the extract task must run once in the sweep.
 Stage times: model tasks (extract, evaluate, logit_lens) by the time they held the device slot
-(tasks.stages.slot_holds: without the time they queued for it), the others from the Prefect API
+(tasks.devices.slot_holds: without the time they queued for it), the others from the Prefect API
 (the union of their task runs' spans).
 """
 
@@ -75,9 +75,9 @@ def task_seconds(state) -> dict[str, float]:
 
 
 def device_seconds(since: float) -> dict[str, float]:
-    """Seconds each model stage held the device slot (tasks.stages.slot_holds) since `since`: the
+    """Seconds each model stage held the device slot (tasks.devices.slot_holds) since `since`: the
     union of its holds per task name, plus "any" (the device busy with any task)."""
-    from tasks.stages import slot_holds
+    from tasks.devices import slot_holds
 
     holds = [h for h in slot_holds() if h[1] >= since]
     out = {name: _union([(a, b) for n, a, b in holds if n == name]) for name in {h[0] for h in holds}}

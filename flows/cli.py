@@ -33,7 +33,8 @@ SCORING_HELP = "scoring mode: paper (the paper's formulas) | released (the autho
 OPTION_HELP = ("a scoring mode's option as key=value, repeatable: released pool_layers=true, clamp=10 (or none), "
                "per_position=true (the released code's per-position statistics; pair with --extract-batch-size 4, "
                "its batch size), linear_outputs=true (score and prune the MLP Linears' outputs, as the released "
-               "code does); selective statistic=abs|freq|std|rms")
+               "code does), sites=authors|uniform (the released code's Linears and layers per architecture, the "
+               "default, or the same on every one); selective statistic=abs|freq|std|rms")
 
 
 def _option_value(text: str):
@@ -206,6 +207,9 @@ def importance(
     weights: Optional[str] = typer.Option(None, help="importance weights, e.g. abs=1,freq=0,var=1,rms=1; 0 drops "
                                           "one (default: the mode's)"),
     scope: Optional[str] = typer.Option(None, help="top-α over: global | tower | layer (default: the mode's)"),
+    model_type: Optional[str] = typer.Option(None, "--model-type", help="the model's architecture (llava | idefics2 "
+                                             "| qwen2_vl: config.json's model_type): the released mode's sites "
+                                             "per architecture (default: as on LLaVA)"),
 ) -> None:
     """Score every neuron of an activations folder (MANU, method.md §3.1-3.2) and select the top α."""
     from manu_core.importance import (ImportanceParams, compute_importance, parse_weights, require_selection,
@@ -220,7 +224,7 @@ def importance(
         params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=parse_weights(weights) if weights else None,
                                   scope=scope, mode=scoring, options=parse_scoring_options(scoring_option) or None)
         t0 = time.perf_counter()
-        table = compute_importance(activations_dir, params)
+        table = compute_importance(activations_dir, params, model_type=model_type)
         require_selection(table, params)
         write_importance(table, out)
     except (ValueError, ActivationStoreError) as e:
@@ -266,7 +270,7 @@ def evaluate(
     from manu_core.portraits import image_for
     from manu_core.presets import default_eval_settings, preset_dataset, preset_of, resolve_model
     from tasks.cache import models_dir
-    from tasks.stages import judge_for
+    from tasks.devices import check_judge, judge_for
 
     def pick(value: str, allowed: tuple[str, ...], what: str) -> set[str]:
         chosen = {v.strip() for v in value.split(",") if v.strip()}
@@ -299,6 +303,7 @@ def evaluate(
         items = [it for it in items if it.set in want_sets and it.form in want_forms and it.task in want_tasks]
         items = cap_profiles(items, max_profiles, seed)
         check_device(device)
+        check_judge(judge)  # an endpoint that does not answer fails now, not after the first generated chunk
         the_judge = judge_for(judge, device=device)
         net, processor = load_model(model_dir, device=device)
         t0 = time.perf_counter()
@@ -306,6 +311,10 @@ def evaluate(
                                    model_id=str(model_dir), judge=the_judge)
     except (ValueError, JudgeError) as e:  # ModelError, DataError, BenchmarkError, EvaluationError are ValueErrors
         _fail(e)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the units finished so far are kept in {out}; run the same command again to "
+                   "resume from them.", err=True)
+        raise typer.Exit(130) from None
     report = "\n".join([
         f"# Evaluation of `{model_dir}`", "",
         f"Data: {source}. Multiple choice scorer: `{config.mc_scorer_name}`; prompts: "
@@ -346,11 +355,19 @@ def run(
     never_learned: str = typer.Option("auto", "--never-learned", help="the never-learned reference the forget set is "
                                       "judged against: auto (free ones only: a planted preset's), train (the preset's "
                                       "recipe without the forget set, cached), none, or a model folder"),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 for the model tasks (default: the "
+                                        "checkpoint's own)"),
+    judge: str = typer.Option("offline", help="factuality judge: offline | openai:<base url>#<model> | hf:<local path>"),
+    reference: Optional[Path] = typer.Option(None, help="--method npo on a checkpoint: its reference model (the "
+                                             "checkpoint fine-tuned on the retain profiles only)"),
+    stand_in_data: bool = typer.Option(False, "--stand-in-data", help="a checkpoint without --benchmark: run on the "
+                                       "embedded stand-in data, a plumbing check (every result says so)"),
 ) -> None:
     """The `manu` Prefect flow, once: cached tasks, UI artifacts, the results table at the end."""
     from pydantic import ValidationError
 
-    from flows.pipeline import METHODS, SCORINGS, EvalSettings, RunConfig, manu
+    from flows.pipeline import METHODS, SCORINGS, EvalSettings, RunConfig, manu, validation_message
+    from manu_core.judge import JudgeError
 
     try:
         if method not in METHODS:
@@ -373,27 +390,31 @@ def run(
         check_artifacts_writable()
         forget_value = (None if forget is None else forget if forget.startswith("forget_") or forget == "validation"
                         else forget.split(","))
-        reference = never_learned
+        never = never_learned
         if never_learned not in ("auto", "train", "none"):
             if not Path(never_learned).is_dir():
                 raise ValueError(f"--never-learned takes auto, train, none or a model folder; {never_learned!r} is "
                                  "none of these (no such folder).")
-            reference = {}  # filled below, keyed by the forget set's name once the config resolves it
+            never = {}  # filled below, keyed by the forget set's name once the config resolves it
         config = RunConfig(model=model, alpha=alpha, forget=forget_value, device=device, scoring=scoring,
                            scoring_options=parse_scoring_options(scoring_option), iterative=iterative, step=step,
                            random_seeds=seed_list, benchmark=str(benchmark) if benchmark else None,
                            extract_batch_size=extract_batch_size,
-                           eval=EvalSettings(max_profiles=caps), relearn={"enabled": relearn, "steps": relearn_steps},
-                           never_learned=reference)
-        if isinstance(reference, dict):
+                           eval=EvalSettings(max_profiles=caps, judge=judge),
+                           relearn={"enabled": relearn, "steps": relearn_steps}, never_learned=never,
+                           dtype=dtype, reference=str(reference) if reference else None, stand_in_data=stand_in_data)
+        if isinstance(never, dict):
             name = config.data_spec()["forget"]
             name = name if isinstance(name, str) else f"{len(name)} ids"
             config = config.model_copy(update={"never_learned": {name: str(Path(never_learned).resolve())}})
-        config.check_data()  # forget among the profiles the model learned, before any server or task
+        # the model, its weights, the data, the dtype, the judge and the references, then the forget set among
+        # the profiles the model learned: all before any server or task
+        for note in config.preflight([method], [config.data_spec()["forget"]]):
+            typer.secho(note, fg=typer.colors.YELLOW, err=True)
+        config.check_data()
     except ValidationError as e:  # the rule, the value and the fix, without pydantic's echo of every field
-        _fail(ValueError("; ".join((".".join(map(str, err["loc"])) + ": " if err["loc"] else "")
-                                   + err["msg"].removeprefix("Value error, ") for err in e.errors())))
-    except ValueError as e:
+        _fail(ValueError(validation_message(e)))
+    except (ValueError, JudgeError) as e:
         _fail(e)
     exit_on_interrupt()
     results_dir = manu(config, method=method)

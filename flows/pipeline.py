@@ -31,7 +31,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manu_core.data import MLLMU_DIR
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
@@ -44,7 +44,25 @@ DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
 SCORINGS = ("paper", "released", "selective")  # the modes of manu_core.importance.SCORING_MODES, in report order
 
 
-class EvalSettings(BaseModel):
+class Strict(BaseModel):
+    """A config model that refuses a key it does not know, naming the nearest known one: a misspelled
+    field (`benchmrk`) would otherwise be dropped and the run go on without it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data):
+        if isinstance(data, dict):
+            fields = list(cls.model_fields)
+            for k in data:
+                if k not in fields:
+                    raise ValueError(f"unknown {cls.__name__} key {k!r}.{did_you_mean(k, fields)} Known keys: "
+                                     f"{', '.join(fields)}.")
+        return data
+
+
+class EvalSettings(Strict):
     """How every (set, form) unit is evaluated (manu_core/evaluate.py, `EvalConfig`)."""
 
     mc_scorer: Optional[Literal["letter", "likelihood"]] = Field(
@@ -88,7 +106,7 @@ class EvalSettings(BaseModel):
                 "batch_size": self.batch_size, "seed": self.seed}
 
 
-class BaselineSettings(BaseModel):
+class BaselineSettings(Strict):
     """Gradient baselines (manu_core/baselines.py). None: the benchmark's defaults on a real checkpoint
     (LoRA, lr 2e-5, 1 epoch, batch 4), `EMBEDDED_BASELINE` on the tiny models."""
 
@@ -118,7 +136,7 @@ class BaselineSettings(BaseModel):
         return {**base, "forms": tuple(self.forms), "beta": self.beta}
 
 
-class RelearnSettings(BaseModel):
+class RelearnSettings(Strict):
     """Relearning attacks on every unlearned model of a run (manu_core/relearn.py): a brief fine-tune
     on an attack set, then the held-out half of the forget profiles evaluated in both forms. Off by
     default (it adds a fine-tune and two evaluations per attack, mask and model)."""
@@ -192,7 +210,7 @@ class ImportanceWeights(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None} or None
 
 
-class RunConfig(BaseModel):
+class RunConfig(Strict):
     """One MANU run: model, data, scoring mode, importance and selection, evaluation.
 
     `scoring` picks the scoring mode over the one extraction (manu_core.importance.SCORING_MODES):
@@ -209,7 +227,8 @@ class RunConfig(BaseModel):
         "paper", description="scoring mode: paper (default) | released (the authors' code) | selective (Pochinkov & Schoots)")
     scoring_options: dict = Field(default_factory=dict, description="the mode's options: released {pool_layers: bool, "
                                   "clamp: float|null, linear_outputs: bool (scores and prunes the outputs of the MLP Linears, "
-                                  "as the released code; extracts them too), per_position: bool (extracts per-batch "
+                                  "as the released code; extracts them too), sites: authors|uniform (authors: the released code's "
+                                  "Linears and layers per architecture, the default), per_position: bool (extracts per-batch "
                                   "position statistics; "
                                   "they depend on extract_batch_size: the released code's is 4)}; "
                                   "selective {statistic: abs|freq|std|rms}")
@@ -231,6 +250,9 @@ class RunConfig(BaseModel):
     dtype: Optional[str] = None
     benchmark: Optional[str] = Field(None, description="local MLLMU-Bench folder (hub parquet layout): the activation "
                                      "streams, baselines, logit lens and evaluation read its own questions and images")
+    stand_in_data: bool = Field(False, description="a checkpoint without a benchmark: run on the embedded stand-in "
+                                "data (procedural portraits, stand-in questions, synthetic celebrities) to check the "
+                                "plumbing; every result says so. Without it such a run is refused.")
     seed: int = 0
     eval: EvalSettings = Field(default_factory=EvalSettings)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
@@ -293,6 +315,53 @@ class RunConfig(BaseModel):
         spec["learn"] = [e if isinstance(e, str) else list(e) for e in spec["learn"]] if spec["learn"] else None
         return {**spec, "benchmark": self.benchmark}
 
+    def preflight(self, methods: list[str], splits: list) -> list[str]:
+        """Everything a run can get wrong before its first task, checked in seconds and before any server
+        or model load: the model folder and its weights, the data (a checkpoint needs a benchmark, its
+        layout and forget ids), the dtype, the judge (reachable), NPO's reference and the never-learned
+        folders. Raises ValueError with the rule, the value and the fix; returns the notes to log."""
+        from manu_core.benchmark import check_layout
+        from manu_core.models import ModelError, as_dtype, check_weights
+        from manu_core.presets import PRESETS, default_eval_settings
+        from tasks.devices import check_judge
+
+        notes = []
+        as_dtype(self.dtype)
+        if self.preset() is None:
+            if not Path(self.model).exists():
+                raise ModelError(f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
+                                 f"folder.{did_you_mean(self.model, PRESETS, prefix='the preset ')}")
+            check_weights(self.model)
+            if not self.benchmark and not self.stand_in_data:
+                raise ValueError(f"the checkpoint {self.model} needs its benchmark: pass --benchmark <local "
+                                 "MLLMU-Bench folder> (config.benchmark). Without it the run would unlearn and "
+                                 "evaluate on the embedded stand-in data; --stand-in-data (stand_in_data: true) "
+                                 "does that on purpose, for a plumbing check.")
+            if self.stand_in_data:
+                notes.append("STAND-IN DATA: this checkpoint is unlearned and evaluated on the embedded stand-in "
+                             "data (procedural portraits, stand-in questions), not on MLLMU-Bench: a plumbing "
+                             "check, not a result.")
+            if {"npo"} & set(methods) and not self.reference:
+                raise ValueError(f"NPO on the checkpoint {self.model} needs its reference model (the checkpoint "
+                                 "fine-tuned on the retain profiles only): pass --reference <folder> "
+                                 "(config.reference), or leave npo out of the methods.")
+            if self.reference:
+                check_weights(self.reference)
+        if self.benchmark:
+            from tasks.stages import benchmark_forget
+
+            for forget in splits:
+                check_layout(self.benchmark, benchmark_forget(self.data_spec(forget)))
+        for folder in (self.never_learned.values() if isinstance(self.never_learned, dict) else ()):
+            check_weights(folder)
+        check_judge(self.eval.judge)
+        if self.preset() is None and default_eval_settings(self.model):
+            settings = self.eval.config_for(self.model)
+            notes.append(f"{self.model} was trained here (manu_preset.json): it is evaluated as embedded models are "
+                         f"(multiple choice {settings['mc_scorer']}, bare questions), whatever its data; set "
+                         "eval.mc_scorer / eval.instructions to change that.")
+        return notes
+
     def check_data(self, forget: Union[str, list[str], None] = None) -> None:
         """Raise DataError (naming the ids and the fix) when the forget set is not among the learned
         profiles, before any task runs."""
@@ -301,7 +370,7 @@ class RunConfig(BaseModel):
         dataset_of(self.data_spec(forget))
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(Strict):
     """A grid on one model: forget splits x methods x their variants (MANU: α x importance ablations)."""
 
     forget_splits: list[Union[str, list[str]]] = Field(
@@ -395,6 +464,11 @@ class Shared:
     reference_units: tuple[str, ...] = ()  # the never-learned reference's forget-set evaluations
 
     @property
+    def model_type(self) -> Optional[str]:
+        """The vanilla model's architecture (config.json's model_type: llava, idefics2, ...)."""
+        return json.loads((Path(self.model_dir) / "config.json").read_text()).get("model_type")
+
+    @property
     def forget(self) -> str:
         """The forget set's name: forget_5, validation, or 'N ids'."""
         f = self.config.data_spec()["forget"]
@@ -452,7 +526,7 @@ def _select(shared: Shared, sums: str, variant: dict, alpha: float, previous: Op
             label: Optional[str] = None) -> str:
     return stages.select(sums, alpha, variant.get("weights"), eps=variant.get("eps"), tau=shared.config.tau,
                          scope=variant.get("scope"), mode=variant.get("mode", "paper"), options=variant.get("options"),
-                         previous_dir=previous, label=label)
+                         previous_dir=previous, label=label, model_type=shared.model_type)
 
 
 def _manu_importance(shared: Shared, variant: dict) -> str:
@@ -471,8 +545,8 @@ def _manu_importance(shared: Shared, variant: dict) -> str:
         if i > 1:  # the model pruned so far, measured again
             label = f"{shared.forget} step {i} of {len(steps)}"
             model = stages.prune(shared.model_dir, imp, label=label)
-            acts = stages.extract(model, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
-                                  device=c.device, dtype=c.dtype, seed=c.seed, label=label)
+            acts = on_device(stages.extract, model, shared.data, aggregation=c.aggregation,
+                             batch_size=c.extract_batch_size, device=c.device, dtype=c.dtype, seed=c.seed, label=label)
             sums = stages.importance_sums(acts, tau=c.tau, label=label)
         imp = _select(shared, sums, variant, a, previous=imp,
                       label=f"select-{variant['mode']}-alpha{variant['alpha']:g}-step{i}of{len(steps)}")
@@ -511,7 +585,8 @@ def _attribution_variants(cfg: RunConfig, sweep: Optional[SweepConfig]) -> list[
 
 def _attribution_unlearn(shared: Shared, variant: dict) -> tuple[str, Optional[str]]:
     c = shared.config
-    effects = stages.attribution(shared.model_dir, shared.data, device=c.device, dtype=c.dtype, label=shared.forget)
+    effects = on_device(stages.attribution, shared.model_dir, shared.data, device=c.device, dtype=c.dtype,
+                        label=shared.forget)
     imp = stages.attribution_select(effects, variant["alpha"])
     return stages.prune(shared.model_dir, imp, label=_run_label(shared, "attribution", variant)), imp
 
@@ -536,8 +611,8 @@ def _gradient(method: str) -> Callable[[Shared, dict], tuple[str, Optional[str]]
         if LOSSES[method].frozen == "reference":
             ref = c.reference or stages.reference_model(shared.model_dir, shared.data, label=shared.forget)
         params = {**c.baselines.params_for(shared.model_dir), **({"lr": variant["lr"]} if "lr" in variant else {})}
-        return stages.baseline(shared.model_dir, shared.data, method, params, reference_dir=ref,
-                               device=c.device), None
+        return on_device(stages.baseline, shared.model_dir, shared.data, method, params, reference_dir=ref,
+                         device=c.device, dtype=c.dtype), None
     return unlearn
 
 
@@ -582,14 +657,26 @@ def variant_label(method: str, variant: dict) -> str:
 
 def task_runner():
     """Threads by default ($MANU_TASK_WORKERS, default 4); $MANU_TASK_RUNNER=dask for a local Dask
-    cluster, or dask://host:8786 for an existing scheduler (several GPUs or machines)."""
+    cluster (on a GPU server one worker process per GPU, each claiming its own: tasks/devices.py), or
+    dask://host:8786 for an existing scheduler (several GPUs or machines)."""
     kind = os.environ.get("MANU_TASK_RUNNER", "threads")
     if kind.startswith("dask"):
         from prefect_dask import DaskTaskRunner
 
         address = kind.split("://", 1)[1] if "://" in kind else None
-        return DaskTaskRunner(address=f"tcp://{address}" if address else None)
+        if address:
+            return DaskTaskRunner(address=f"tcp://{address}")
+        import torch  # a local cluster: one single-threaded worker process per GPU slot (each claims its own)
+
+        slots = torch.cuda.device_count() * max(1, int(os.environ.get("MANU_DEVICE_SLOTS") or 1))
+        return DaskTaskRunner(cluster_kwargs={"n_workers": slots, "threads_per_worker": 1} if slots else None)
     return ThreadPoolTaskRunner(max_workers=int(os.environ.get("MANU_TASK_WORKERS", "4")))
+
+
+def on_device(task, *args, **kwargs):
+    """Run a model task through the task runner and wait for it: under Dask it runs on a worker, which
+    owns a device (tasks/devices.py), never in the flow's own process, which would claim one too."""
+    return task.submit(*args, **kwargs).result()
 
 
 def _evaluate_all(model_dir: str, shared: "Shared", label: str, overrides: Optional[dict] = None) -> list:
@@ -630,8 +717,8 @@ def _relearn(shared: "Shared", unlearned: str, label: str, overrides: Optional[d
         for mask in cfg.relearn.masks:
             if mask == "frozen" and not prunes:
                 continue
-            model = stages.relearn(unlearned, shared.data, attack, mask, params, seed=cfg.seed, device=cfg.device,
-                                   label=label, progress=False)
+            model = on_device(stages.relearn, unlearned, shared.data, attack, mask, params, seed=cfg.seed,
+                              device=cfg.device, dtype=cfg.dtype, label=label, progress=False)
             runs[f"{attack}/{mask}"] = _held_out(model, shared, f"{label}-{attack}-{mask}", overrides)
     runs.update({k: v for k, v in controls[key].items() if k != "vanilla"})
     return {stage: _results(fs) for stage, fs in runs.items()}
@@ -646,8 +733,8 @@ def _relearn_controls(shared: "Shared", overrides: Optional[dict]) -> dict[str, 
     if cfg.relearn.attack_vanilla:
         params = cfg.relearn.params_for(shared.model_dir)
         for attack in cfg.relearn.attacks:
-            model = stages.relearn(shared.model_dir, shared.data, attack, "free", params, seed=cfg.seed,
-                                   device=cfg.device, label="attacked-vanilla", progress=False)
+            model = on_device(stages.relearn, shared.model_dir, shared.data, attack, "free", params, seed=cfg.seed,
+                              device=cfg.device, dtype=cfg.dtype, label="attacked-vanilla", progress=False)
             runs[f"{VANILLA_ATTACKED}{attack}"] = _held_out(model, shared, f"attacked-vanilla-{attack}", overrides)
     return runs
 
@@ -664,9 +751,9 @@ def _prepare(cfg: RunConfig, forget) -> Shared:
 
 def _with_activations(shared: Shared) -> Shared:
     c = shared.config
-    acts = stages.extract(shared.model_dir, shared.data, aggregation=c.aggregation, batch_size=c.extract_batch_size,
-                          device=c.device, dtype=c.dtype, seed=c.seed, label=shared.forget,
-                          **c.extraction())
+    acts = on_device(stages.extract, shared.model_dir, shared.data, aggregation=c.aggregation,
+                     batch_size=c.extract_batch_size, device=c.device, dtype=c.dtype, seed=c.seed, label=shared.forget,
+                     **c.extraction())
     outputs = (stages.importance_sums(acts, tau=c.tau, label=f"{shared.forget} linear outputs", linear_outputs=True)
                if c.needs_linear_outputs() else None)
     return replace(shared, activations=acts, sums=stages.importance_sums(acts, tau=c.tau, label=shared.forget),
@@ -808,21 +895,50 @@ def finish_one(shared: Shared, started: Started, vanilla_units: list,
     return rep, started.lens.result() if started.lens is not None else None
 
 
-@flow(name="manu", task_runner=task_runner(), log_prints=True)
+def validation_message(e: ValidationError) -> str:
+    """A pydantic ValidationError as one line: per field the rule, the value and the fix, without
+    pydantic's echo of every input."""
+    return "; ".join((".".join(map(str, err["loc"])) + ": " if err["loc"] else "")
+                     + err["msg"].removeprefix("Value error, ") for err in e.errors())
+
+
+def one_line(e: BaseException) -> str:
+    """An error's cause in one line (a flow run's state message, the last log line of a failed run)."""
+    text = validation_message(e) if isinstance(e, ValidationError) else str(e)
+    return f"{type(e).__name__}: {' '.join(text.split())}"
+
+
+# Parameters are validated in the flow (validate_parameters=False), not by Prefect before it starts: a
+# deployment's parameters are then merged with the run's (`with_deployment_defaults`) before the check,
+# and a bad key fails the run with its one-line cause as the state message and the last log line.
+@flow(name="manu", task_runner=task_runner(), log_prints=True, validate_parameters=False)
 def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, method: str = "manu") -> str:
     """One run of `method` (MANU by default; returns its report folder) or, with `sweep`, a grid of
     methods and variants (returns the sweep table)."""
+    try:
+        try:
+            config, sweep = with_deployment_defaults(config, sweep)
+        except ValidationError as e:
+            raise ValueError(validation_message(e)) from None
+        return _manu(config, sweep, method)
+    except Exception as e:
+        get_run_logger().error("the run failed: %s", one_line(e))
+        raise
+
+
+def _manu(config: RunConfig, sweep: Optional[SweepConfig], method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
-    config, sweep = with_deployment_defaults(config, sweep)
     if sweep is None and config.iterative and config.scoring != "selective":
         raise ValueError(f"iterative pruning is a mode of selective scoring; got scoring={config.scoring!r} with "
                          "iterative=true. Set scoring='selective', or iterative=false.")
     log = get_run_logger()
     splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
+    methods = [method] if sweep is None else sweep.methods
+    for note in config.preflight(methods, splits):  # model, data, dtype, judge, references: before any task
+        log.warning(note)
     for forget in splits:  # every forget set among the learned profiles, before the first task
         config.check_data(forget)
-    methods = [method] if sweep is None else sweep.methods
     runs, lenses, last = [], [], ""
     for forget in splits:
         cfg = config.model_copy(update={"forget": forget})
@@ -880,6 +996,8 @@ def with_deployment_defaults(config: RunConfig, sweep: Optional[SweepConfig]) ->
     (A cap is lifted by setting it to 0.) Outside a deployment run: unchanged."""
     from prefect.context import FlowRunContext
 
+    config = RunConfig(**config) if isinstance(config, dict) else config
+    sweep = SweepConfig(**sweep) if isinstance(sweep, dict) else sweep
     ctx = FlowRunContext.get()
     run = ctx.flow_run if ctx is not None else None
     if run is None or run.deployment_id is None:

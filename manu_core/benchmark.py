@@ -214,3 +214,43 @@ def load_mllmu_bench(root: str | Path, forget: str | Sequence[str] = "forget_5",
     if "test" in sets and not any(it.set == "test" for it in bench.items):
         raise BenchmarkError(f"Test_Set under {root} has none of the {len(forget_ids)} profiles of {name}.")
     return bench
+
+
+def check_layout(root: str | Path, forget: str | Sequence[str] = "forget_5") -> None:
+    """The checks `load_mllmu_bench` would fail on, in a second and before any model loads: the folder,
+    every config the forget set needs with its parquet files, the columns, and (for a list of ids) that
+    each id is a profile of Full_Set. Reads parquet schemas and the ID column only."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    if not root.is_dir():
+        raise BenchmarkError(f"MLLMU-Bench folder not found: {root}. Download it on a machine with network access "
+                             "(huggingface-cli download MLLMMU/MLLMU-Bench --repo-type dataset --local-dir <folder>) "
+                             "and pass that folder; its layout: <folder>/{forget_5,retain_95,...,Full_Set,Test_Set,"
+                             "Retain_Set}/*.parquet.")
+    if isinstance(forget, str):
+        if forget not in FORGET_CONFIGS:
+            raise BenchmarkError(f"forget split must be one of {FORGET_CONFIGS} or a list of profile ids; got {forget!r}.")
+        configs = [forget, f"retain_{100 - int(forget.split('_')[1])}"]
+    else:
+        configs = ["Full_Set"]
+    have = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+    for config in configs + ["Test_Set", "Retain_Set"]:
+        files = sorted((root / config).glob("*.parquet"))
+        if not files:
+            raise BenchmarkError(f"config {config!r} is missing under {root} (expected {root / config}/train-*.parquet); "
+                                 f"configs found: {have or 'none'}.")
+        names = pq.read_schema(files[0]).names
+        missing = [c for c in ("ID", *TASK_COLUMNS) if c not in names]
+        if missing or not {"image", "images"} & set(names):
+            raise BenchmarkError(f"config {config!r} ({root / config}) lacks column(s) "
+                                 f"{missing or ['image or images']}; it has {names}. Is this the MLLMU-Bench parquet "
+                                 "layout?")
+    if not isinstance(forget, str):
+        ids = {str(i) for f in sorted((root / "Full_Set").glob("*.parquet"))
+               for i in pq.read_table(f, columns=["ID"]).column("ID").to_pylist()}
+        missing = sorted({str(i) for i in forget} - ids)
+        if not forget or missing:
+            raise BenchmarkError(f"forget ids must be profiles of Full_Set ({root / 'Full_Set'}); "
+                                 + (f"{len(missing)} are not: {missing[:10]}" if missing else "got none")
+                                 + ". Pass ids of the benchmark's 500 fictitious profiles.")

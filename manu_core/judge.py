@@ -7,7 +7,7 @@ pluggable and works offline; every score row and report carries the judge's `nam
                        on the embedded model; not an LLM, and named so everywhere).
   openai:<url>#<model> `OpenAIJudge`: any OpenAI-compatible chat endpoint (a lab's vLLM server);
                        its API key and the hosts the key may go to are passed in (the
-                       pipeline reads them from the worker's environment: tasks.stages.judge_for).
+                       pipeline reads them from the worker's environment: tasks.devices.judge_for).
   hf:<path>            `HFJudge`: a local Hugging Face causal LM, scored by the likelihood of each
                        grade 1..10 after the rubric prompt (always a valid grade, deterministic).
 
@@ -115,14 +115,15 @@ class OfflineJudge:
 # OpenAI-compatible endpoint
 
 
-ALLOW_LIST_SETTING = "MANU_JUDGE_ENDPOINTS"  # the worker's setting that fills `allowed` (tasks.stages.judge_for)
+ALLOW_LIST_SETTING = "MANU_JUDGE_ENDPOINTS"  # the worker's setting that fills `allowed` (tasks.devices.judge_for)
 
 
 def check_key_destination(base_url: str, allowed: tuple[str, ...] = ()) -> None:
     """Where the judge's API key may be sent. A run parameter names the URL, so whoever can start a run
     could otherwise point the key anywhere: the host must be loopback or on the worker's allow-list
-    (`allowed`: host or host:port; the pipeline fills it from $MANU_JUDGE_ENDPOINTS), and a
-    non-loopback host must use https."""
+    (`allowed`: host or host:port; the pipeline fills it from $MANU_JUDGE_ENDPOINTS). A host on the
+    list is the operator's choice, over https or plain http (a lab's vLLM server often has no TLS);
+    a host off the list gets no key, whatever the scheme."""
     u = urlsplit(base_url)
     host = (u.hostname or "").lower()
     port = u.port or (443 if u.scheme == "https" else 80)
@@ -132,14 +133,23 @@ def check_key_destination(base_url: str, allowed: tuple[str, ...] = ()) -> None:
         loopback = host == "localhost"
     if loopback:
         return
-    if u.scheme != "https":
-        raise JudgeError(f"refusing to send the judge's API key over plain http to {host!r} (not loopback); "
-                         f"use https://{u.netloc}{u.path}, or a judge on this machine (127.0.0.1/localhost).")
     hosts = tuple(h.strip().lower() for h in allowed if h.strip())
     if host not in hosts and f"{host}:{port}" not in hosts:
         raise JudgeError(f"the judge host {host!r} is not on this worker's allow-list, so the API key is not sent "
                          f"there; the worker's operator adds it with {ALLOW_LIST_SETTING}={host} (comma-separated "
                          f"hosts or host:port; now: {', '.join(hosts) or 'empty'}).")
+
+
+def check_reachable(base_url: str, timeout: float = 5.0) -> None:
+    """Fail at once, before any model loads, when nothing answers at the judge's URL: any HTTP reply to
+    GET {base_url}/models (even 401 or 404) means a server is there."""
+    import httpx
+
+    try:
+        httpx.get(f"{base_url.rstrip('/')}/models", timeout=timeout)
+    except httpx.HTTPError as e:
+        raise JudgeError(f"the judge endpoint {base_url} does not answer ({type(e).__name__}: {e}); start the "
+                         "judge server or fix the URL in openai:<base url>#<model>.") from None
 
 
 @dataclass

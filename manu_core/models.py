@@ -8,6 +8,7 @@ that matter are in docs/embedded.md (notably initializer_range=0.1, without whic
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
 )
+
+from manu_core.vocab import did_you_mean
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<end_of_utterance>"]
 ARCHS = ("llava", "idefics2")
@@ -191,10 +194,47 @@ def build_tiny_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: i
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from its name ('bfloat16'), a dtype, or None (keep what the weights have)."""
     if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ModelError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16'; got {dtype!r}.")
+        if dtype not in DTYPES:
+            raise ModelError(f"dtype must be one of {', '.join(DTYPES)} (or unset: the checkpoint's own); got "
+                             f"{dtype!r}.{did_you_mean(dtype, DTYPES)}")
         return getattr(torch, dtype)
     return dtype
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # what a run's dtype may name
+
+
+def check_weights(path: str | Path) -> list[Path]:
+    """Check, without loading a tensor, that `path` is a model folder whose weights can be read: a
+    config.json and safetensors files whose headers cover the files exactly (a truncated or damaged
+    copy fails here, named, instead of deep inside `from_pretrained`). Returns the weight files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model path is not a folder: {path}. Pass a folder with config.json and safetensors "
+                         "weights (a local LLaVA-1.5/Idefics2 checkpoint). A preset name (see `manu presets`) is "
+                         "resolved to its trained folder by presets.resolve_model(name, models=...) or `manu train "
+                         "<preset>`.")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json; it is not a saved transformers model folder.")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in path.iterdir())[:12]
+        raise ModelError(f"{path} has no *.safetensors weights (found: {found}). Convert the checkpoint to "
+                         "safetensors (model.save_pretrained(folder, safe_serialization=True)); pickled .bin "
+                         "weights are not loaded.")
+    for f in files:
+        try:
+            if not os.access(f, os.R_OK):
+                raise PermissionError("not readable by this user")
+            with safe_open(f, "pt") as handle:
+                handle.keys()
+        except Exception as e:  # SafetensorError, OSError, PermissionError: one message, the file named
+            raise ModelError(f"the weights file {f} cannot be read ({type(e).__name__}: {e}). It is truncated, "
+                             "damaged or unreadable: copy it again from its source (compare its size and sha256) "
+                             "or fix its permissions.") from None
+    return files
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
@@ -204,15 +244,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     `dtype` None: the dtype the folder was saved in (a bfloat16 checkpoint stays bfloat16, so a model
     pruned or unlearned from it is saved in bfloat16 too)."""
     path = Path(path)
-    if not path.is_dir():
-        raise ModelError(
-            f"model path is not a folder: {path}. Pass a folder with config.json and safetensors weights "
-            "(a local LLaVA-1.5/Idefics2 checkpoint). A preset name (see `manu presets`) is resolved to its "
-            "trained folder by presets.resolve_model(name, models=...) or `manu train <preset>`."
-        )
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path} has no config.json; it is not a saved transformers model folder.")
     dtype = as_dtype(dtype)
+    check_weights(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or "auto", local_files_only=True, trust_remote_code=False
     )

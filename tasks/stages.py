@@ -5,34 +5,28 @@
     (tasks/reporting.py: figures, the run/sweep report drawn from the reports and logit lenses)
 
 Every task is cached by content (`tasks.cache.ManuCache`), writes into its own `stage_dir()` and
-returns that folder's path as a string. Tasks that run the model hold a device slot (`device_slot`):
-one per device (`device="cuda"`: every visible GPU) by default ($MANU_DEVICE_SLOTS per device), each
-with its own loaded model, so parallel evaluations spread over the GPUs and queue for a free one.
+returns that folder's path as a string. Tasks that run the model hold a device slot
+(tasks/devices.py): one per device (`device="cuda"`: every visible GPU) by default, each with its own
+loaded model and judge, so parallel evaluations spread over the GPUs and queue for a free one.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import json
-import os
-import queue
-import threading
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
 import polars as pl
 from prefect import get_run_logger, task
-from prefect.context import TaskRunContext
 
 from manu_core import data as mdata
 from manu_core.vocab import FORMS, OFFICIAL_SPLITS
 from manu_core.io import atomic_dir, atomic_file, atomic_write_json
 from tasks.cache import ManuCache, content_digest, finish, key_lock, models_dir, results_dir, stage_dir
+from tasks.devices import device_slot, judge_on, load, release
 
 _RUN_IGNORE = ("progress",)
 
@@ -56,90 +50,8 @@ def manu_task(*, paths: tuple[str, ...] = (), ignore: tuple[str, ...] = (), pres
     return deco
 
 
-@dataclass(frozen=True)
-class Slot:
-    """One place a model task runs: a concrete device (`cuda:1`, `cpu`) and its index among the slots."""
-
-    index: int
-    device: str
-
-
-def slot_devices(device: str) -> list[str]:
-    """The slots behind a run's `device`: `cuda` = every visible GPU (`cuda:0`, `cuda:1`, ...), `cuda:k`
-    = that GPU, anything else itself; each $MANU_DEVICE_SLOTS times (default 1: one model task per
-    device at a time, the others queue)."""
-    import torch
-
-    per_device = max(1, int(os.environ.get("MANU_DEVICE_SLOTS") or 1))
-    if device == "cuda" and torch.cuda.device_count() > 0:
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    else:
-        devices = [device]
-    return [d for d in devices for _ in range(per_device)]
-
-
-_POOLS: dict[str, queue.Queue] = {}
-_POOLS_LOCK = threading.Lock()
-_SLOT_MODELS: dict[tuple[str, int], tuple[tuple, object]] = {}
-_HOLDS: collections.deque = collections.deque(maxlen=100_000)  # (task name, start, end) per slot hold
-
-
-def slot_holds() -> list[tuple[str, float, float]]:
-    """(task name, start, end) in time.time() seconds of the latest device-slot holds in this process:
-    how long each model task had its device, without the time it queued for a free slot (a task run's
-    Prefect span includes that wait). bench/bench_pipeline.py times the flow's stages with it."""
-    return list(_HOLDS)
-
-
-@contextmanager
-def device_slot(device: str = "cpu"):
-    """Hold one slot of `device` (see `slot_devices`) while running a model; yields the `Slot`. A task
-    holding a slot has that slot's model to itself: nothing else runs on it or hooks it meanwhile."""
-    with _POOLS_LOCK:
-        if device not in _POOLS:
-            _POOLS[device] = queue.Queue()
-            for i, d in enumerate(slot_devices(device)):
-                _POOLS[device].put(Slot(i, d))
-        pool = _POOLS[device]
-    slot = pool.get()
-    ctx = TaskRunContext.get()
-    start = time.time()
-    try:
-        yield slot
-    finally:
-        _HOLDS.append((ctx.task.name if ctx is not None else "", start, time.time()))
-        pool.put(slot)
-
-
-def load(model_dir: str, slot: Slot, dtype: str | None, device: str = ""):
-    """The model at `model_dir` on `slot`'s device, kept loaded in that slot for the next task that
-    asks for the same one (one model per slot; `device` names the pool the slot came from)."""
-    from manu_core.models import load_model
-
-    key = (str(model_dir), slot.device, dtype)
-    held = _SLOT_MODELS.get((device, slot.index))
-    if held is None or held[0] != key:
-        _SLOT_MODELS.pop((device, slot.index), None)  # free the slot's previous model first
-        _SLOT_MODELS[(device, slot.index)] = (key, load_model(model_dir, device=slot.device, dtype=dtype))
-    return _SLOT_MODELS[(device, slot.index)][1]
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
-
-
-JUDGE_KEY_ENV = ("MANU_JUDGE_API_KEY", "OPENAI_API_KEY")  # the first one set is the judge's API key
-JUDGE_ENDPOINTS_ENV = "MANU_JUDGE_ENDPOINTS"  # hosts the worker lets that key go to (comma-separated)
-
-
-def judge_for(spec: str, device: str = "cpu"):
-    """The judge of an evaluation, with the worker's key and allow-list from its environment
-    (manu_core.judge reads none: an endpoint judge gets both from here)."""
-    from manu_core.judge import make_judge
-
-    key = next((os.environ[k] for k in JUDGE_KEY_ENV if os.environ.get(k)), None)
-    allowed = tuple(os.environ.get(JUDGE_ENDPOINTS_ENV, "").split(","))
-    return make_judge(spec, device=device, api_key=key, allowed=allowed)
 
 
 def dataset_of(spec: dict) -> mdata.Dataset:
@@ -159,29 +71,31 @@ def benchmark_forget(spec: dict) -> str | tuple[str, ...]:
     return dataset_of(spec).split.forget_ids
 
 
-@lru_cache(maxsize=4)
-def _benchmark(root: str, forget: str | tuple[str, ...], seed: int, sets: tuple[str, ...], _files: tuple):
+BENCH_SETS = ("forget", "test", "retain", "celebrity")
+
+
+@lru_cache(maxsize=8)
+def _benchmark(root: str, forget: str | tuple[str, ...], seed: int, _files: tuple):
     from manu_core.benchmark import load_mllmu_bench
 
-    return load_mllmu_bench(root, forget, seed=seed, sets=sets)
+    return load_mllmu_bench(root, forget, seed=seed, sets=BENCH_SETS)
 
 
-def benchmark_of(spec: dict, sets: tuple[str, ...] = ("forget", "test", "retain", "celebrity")):
-    """The local MLLMU-Bench of a run (`spec["benchmark"]`), read once per process, set list and state
-    of its files (a file edited since is read again)."""
+def benchmark_of(spec: dict):
+    """The local MLLMU-Bench of a run (`spec["benchmark"]`), all four sets, parsed once per process and
+    state of its files (a file edited since is read again): every task of a run reads this one."""
     forget = benchmark_forget(spec)
     root = Path(spec["benchmark"])
     files = tuple(sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                          for p in root.rglob("*") if p.is_file())) if root.is_dir() else ()
-    return _benchmark(str(root), forget if isinstance(forget, str) else tuple(forget), spec.get("seed", 0),
-                      sets, files)
+    return _benchmark(str(root), forget if isinstance(forget, str) else tuple(forget), spec.get("seed", 0), files)
 
 
 def images_of(data_dir: str | Path):
     """The image resolver of a run's samples: the local benchmark's own images when the run reads one,
     else None (the embedded portraits)."""
     spec = json.loads((Path(data_dir) / "split.json").read_text())["spec"]
-    return benchmark_of(spec, ("forget", "retain")).image if spec.get("benchmark") else None
+    return benchmark_of(spec).image if spec.get("benchmark") else None
 
 
 def _image_digest(image) -> str:
@@ -338,17 +252,19 @@ def _select_run_name(parameters: dict) -> str:
 @manu_task(name="select", paths=("sums_dir", "previous_dir"), ignore=("label",), task_run_name=_select_run_name)
 def select(sums_dir: str, alpha: float, weights: dict[str, float] | None = None, eps: float | None = None,
            tau: float = 0.1, scope: str | None = None, mode: str = "paper", options: dict | None = None,
-           previous_dir: str | None = None, label: str | None = None) -> str:
+           previous_dir: str | None = None, label: str | None = None, model_type: str | None = None) -> str:
     """Importances, score and the top-α selection with scoring mode `mode` (manu_core.importance.
     SCORING_MODES; weights/eps/scope None = the mode's defaults): `importance.parquet`, one row per
     neuron. `previous_dir`: a previous select folder (iterative selective pruning) whose selected
-    neurons stay selected; ⌊α·N⌋ new ones are added."""
+    neurons stay selected; ⌊α·N⌋ new ones are added. `model_type`: the vanilla model's architecture
+    (config.json), which the released mode's per-architecture sites read (docs/method.md)."""
     from manu_core.importance import ImportanceParams, importance_table, require_selection, write_importance
 
     params = ImportanceParams(alpha=alpha, eps=eps, tau=tau, weights=weights, scope=scope, mode=mode,
                               options=options)
     already = pl.read_parquet(Path(previous_dir) / "importance.parquet") if previous_dir else None
-    table = importance_table(pl.read_parquet(Path(sums_dir) / "sums.parquet"), params, already=already)
+    table = importance_table(pl.read_parquet(Path(sums_dir) / "sums.parquet"), params, already=already,
+                             model_type=model_type)
     require_selection(table, params)  # an α that prunes nothing is an error, not a result
     out = stage_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -461,13 +377,13 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
     spec = json.loads((Path(data_dir) / "split.json").read_text())["spec"]
     images = image_for
     if spec.get("benchmark"):
-        images = benchmark_of(spec, (set_name,)).image
+        images = benchmark_of(spec).image
     config = EvalConfig(**settings)
     out = stage_dir()
     with device_slot(device) as slot:
         model, processor = load(model_dir, slot, dtype, device)
         evaluate_unit(model, processor, items, out / "unit", config, images=images, device=slot.device,
-                      judge=judge_for(config.judge, device=slot.device), progress=progress,
+                      judge=judge_on(config.judge, slot, device), progress=progress,
                       # the model's content, as in the cache key: two folders with the same weights (e.g. a free
                       # and a frozen relearning that trained alike) are one evaluation, whichever runs first
                       model_id=content_digest(model_dir))
@@ -477,9 +393,10 @@ def evaluate(model_dir: str, data_dir: str, set_name: str, form: str, settings: 
 @manu_task(name="relearn", paths=("model_dir", "data_dir"), ignore=("device", "label"),
            task_run_name="relearn-{label}-{attack}-{mask}")
 def relearn(model_dir: str, data_dir: str, attack: str, mask: str, params: dict, seed: int = 0, device: str = "cpu",
-            label: str = "model", progress: bool = True) -> str:
+            dtype: str | None = None, label: str = "model", progress: bool = True) -> str:
     """A relearning attack on an unlearned model (manu_core/relearn.py): a private copy fine-tuned on
-    the attack set and saved here; the unlearned model on disk is never touched."""
+    the attack set and saved here; the unlearned model on disk is never touched. Loaded in `dtype` (None:
+    the checkpoint's); half-precision weights train as float32 copies or float32 adapters (manu_core/train.py)."""
     from manu_core.models import load_model, save_model
     from manu_core.relearn import attack_samples, halves, relearn as relearn_model
     from manu_core.train import StageConfig
@@ -489,7 +406,8 @@ def relearn(model_dir: str, data_dir: str, attack: str, mask: str, params: dict,
     samples = attack_samples(attack, forget, retain, attack_ids, seed)
     selection = pl.read_parquet(Path(model_dir) / "selection.parquet") if mask == "frozen" else None
     with device_slot(device) as slot:
-        model, processor = load_model(model_dir, device=slot.device)  # a private copy to train
+        release(slot)  # the slot's cached model and judge make room for the copy trained here
+        model, processor = load_model(model_dir, device=slot.device, dtype=dtype)  # a private copy to train
         curve = relearn_model(model, processor, samples, StageConfig(**params), selection=selection, seed=seed,
                               device=slot.device, images=images_of(data_dir), progress=progress)
     out = stage_dir()
@@ -543,7 +461,12 @@ def results(vanilla_units: list[str], unlearned_units: list[str], importance_dir
                                      for s in json.loads((Path(u) / "summary.json").read_text())])
     out = stage_dir()
     frame = summaries_frame({"vanilla": before, "unlearned": after})
-    md = f"# {title}\n\n{tables_markdown(run_tables(frame, 'unlearned'))}\n\n{counts_note(frame)}\n"
+    md = f"# {title}\n\n"
+    if (run.get("config") or {}).get("stand_in_data"):
+        md += ("> **Stand-in data, not a result.** This checkpoint was unlearned and evaluated on the embedded "
+               "stand-in data (procedural portraits, stand-in questions), not on MLLMU-Bench: a plumbing check "
+               "(stand_in_data: true).\n\n")
+    md += f"{tables_markdown(run_tables(frame, 'unlearned'))}\n\n{counts_note(frame)}\n"
     if plant:
         md += "\n" + recall_markdown(pl.DataFrame(plant["recall"]), plant["ids"]) + "\n"
     if reference:
@@ -592,7 +515,7 @@ def _split_samples(data_dir: str) -> tuple[list, list, dict]:
     local benchmark's own rows when the run reads one)."""
     split = json.loads((Path(data_dir) / "split.json").read_text())
     if split["spec"].get("benchmark"):
-        streams = benchmark_of(split["spec"], ("forget", "retain")).streams()
+        streams = benchmark_of(split["spec"]).streams()
         return ([s for f in FORMS for s in streams[("forget", f)]],
                 [s for f in FORMS for s in streams[("retain", f)]], split)
     ds = dataset_of(split["spec"])
@@ -624,8 +547,10 @@ def reference_model(model_dir: str, data_dir: str, label: str = "", progress: bo
            task_run_name=lambda parameters: f"baseline-{parameters['method']}"
                                             + (f" lr={parameters['params']['lr']:g}" if parameters["params"].get("lr") else ""))
 def baseline(model_dir: str, data_dir: str, method: str, params: dict, reference_dir: str | None = None,
-             device: str = "cpu", progress: bool = True) -> str:
-    """A gradient baseline's unlearned model (merged when trained with LoRA) and its loss curve."""
+             device: str = "cpu", dtype: str | None = None, progress: bool = True) -> str:
+    """A gradient baseline's unlearned model (merged when trained with LoRA) and its loss curve. Loaded in
+    `dtype` (None: the checkpoint's); LoRA adapters train in float32 over half-precision weights and merge
+    in float32, cast once (manu_core/train.py)."""
     from manu_core.baselines import LOSSES, BaselineConfig, unlearn_gradient
     from manu_core.models import load_model, save_model
 
@@ -634,8 +559,9 @@ def baseline(model_dir: str, data_dir: str, method: str, params: dict, reference
     frozen = {"vanilla": model_dir, "reference": reference_dir}.get(LOSSES[method].frozen)
     with device_slot(device) as slot:
         device = slot.device
-        model, processor = load_model(model_dir, device=device)  # a private copy to train
-        frozen_model = load_model(frozen, device=device)[0] if frozen else None
+        release(slot)  # the slot's cached model and judge make room for the two copies loaded here
+        model, processor = load_model(model_dir, device=device, dtype=dtype)  # a private copy to train
+        frozen_model = load_model(frozen, device=device, dtype=dtype)[0] if frozen else None
         out_model, curve = unlearn_gradient(model, processor, forget, retain, cfg, frozen=frozen_model,
                                             device=device, progress=progress, images=images_of(data_dir))
     out = stage_dir()

@@ -424,7 +424,7 @@ def test_bad_stream_inputs(tmp_path, ds, models):
         extract_activations(model, proc, {("forget", "text"): mm}, tmp_path / "x", progress=False)
     with pytest.raises(ExtractionError, match="mixes multimodal and text-only"):
         extract_stream(model, proc, mm + form_samples(ds, "text", 1), progress=False)
-    with pytest.raises(ValueError, match="dtype must name a torch dtype"):
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
         extract_activations(model, proc, ds, tmp_path / "x", dtype="float33", progress=False)
 
 

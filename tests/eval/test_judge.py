@@ -134,8 +134,8 @@ def test_openai_judge_connection_refused():
 
 
 def test_the_pipeline_judge_takes_key_and_allow_list_from_the_worker_environment(server, monkeypatch):
-    """manu_core.judge reads no environment; tasks.stages.judge_for hands it the worker's settings."""
-    from tasks.stages import judge_for
+    """manu_core.judge reads no environment; tasks.devices.judge_for hands it the worker's settings."""
+    from tasks.devices import judge_for
 
     monkeypatch.delenv("MANU_JUDGE_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
@@ -186,8 +186,11 @@ def test_judge_key_goes_only_to_loopback_or_the_allow_list():
 
     for ok in ("http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:9/v1", "https://127.0.0.2/v1"):
         check_key_destination(ok)
-    with pytest.raises(JudgeError, match="plain http to 'judge.example.org'"):
+    with pytest.raises(JudgeError, match="'judge.example.org' is not on this worker's allow-list"):
         OpenAIJudge("http://judge.example.org/v1", "m", api_key="sk-secret")
+    # the README's lab example: a vLLM server without TLS, named by the operator (host, or host:port)
+    for entry in ("vllm-host", "vllm-host:8000"):
+        assert OpenAIJudge("http://vllm-host:8000/v1", "m", api_key="sk-secret", allowed=(entry,)).api_key
     with pytest.raises(JudgeError, match="not on this worker's allow-list.*MANU_JUDGE_ENDPOINTS=judge.example.org"):
         OpenAIJudge("https://judge.example.org/v1", "m", api_key="sk-secret")
     allowed = ("other.org", " judge.example.org:443")
@@ -197,3 +200,11 @@ def test_judge_key_goes_only_to_loopback_or_the_allow_list():
         OpenAIJudge("https://judge.example.org:8443/v1", "m", api_key="sk-secret", allowed=allowed)
     # without a key nothing secret is sent, so any endpoint may be named
     assert OpenAIJudge("http://judge.example.org/v1", "m").api_key is None
+
+
+def test_an_unreachable_judge_fails_at_once_and_a_live_one_passes(server):
+    from manu_core.judge import check_reachable
+
+    check_reachable(f"{server}/ok/v1")  # any HTTP reply: a server is there
+    with pytest.raises(JudgeError, match="does not answer.*start the judge server or fix the URL"):
+        check_reachable("http://127.0.0.1:9/v1", timeout=2)

@@ -167,16 +167,16 @@ def test_two_device_slots_run_model_tasks_at_once_with_serial_results(tiny_model
 
     from manu_core.extract import extract_activations
     from manu_core.models import load_model
-    from tasks import stages
+    from tasks import devices, stages
 
     # A forget set no other test uses, so nothing is cached: every task after the vanilla model runs.
     # (Not a separate artifacts folder: the task results' store is the session's, and its records
     # would point later runs of the other tests into this test's folder.)
     cfg = config(forget=["093", "303"])
     monkeypatch.setenv("MANU_DEVICE_SLOTS", "2")
-    monkeypatch.setattr(stages, "_POOLS", {})
-    monkeypatch.setattr(stages, "_SLOT_MODELS", {})
-    assert stages.slot_devices("cpu") == ["cpu", "cpu"]
+    monkeypatch.setattr(devices, "_POOLS", {})
+    monkeypatch.setattr(devices, "_SLOT_MODELS", {})
+    assert devices.slot_devices("cpu") == ["cpu", "cpu"]
     held, peak, shared, loads, guard = [0], [0], [], [0], threading.Lock()
     real_slot, real_load = stages.device_slot, stages.load
 
@@ -195,7 +195,7 @@ def test_two_device_slots_run_model_tasks_at_once_with_serial_results(tiny_model
     def tracked(model_dir, slot, dtype, device=""):
         out = real_load(model_dir, slot, dtype, device)
         with guard:  # the model handed out is in no other slot
-            others = [m[0] for (_, i), (_, m) in stages._SLOT_MODELS.items() if i != slot.index]
+            others = [m[0] for (_, i), (_, m) in devices._SLOT_MODELS.items() if i != slot.index]
             shared.extend(m for m in others if m is out[0])
             loads[0] += 1
         return out
@@ -208,7 +208,7 @@ def test_two_device_slots_run_model_tasks_at_once_with_serial_results(tiny_model
     assert peak[0] == 2, peak  # two model tasks ran at once
     assert loads[0] > 2 and not shared  # each slot its own model objects
     # every hold is recorded under its task's name (bench/bench_pipeline.py times model stages with them)
-    holds = sorted((a, b, name) for name, a, b in stages.slot_holds() if a >= since)
+    holds = sorted((a, b, name) for name, a, b in devices.slot_holds() if a >= since)
     model_runs = Counter(r.task_key.rsplit("-", 1)[0] for r in settled_task_runs(state)
                          if r.name.startswith(("extract", "evaluate", "logit-lens")))
     assert Counter(name for _, _, name in holds) == model_runs and model_runs["extract"] == 1
