@@ -171,10 +171,13 @@ def prepare_data(spec: dict, profiles: str, benchmark: str | None = None) -> str
 
 @manu_task(name="vanilla_model", task_run_name=lambda parameters: f"vanilla_model-{Path(parameters['model']).name}")
 def vanilla_model(model: str) -> str:
-    """An embedded preset's trained vanilla model (trained on first use), or a local checkpoint."""
+    """An embedded preset's trained vanilla model (trained on first use), or a local checkpoint, whose
+    weights are checked here (a truncated file fails this task, named, not every model task after it)."""
+    from manu_core.models import check_weights
     from manu_core.presets import resolve_model
 
     path = resolve_model(model, models=models_dir())
+    check_weights(path)
     out = stage_dir()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "model.json", {"model": model, "path": str(path)})

@@ -109,9 +109,9 @@ def test_manu_run_refuses_before_any_server(checkpoint, tmp_path):
     """`manu run --model <checkpoint>` without --benchmark: one line, rc != 0, no Prefect server."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MANU_ARTIFACTS": str(tmp_path / "artifacts")}
     for args, why in [([], "needs its benchmark"), (["--benchmark", "/nowhere"], "MLLMU-Bench folder not found"),
-                      (["--dtype", "half"], "dtype must be one of")]:
+                      (["--dtype", "half"], "dtype must be one of"), (["--model", "/nowhere"], "nor an existing folder")]:
         r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--model", str(checkpoint), *args], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=env, capture_output=True, text=True, timeout=300)  # a second --model wins
         out = r.stdout + r.stderr
         assert r.returncode == 2 and why in out, out
         assert [line for line in out.splitlines() if line.strip()] == [out.strip()]  # one line
