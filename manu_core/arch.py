@@ -16,7 +16,8 @@ per architecture (keyed by `config.model_type`):
   `released`", "Per architecture").
 
 Adding an architecture is one `register(ArchAdapter(...))` call; the Qwen2-VL entry at the bottom
-is the worked example (its tower paths and an image layout, nothing else).
+is the worked example (its tower paths and an image layout, nothing else; its tiny model, the
+`tiny-qwen2vl` preset, and its image-only processor are in manu_core/models.py).
 
 Canonical site names (TransformerLens-style, used in logs and errors): "language.3", "vision.0".
 """
@@ -295,7 +296,7 @@ register(ArchAdapter(
     released_vision=ReleasedTower(linears=("fc1",), skip=3),
 ))
 register(ArchAdapter(
-    model_type="qwen2_vl",  # the one-entry example of a third architecture (no tiny builder/processor yet)
+    model_type="qwen2_vl",  # Qwen2 + Qwen2-VL's ViT: the one-entry example of a third architecture (`tiny-qwen2vl`)
     # The authors never ran it: the released mode's defaults (every Linear, the last three layers).
     language=TowerLayout(("model.language_model.layers",), GATED),
     vision=TowerLayout(("model.visual.blocks",), PLAIN),

@@ -22,12 +22,15 @@ from pathlib import Path
 import torch
 
 from manu_core import data as mdata
+from manu_core.fingerprint import code_fingerprint
 from manu_core.evaluate import evaluate_basic, format_summaries
 from manu_core.io import atomic_dir, atomic_write_json, file_lock
 from manu_core.models import (
+    ARCH_BUILD_CODE,
     IDEFICS2_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
     ModelError,
+    Qwen2VLSpec,
     TinySpec,
     build_processor,
     build_tiny_model,
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Preset:
     name: str
-    spec: TinySpec
+    spec: TinySpec | Qwen2VLSpec
     n_profiles: int | None  # None: all 500 fictitious profiles
     n_celebrities: int
     base: StageConfig  # pretraining on the celebrity stand-ins
@@ -75,19 +78,33 @@ class Preset:
 
     def key(self) -> str:
         """Content hash of everything that determines the trained weights: the training fields of
-        the preset, the profiles file and the code that builds data, model and training."""
+        the preset, the profiles file and the code that builds data, model and training, by what
+        that code does (`manu_core.fingerprint`: a docstring or comment edit keeps the trained model)."""
         fields = {k: v for k, v in asdict(self).items() if k not in _NOT_TRAINING}
         h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         h.update((mdata.MLLMU_DIR / "train_qa.jsonl").read_bytes())
-        for mod in ("data", "prompts", "portraits", "train"):
-            h.update((Path(__file__).with_name(f"{mod}.py")).read_bytes())
-        for obj in (TinySpec, train_tokenizer, build_processor, tiny_config, build_tiny_model, tokenizer_corpus,
-                    base_stage, _train_vanilla):
-            h.update(inspect.getsource(obj).encode())
-        if self.plant is not None:
-            h.update(Path(__file__).with_name("plant.py").read_bytes())
+        for name, source in _key_sources(self):
+            h.update(f"{name}\0{code_fingerprint(source)}".encode())
+        for text in [o for o in ARCH_BUILD_CODE.get(type(self.spec), ()) if isinstance(o, str)]:
+            h.update(text.encode())  # another architecture's chat template (Qwen2-VL): data, not code
         h.update((LLAVA_CHAT_TEMPLATE + IDEFICS2_CHAT_TEMPLATE).encode())
         return h.hexdigest()[:12]
+
+
+def _key_sources(preset: "Preset") -> list[tuple[str, str]]:
+    """(name, source) of the code a preset's key covers: the modules that build the data, prompts,
+    portraits and training, the model and tokenizer builders, another architecture's builders, and
+    plant.py for a planted preset."""
+    out = [(f"{mod}.py", Path(__file__).with_name(f"{mod}.py").read_text())
+           for mod in ("data", "prompts", "portraits", "train")]
+    out += [(obj.__name__, inspect.getsource(obj)) for obj in
+            (TinySpec, train_tokenizer, build_processor, tiny_config, build_tiny_model, tokenizer_corpus, base_stage,
+             _train_vanilla)]
+    out += [(obj.__name__, inspect.getsource(obj)) for obj in ARCH_BUILD_CODE.get(type(preset.spec), ())
+            if not isinstance(obj, str)]
+    if preset.plant is not None:
+        out.append(("plant.py", Path(__file__).with_name("plant.py").read_text()))
+    return out
 
 
 # Preset fields that do not change the trained weights (so editing them keeps the cached model).
@@ -146,6 +163,14 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
+
+# `tiny` (the same data and recipe) on a tiny Qwen2-VL: Qwen2 text model with M-RoPE, a vision tower
+# that sees the patches of all images of a batch as one sequence and merges 2 x 2 of them per image token.
+PRESETS["tiny-qwen2vl"] = replace(
+    PRESETS["tiny"], name="tiny-qwen2vl",
+    spec=Qwen2VLSpec(layers=2, vision_hidden=32, vision_intermediate=128, vision_heads=2, vocab_size=1024),
+    description="the `tiny` preset on a tiny Qwen2-VL (image-only processor where torchvision is missing)",
+)
 
 # The positive control (docs/embedded.md, "The positive control"; declared before any unlearning result
 # on it): the default forget set's people are learned by 26 new units per language MLP layer (about

@@ -71,14 +71,17 @@ PRESENTATION = ("manu_core/figures.py", "manu_core/report.py", "manu_core/tradeo
 
 @lru_cache(maxsize=2)
 def code_digest(presentation: bool = False) -> str:
-    """sha256 of the project's sources; the `PRESENTATION` modules only when `presentation`."""
+    """sha256 of the project's sources, each by what it does (`manu_core.fingerprint`: a docstring or
+    comment edit reruns nothing); the `PRESENTATION` modules only when `presentation`."""
+    from manu_core.fingerprint import code_fingerprint
+
     h = hashlib.sha256()
     for pkg in ("manu_core", "tasks"):
         for f in sorted((REPO / pkg).glob("*.py")):
             if not presentation and f"{pkg}/{f.name}" in PRESENTATION:
                 continue
             h.update(f"{pkg}/{f.name}".encode())
-            h.update(f.read_bytes())
+            h.update(code_fingerprint(f.read_text()).encode())
     return h.hexdigest()
 
 
