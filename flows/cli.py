@@ -328,6 +328,35 @@ def evaluate(
 
 
 @app.command()
+def plan(
+    deployment: Optional[str] = typer.Option(None, help="a deployment of prefect.yaml (full-sweep, paper-grid, ...): "
+                                             "its parameters"),
+    model: str = typer.Option("lite", "--model", "--preset", help="without --deployment: one run's model"),
+    method: str = typer.Option("manu", help="without --deployment: one run's method"),
+    alpha: Optional[float] = typer.Option(None, help="without --deployment: MANU's pruning ratio"),
+    device: str = typer.Option("cpu", help="the device the run would use (the costs are per machine class)"),
+) -> None:
+    """What a run or a deployment's sweep will do (models, extractions, evaluation units and questions,
+    trainings) and its estimated wall time on this machine class, before it starts."""
+    from pydantic import ValidationError
+
+    from flows.pipeline import RunConfig, validation_message
+    from flows.plan import deployment_parameters, plan as make_plan, plan_markdown
+
+    try:
+        if deployment:
+            config, sweep = deployment_parameters(deployment)
+            config = config.model_copy(update={"device": device})
+        else:
+            config, sweep = RunConfig(model=model, alpha=alpha, device=device), None
+        typer.echo(plan_markdown(make_plan(config, sweep, method), deployment or f"{method} on {model}"))
+    except ValidationError as e:
+        _fail(ValueError(validation_message(e)))
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command()
 def run(
     model: str = typer.Option("lite", "--model", "--preset", help="embedded preset or a local checkpoint folder"),
     alpha: Optional[float] = typer.Option(None, help="MANU pruning ratio (default: the preset's documented α)"),

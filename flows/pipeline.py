@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -33,7 +34,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from manu_core.data import MLLMU_DIR
+from manu_core.data import MLLMU_DIR, VALIDATION
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
 from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS, VANILLA_ATTACKED
 from manu_core.relearn import check as relearn_check
@@ -42,6 +43,30 @@ from tasks import reporting, stages
 
 DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
 SCORINGS = ("paper", "released", "selective")  # the modes of manu_core.importance.SCORING_MODES, in report order
+# manu_core.models.DTYPES, which imports torch (tests/pipeline/test_browser.py keeps the two equal)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _form(default=None, **keys) -> Callable[[dict], None]:
+    """A field's `json_schema_extra` for the run form of the Prefect UI (Parameters -> custom run), the
+    schema only: validation stays with the validators, whose errors name the rule, the value and the fix.
+    `keys` (bounds, `enum`, `items`) go on the field's own type, or on the non-null branch of an
+    Optional, where the form's inputs read them (a number input's min/max, a select's choices);
+    `default` shows a `default_factory`'s value, which pydantic leaves out of the schema (the form would
+    show an empty list). A callable is called when the schema is built (names defined later in this file)."""
+    def extra(schema: dict) -> None:
+        target = next((b for b in schema.get("anyOf", []) if b.get("type") != "null"), schema)
+        target.update({k: v() if callable(v) else v for k, v in keys.items()})
+        if default is not None:
+            schema["default"] = default() if callable(default) else default
+    return extra
+
+
+def _choices(values) -> Callable[[dict], None]:
+    """A list field whose items are chosen from `values` (a callable: read when the schema is built),
+    its default the whole list."""
+    return _form(default=lambda: list(values() if callable(values) else values),
+                 items=lambda: {"type": "string", "enum": list(values() if callable(values) else values)})
 
 
 class Strict(BaseModel):
@@ -68,16 +93,23 @@ class EvalSettings(Strict):
     mc_scorer: Optional[Literal["letter", "likelihood"]] = Field(
         None, description="None: likelihood for the embedded tiny models, letter for real checkpoints")
     instructions: Optional[bool] = Field(None, description="None: bare questions for tiny models, else on")
-    few_shot: bool = False
-    judge: str = Field("offline", description="offline | openai:<base url>#<model> | hf:<local path>")
-    max_new_tokens: int = Field(50, ge=1)
-    batch_size: int = Field(32, ge=1)
-    sets: list[str] = Field(default_factory=lambda: list(EVAL_SETS))
-    forms: list[str] = Field(default_factory=lambda: list(FORMS))
-    max_profiles: dict[str, int] = Field(default_factory=dict, description="per set: at most N seeded profiles")
+    few_shot: bool = Field(False, description="multiple choice with worked examples before each question")
+    judge: str = Field("offline", description="factuality judge (1-10): offline (key-fact overlap, no LLM) | "
+                                              "openai:<base url>#<model> | hf:<local path>")
+    max_new_tokens: int = Field(50, ge=1, description="token budget of each generated answer")
+    batch_size: int = Field(32, ge=1, description="questions per generation batch")
+    sets: list[str] = Field(default_factory=lambda: list(EVAL_SETS), json_schema_extra=_choices(EVAL_SETS),
+                            description="the benchmark's sets to evaluate: forget, test (transformed portraits, "
+                                        "paraphrased questions), retain, celebrity")
+    forms: list[str] = Field(default_factory=lambda: list(FORMS), json_schema_extra=_choices(FORMS),
+                             description="multimodal (the image and the question) and/or text (the name in the "
+                                         "question, no image)")
+    max_profiles: dict[str, int] = Field(default_factory=dict, json_schema_extra=_form(default={}),
+                                         description="per set: at most N seeded profiles, e.g. {forget: 15} "
+                                                     "(empty or 0: every profile)")
     tasks: Optional[list[Literal["mc", "gen", "cloze"]]] = Field(
         None, description="only these tasks (e.g. [mc]: the cheap signal a sweep's curves read); None: every task")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the profile caps' draw and the multiple-choice option order")
 
     @field_validator("sets", "forms")
     @classmethod
@@ -110,11 +142,15 @@ class BaselineSettings(Strict):
     """Gradient baselines (manu_core/baselines.py). None: the benchmark's defaults on a real checkpoint
     (LoRA, lr 2e-5, 1 epoch, batch 4), `EMBEDDED_BASELINE` on the tiny models."""
 
-    lr: Optional[float] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lora: Optional[bool] = None
+    lr: Optional[float] = Field(None, json_schema_extra=_form(exclusiveMinimum=0),
+                                description="learning rate; None: the preset's fine-tune lr, 2e-5 on a checkpoint")
+    epochs: Optional[int] = Field(None, json_schema_extra=_form(minimum=1),
+                                  description="passes over the forget set; None: 1")
+    batch_size: Optional[int] = Field(None, json_schema_extra=_form(minimum=1), description="None: 4")
+    lora: Optional[bool] = Field(None, description="None: full fine-tune of a tiny model, LoRA of a checkpoint")
     forms: list[str] = Field(default_factory=lambda: ["multimodal"],
+                             json_schema_extra=_form(default=["multimodal"],
+                                                     items={"type": "string", "enum": list(FORMS)}),
                              description="forms the baselines train on (the benchmark: image + text only)")
     beta: float = Field(0.4, gt=0, description="NPO's β (benchmark code 0.4, paper 0.9)")
 
@@ -141,18 +177,22 @@ class RelearnSettings(Strict):
     on an attack set, then the held-out half of the forget profiles evaluated in both forms. Off by
     default (it adds a fine-tune and two evaluations per attack, mask and model)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="attack every unlearned model (off: no relearning stage)")
     attacks: list[str] = Field(default_factory=lambda: list(RELEARN_ATTACKS),
+                               json_schema_extra=_choices(RELEARN_ATTACKS),
                                description="forget-text | forget-multimodal (the attack half of the forget profiles, "
                                            "one form) | retain (retain profiles only)")
-    masks: list[str] = Field(default_factory=lambda: list(RELEARN_MASKS),
+    masks: list[str] = Field(default_factory=lambda: list(RELEARN_MASKS), json_schema_extra=_choices(RELEARN_MASKS),
                              description="free (every weight trains) | frozen (pruned units held at 0; pruning "
                                          "methods only)")
     steps: int = Field(20, ge=1, description="optimizer steps of the fine-tune")
     lr: Optional[float] = Field(None, gt=0, description="None: the preset's fine-tune lr (tiny models), else 2e-5")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="examples per optimizer step")
     lora: Optional[bool] = Field(None, description="None: full fine-tune of a tiny model, LoRA (r 16) of a checkpoint")
-    tasks: list[str] = Field(default_factory=lambda: ["mc"], description="evaluation tasks of the held-out half")
+    tasks: list[str] = Field(default_factory=lambda: ["mc"],
+                             json_schema_extra=_form(default=["mc"],
+                                                     items={"type": "string", "enum": ["mc", "gen", "cloze"]}),
+                             description="evaluation tasks of the held-out half")
     attack_vanilla: bool = Field(True, description="also attack the vanilla model (free mask, each attack): the "
                                                    "attack's own effect, which every attacked method is read against")
 
@@ -222,10 +262,15 @@ class RunConfig(Strict):
     model: str = Field("lite", description="embedded preset (manu presets) or a local checkpoint folder")
     forget: Optional[Union[str, list[str]]] = Field(
         None, description="forget_5/10/15 or a list of profile ids; None: the preset's split (forget_5 for a checkpoint)")
-    alpha: Optional[float] = Field(None, description="pruning ratio α in (0, 1); None: the preset's documented α")
+    # bounds in the schema only: RunConfig._check refuses α outside (0, 1) with the rule and the fix
+    alpha: Optional[float] = Field(None, json_schema_extra=_form(exclusiveMinimum=0, exclusiveMaximum=1, minimum=0,
+                                                                 maximum=1),
+                                   description="pruning ratio α in (0, 1), e.g. 0.05 for 5% of the units; None: the "
+                                               "preset's documented α")
     scoring: Literal["paper", "released", "selective"] = Field(
         "paper", description="scoring mode: paper (default) | released (the authors' code) | selective (Pochinkov & Schoots)")
-    scoring_options: dict = Field(default_factory=dict, description="the mode's options: released {pool_layers: bool, "
+    scoring_options: dict = Field(default_factory=dict, json_schema_extra=_form(default={}),
+                                  description="the mode's options: released {pool_layers: bool, "
                                   "clamp: float|null, linear_outputs: bool (scores and prunes the outputs of the MLP Linears, "
                                   "as the released code; extracts them too), sites: authors|uniform (authors: the released code's "
                                   "Linears and layers per architecture, the default), per_position: bool (extracts per-batch "
@@ -234,32 +279,38 @@ class RunConfig(Strict):
                                   "selective {statistic: abs|freq|std|rms}")
     weights: ImportanceWeights = Field(default_factory=ImportanceWeights,
                                        description="importance weights abs/freq/var/rms; empty: the mode's defaults")
-    eps: Optional[float] = Field(None, description="ε of the ratios and the score; None: the mode's (1e-5; selective 1e-3)")
-    tau: float = 0.1
+    eps: Optional[float] = Field(None, json_schema_extra=_form(exclusiveMinimum=0),
+                                 description="ε of the ratios and the score; None: the mode's (1e-5; selective 1e-3)")
+    tau: float = Field(0.1, description="τ: an activation counts as firing above it (the freq importance function)")
     scope: Optional[Literal["global", "tower", "layer"]] = Field(
         None, description="top-α over global | tower | layer; None: the mode's (released: tower, else global)")
     iterative: bool = Field(False, description="selective only: prune in steps of `step`, extracting again on the "
                             "pruned model before each step (one-shot when false)")
     step: float = Field(0.02, gt=0, lt=1, description="iterative selective pruning: α per step (the last step takes "
                         "the remainder)")
-    random_seeds: list[int] = Field(default_factory=lambda: [0], description="seeds of the random control "
+    random_seeds: list[int] = Field(default_factory=lambda: [0], json_schema_extra=_form(default=[0]),
+                                    description="seeds of the random control "
                                     "(method='random' in a single run; a sweep uses SweepConfig.random_seeds)")
-    aggregation: Literal["mean", "answer", "last"] = "mean"
-    extract_batch_size: int = Field(32, ge=1)
-    device: str = "cpu"
-    dtype: Optional[str] = None
+    aggregation: Literal["mean", "answer", "last"] = Field(
+        "mean", description="a sample's activation per neuron: mean over its tokens | answer tokens only | last token")
+    extract_batch_size: int = Field(32, ge=1, description="samples per forward pass of the activation extraction")
+    device: str = Field("cpu", description="cpu | cuda | cuda:N (model tasks; a Dask worker claims its own GPU)")
+    dtype: Optional[str] = Field(None, json_schema_extra=_form(enum=list(DTYPES)),
+                                 description="float32 | bfloat16 | float16; None: the checkpoint's own")
     benchmark: Optional[str] = Field(None, description="local MLLMU-Bench folder (hub parquet layout): the activation "
                                      "streams, baselines, logit lens and evaluation read its own questions and images")
     stand_in_data: bool = Field(False, description="a checkpoint without a benchmark: run on the embedded stand-in "
                                 "data (procedural portraits, stand-in questions, synthetic celebrities) to check the "
                                 "plumbing; every result says so. Without it such a run is refused.")
-    seed: int = 0
-    eval: EvalSettings = Field(default_factory=EvalSettings)
-    baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    seed: int = Field(0, description="seed of the data (validation split, stand-ins) and of sampling")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="how each (set, form) is evaluated")
+    baselines: BaselineSettings = Field(default_factory=BaselineSettings,
+                                        description="the gradient baselines (method ga, grad_diff, kl, npo)")
     reference: Optional[str] = Field(None, description="NPO's reference model (fine-tuned on retain only); "
                                      "None: trained here for an embedded preset")
     lens_samples: int = Field(32, ge=0, description="logit lens (report Fig. 2): QA pairs per (split, form); 0 = all")
-    relearn: RelearnSettings = Field(default_factory=RelearnSettings)
+    relearn: RelearnSettings = Field(default_factory=RelearnSettings,
+                                     description="relearning attacks on every unlearned model (off by default)")
     never_learned: Union[Literal["auto", "train", "none"], dict[str, str]] = Field(
         "auto", description="the never-learned reference each forget set is judged against (docs/evaluation.md): "
                             "train (an embedded preset's recipe without the forget set, cached like a preset), "
@@ -375,24 +426,38 @@ class SweepConfig(Strict):
 
     forget_splits: list[Union[str, list[str]]] = Field(
         default_factory=lambda: ["validation", "forget_5", "forget_10", "forget_15"],
+        json_schema_extra=_form(default=["validation", "forget_5", "forget_10", "forget_15"]),
         description="split names or lists of ids; `validation` (learned profiles outside the official splits, "
                     "drawn by seed) is where each method's headline setting is chosen")
-    alphas: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])
-    scorings: list[str] = Field(default_factory=lambda: list(SCORINGS),
+    alphas: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2],
+                                json_schema_extra=_form(default=[0.02, 0.05, 0.1, 0.2],
+                                                        items={"type": "number", "exclusiveMinimum": 0,
+                                                               "exclusiveMaximum": 1, "minimum": 0, "maximum": 1}),
+                                description="MANU's pruning ratios α, each in (0, 1): one variant per (mode, α)")
+    scorings: list[str] = Field(default_factory=lambda: list(SCORINGS), json_schema_extra=_choices(SCORINGS),
                                 description="MANU's scoring modes, one variant per (mode, α): paper, released, selective")
     ablations: bool = Field(True, description="paper-mode MANU with each importance function's weight zeroed in turn "
                             "(at the middle α)")
-    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2],
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], json_schema_extra=_form(default=[0, 1, 2]),
                                     description="the random control: one run per full-weight MANU variant and seed")
     random_scorings: Optional[list[str]] = Field(
-        None, description="scoring modes whose MANU variants get a random control (None: every mode of `scorings`); "
+        None, json_schema_extra=_form(items={"type": "string", "enum": list(SCORINGS)}),
+        description="scoring modes whose MANU variants get a random control (None: every mode of `scorings`); "
                           "each mode selects different per-tower counts, so each has its own control")
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS),
-                               description="manu, random, prompting, ga, grad_diff, kl, npo")
+                               json_schema_extra=_form(default=lambda: list(ALL_METHODS),
+                                                       items=lambda: {"type": "string", "enum": list(METHODS)}),
+                               description="manu, random, prompting, ga, grad_diff, kl, npo; attribution (the "
+                                           "upper bound, not a method) when named")
     retain_budget: float = Field(5.0, gt=0, description="the retain multiple-choice drop (points) a method may "
                                  "spend: settings are chosen on the validation forget set by this budget")
+    two_phase: bool = Field(True, description="with the validation split and others: phase one evaluates every "
+                            "variant on validation with multiple choice only (forget, retain, celebrity; both forms), "
+                            "the rule chooses each method's setting, and phase two evaluates only the chosen settings, "
+                            "fully, on the other splits (false: every variant fully on every split)")
     baseline_scales: list[float] = Field(
         default_factory=lambda: [0.03, 0.1, 0.3, 1.0],
+        json_schema_extra=_form(default=[0.03, 0.1, 0.3, 1.0], items={"type": "number", "exclusiveMinimum": 0}),
         description="the gradient baselines' strength axis: their learning rate times each scale (a log grid; "
                     "steps fixed by epochs), one variant per scale, swept like MANU's α")
 
@@ -861,18 +926,18 @@ class Started:
     lens: Optional[PrefectFuture]
 
 
-def start_one(shared: Shared, method: str, variant: dict) -> Started:
+def start_one(shared: Shared, method: str, variant: dict, lens: bool = True) -> Started:
     """Unlearn one variant and submit its evaluations and logit lens without waiting for them, so the
     next variant's selection and pruning (or training) run while the device evaluates this one."""
     unlearned, imp = METHODS[method].unlearn(shared, variant)
     label = _slug(variant_label(method, variant))
     overrides = METHODS[method].eval_overrides or {}
-    lens = _lens(unlearned, shared, label, overrides.get("system")) if METHODS[method].lens else None
+    lens = _lens(unlearned, shared, label, overrides.get("system")) if lens and METHODS[method].lens else None
     return Started(method, variant, unlearned, imp, _evaluate_all(unlearned, shared, label, overrides), lens)
 
 
 def finish_one(shared: Shared, started: Started, vanilla_units: list,
-               relearn_controls: dict[str, dict[str, list]]) -> tuple[str, Optional[str]]:
+               relearn_controls: dict[str, dict[str, list]], phase: Optional[int] = None) -> tuple[str, Optional[str]]:
     """Wait for a started variant's evaluations, run its relearning attacks (when enabled) and record
     it: (results folder, logit-lens folder or None). `relearn_controls`: the forget set's memo of the
     relearning stages every method shares (`_relearn`)."""
@@ -885,7 +950,7 @@ def finish_one(shared: Shared, started: Started, vanilla_units: list,
     run = {"config": cfg.model_dump(), "method": method, "variant": variant, "label": label, "model": unlearned,
            "vanilla_model": shared.model_dir, "data": shared.data, "activations": shared.activations,
            "system": overrides.get("system"), "mode": variant.get("mode"), "seed": variant.get("seed"),
-           "shadows": variant.get("shadows")}
+           "shadows": variant.get("shadows"), **({"phase": phase} if phase else {})}
     relearn = _relearn(shared, unlearned, _slug(label), overrides, relearn_controls) if cfg.relearn.enabled and method != "prompting" else {}
     rep = stages.results(vanilla_units, units, imp, title, run=run,
                          relearn_units=[u for us in relearn.values() for u in us],
@@ -893,6 +958,69 @@ def finish_one(shared: Shared, started: Started, vanilla_units: list,
                          reference_units=list(shared.reference_units) or None)
     _publish(rep, shared, unlearned, imp, _slug(f"{cfg.model}-{split}-{label}"))
     return rep, started.lens.result() if started.lens is not None else None
+
+
+def _phase_one(config: RunConfig) -> RunConfig:
+    """A two-phase sweep's first phase: multiple choice on the forget, retain and celebrity sets (what
+    the setting rule and the trade-off curves read); no relearning attacks and no never-learned
+    reference (the headroom is judged on the reported splits)."""
+    sets = [s for s in config.eval.sets if s in ("forget", "retain", "celebrity")]
+    return config.model_copy(update={"eval": config.eval.model_copy(update={"tasks": ["mc"], "sets": sets}),
+                                     "relearn": config.relearn.model_copy(update={"enabled": False}),
+                                     "never_learned": "none"})
+
+
+def curve_of(method: str, variant: dict) -> tuple[str, Optional[float]]:
+    """The trade-off curve a variant is a point of and its strength (tradeoff.curve_name): what the
+    setting rule chooses among."""
+    from manu_core.tradeoff import curve_name
+
+    strength = variant.get("alpha", variant.get("lr"))
+    return curve_name(method, variant.get("mode"), variant.get("iterative", False)), strength
+
+
+def _kept(method: str, variant: dict, keep: set) -> bool:
+    """Phase two runs a variant whose (curve, strength) the rule chose; a random control also when the
+    MANU variant it shadows is kept (the report sets each beside its control). Ablations stay in phase one."""
+    if reporting.dropped_weights(variant):
+        return False
+    if (curve_of(method, variant)) in keep:
+        return True
+    if method == "random":
+        shadow = {k: v for k, v in variant.items() if k not in ("seed", "shadows")}
+        return curve_of("manu", shadow) in keep
+    return False
+
+
+def _run_splits(config: RunConfig, sweep: Optional[SweepConfig], splits: list, methods: list[str],
+                phase: Optional[int] = None, keep: Optional[set] = None) -> tuple[list[str], list[str]]:
+    """Every variant of `methods` (with `keep`, only those `_kept`) on each forget split: unlearned,
+    evaluated, recorded; returns the results folders and the logit-lens folders. Phase one of a sweep
+    draws no logit lens."""
+    runs, lenses = [], []
+    for forget in splits:
+        cfg = config.model_copy(update={"forget": forget})
+        shared = _prepare(cfg, forget)
+        vanilla = _evaluate_all(shared.model_dir, shared, "vanilla")
+        reference = _never_learned(shared)
+        vanilla_lens = _lens(shared.model_dir, shared, "vanilla") if phase != 1 else None
+        variants = [(m, v) for m in methods for v in METHODS[m].variants(cfg, sweep) if keep is None or _kept(m, v, keep)]
+        if any(METHODS[m].needs_activations for m, _ in variants):
+            shared = _with_activations(shared)
+        # every variant unlearned and its evaluations queued first, then collected in order: the device
+        # evaluates one variant while the next is selected, pruned and saved
+        started = [start_one(shared, m, v, lens=phase != 1) for m, v in variants]
+        vanilla_units = _results(vanilla)
+        shared = replace(shared, reference_units=tuple(_results(reference)))
+        if vanilla_lens is not None:
+            lenses.append(vanilla_lens.result())
+        relearn_controls: dict[str, dict[str, list]] = {}
+        for one in started:
+            rep, lens = finish_one(shared, one, vanilla_units, relearn_controls, phase=phase)
+            runs.append(rep)
+            if lens is not None:
+                lenses.append(lens)
+    return runs, lenses
 
 
 def validation_message(e: ValidationError) -> str:
@@ -914,7 +1042,13 @@ def one_line(e: BaseException) -> str:
 @flow(name="manu", task_runner=task_runner(), log_prints=True, validate_parameters=False)
 def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, method: str = "manu") -> str:
     """One run of `method` (MANU by default; returns its report folder) or, with `sweep`, a grid of
-    methods and variants (returns the sweep table)."""
+    methods and variants (returns the sweep table).
+
+    Args:
+        config: the run: model, forget set, scoring mode, α, evaluation (merged into a deployment's own)
+        sweep: a grid on the model (forget splits x methods x variants); empty: one run of `method`
+        method: manu | random | attribution | prompting | ga | grad_diff | kl | npo (a sweep: sweep.methods)
+    """
     try:
         try:
             config, sweep = with_deployment_defaults(config, sweep)
@@ -922,7 +1056,15 @@ def manu(config: RunConfig = RunConfig(), sweep: Optional[SweepConfig] = None, m
             raise ValueError(validation_message(e)) from None
         return _manu(config, sweep, method)
     except Exception as e:
-        get_run_logger().error("the run failed: %s", one_line(e))
+        from prefect.exceptions import MissingContextError
+
+        try:
+            log = get_run_logger()
+        except MissingContextError:  # called as a plain function (manu.fn)
+            import logging
+
+            log = logging.getLogger(__name__)
+        log.error("the run failed: %s", one_line(e))
         raise
 
 
@@ -939,27 +1081,21 @@ def _manu(config: RunConfig, sweep: Optional[SweepConfig], method: str) -> str:
         log.warning(note)
     for forget in splits:  # every forget set among the learned profiles, before the first task
         config.check_data(forget)
-    runs, lenses, last = [], [], ""
-    for forget in splits:
-        cfg = config.model_copy(update={"forget": forget})
-        shared = _prepare(cfg, forget)
-        vanilla = _evaluate_all(shared.model_dir, shared, "vanilla")
-        reference = _never_learned(shared)
-        vanilla_lens = _lens(shared.model_dir, shared, "vanilla")
-        if any(METHODS[m].needs_activations for m in methods):
-            shared = _with_activations(shared)
-        # every variant unlearned and its evaluations queued first, then collected in order: the device
-        # evaluates one variant while the next is selected, pruned and saved
-        started = [start_one(shared, m, v) for m in methods for v in METHODS[m].variants(cfg, sweep)]
-        vanilla_units = _results(vanilla)
-        shared = replace(shared, reference_units=tuple(_results(reference)))
-        lenses.append(vanilla_lens.result())
-        relearn_controls: dict[str, dict[str, list]] = {}
-        for one in started:
-            last, lens = finish_one(shared, one, vanilla_units, relearn_controls)
-            runs.append(last)
-            if lens is not None:
-                lenses.append(lens)
+    started, estimated = time.time(), _announce_plan(config, sweep, method) if sweep is not None else None
+    if sweep is not None and sweep.two_phase and VALIDATION in splits and len(splits) > 1:
+        # phase one: every variant on validation, the cheap signal the rule and the curves read
+        first = _phase_one(config)
+        runs, lenses = _run_splits(first, sweep, [VALIDATION], methods, phase=1)
+        chosen = json.loads((Path(reporting.choose(runs, budget=sweep.retain_budget)) / "chosen.json").read_text())
+        log.info("phase one chose (on validation, multiple choice): %s", chosen)
+        # phase two: the chosen settings, fully, on the reported splits
+        keep = {(c["method"], c["strength"]) for c in chosen}
+        more, more_lenses = _run_splits(config, sweep, [f for f in splits if f != VALIDATION], methods, phase=2,
+                                        keep=keep)
+        runs, lenses = runs + more, lenses + more_lenses
+    else:
+        runs, lenses = _run_splits(config, sweep, splits, methods)
+    last = runs[-1]
     alpha = _chosen_alpha(config, sweep)
     if sweep is None:
         title = json.loads((Path(last) / "results.json").read_text())["run"]["label"]
@@ -971,14 +1107,39 @@ def _manu(config: RunConfig, sweep: Optional[SweepConfig], method: str) -> str:
     drawn = reporting.report.submit(runs, lenses, f"Sweep on {config.model}", chosen_alpha=alpha)
     comp = reporting.comparison(runs, budget=sweep.retain_budget)  # meanwhile
     report = drawn.result()
-    out = reporting.sweep_table(report, comp, _slug(f"{config.model}-{'-'.join(map(str, splits))}"))
+    phases = sweep.two_phase and VALIDATION in splits and len(splits) > 1
+    note = (f"Two phases: every variant on validation with multiple choice only (forget, retain, celebrity), "
+            f"then only the settings the rule chose there ({sweep.retain_budget:g}-point retain budget), every "
+            f"task, on {', '.join(str(f) for f in splits if f != VALIDATION)}. A validation row is a phase-one "
+            "number; the importance ablations are phase one only." if phases else "")
+    out = reporting.sweep_table(report, comp, _slug(f"{config.model}-{'-'.join(map(str, splits))}"), note=note)
     create_markdown_artifact(key=_slug(f"sweep-{config.model}"), markdown="# Sweep\n\n" + (Path(out) / "sweep.md").read_text(),
                              description="every method and variant per forget set")
     create_markdown_artifact(key=_slug(f"comparison-{config.model}"),
                              markdown=(Path(out) / "comparison" / "comparison.md").read_text().split("\n![")[0],
                              description="drops with 95% intervals, trade-off curves, settings chosen on validation")
     _publish_report(str(Path(out) / "report"), _slug(f"sweep-report-{config.model}"), "tables and figures of the sweep")
+    took = time.time() - started
+    log.info("the sweep took %.1f min wall (estimated before it started: %s)", took / 60,
+             f"{estimated / 60:.1f} min" if estimated is not None else "unknown")
+    create_markdown_artifact(key=_slug(f"timing-{config.model}"), description="the plan's estimate beside the wall time",
+                             markdown=f"| estimated | took |\n|---|---|\n| "
+                                      f"{f'{estimated / 60:.1f} min' if estimated is not None else 'unknown'} | "
+                                      f"{took / 60:.1f} min |\n")
     return out
+
+
+def _announce_plan(config: RunConfig, sweep: SweepConfig, method: str) -> Optional[float]:
+    """The sweep's plan (flows/plan.py) as its first log line and a UI artifact; its estimate (s)."""
+    from flows.plan import plan as make_plan, plan_markdown
+
+    p = make_plan(config, sweep, method)
+    runs = ", ".join(f"{n} {stage}" for stage, n in p.runs.items() if n)
+    get_run_logger().info("plan: %s; estimated wall time %s", runs,
+                          f"{p.total / 60:.1f} min" if p.total is not None else "unknown (no measured costs)")
+    create_markdown_artifact(key=_slug(f"plan-{config.model}"), markdown=plan_markdown(p, f"sweep on {config.model}"),
+                             description="what this sweep will run and its estimated wall time")
+    return p.total
 
 
 def deep_merge(base: dict, given: dict) -> dict:

@@ -149,6 +149,36 @@ def _answers(units: list[str]) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(Path(u) / "answers.parquet", columns=list(ANSWER_COLUMNS)) for u in units])
 
 
+def _compared(runs: list[str]) -> list[dict]:
+    """The runs' results folders as manu_core.tradeoff reads them (`run_drops`)."""
+    compared = []
+    for rep in runs:
+        res = json.loads((Path(rep) / "results.json").read_text())
+        run, variant = res["run"], res["run"].get("variant") or {}
+        compared.append({"forget": _forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
+                         "family": run["method"], "mode": variant.get("mode"),
+                         "iterative": variant.get("iterative", False),
+                         "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),
+                         "without": "+".join(dropped_weights(variant)) or None,
+                         "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"]),
+                         "reference": res.get("reference"), "planted": res.get("planted")})
+    return compared
+
+
+@manu_task(name="choose", paths=("runs",), task_run_name="choose-settings-on-validation")
+def choose(runs: list[str], budget: float = 5.0) -> str:
+    """Each curve's setting chosen by the rule on the validation runs' multiple choice (a two-phase
+    sweep's choice between its phases, the same rule and numbers as the comparison's chosen.parquet):
+    `chosen.json`, [{method (the curve), setting, strength, within_budget, rule}]."""
+    from manu_core.tradeoff import chosen_settings, curve_points, run_drops
+
+    chosen = chosen_settings(curve_points(run_drops(_compared(runs))), budget=budget)
+    out = stage_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "chosen.json", chosen.to_dicts() if chosen is not None else [])
+    return str(finish(out))
+
+
 @manu_task(name="comparison", paths=("runs",), presentation=True,
            task_run_name=lambda parameters: f"comparison-{len(parameters['runs'])} runs")
 def comparison(runs: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot: int = 1000, seed: int = 0) -> str:
@@ -157,18 +187,8 @@ def comparison(runs: list[str], budget: float = 5.0, x_max: float = 20.0, n_boot
     forget set, the headline table on the reported forget sets, and the figures."""
     from manu_core.tradeoff import compare
 
-    compared = []
-    for rep in runs:
-        res = json.loads((Path(rep) / "results.json").read_text())
-        run, variant = res["run"], res["run"].get("variant") or {}
-        compared.append({"forget": _forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
-                     "family": run["method"], "mode": variant.get("mode"), "iterative": variant.get("iterative", False),
-                     "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),
-                     "without": "+".join(dropped_weights(variant)) or None,
-                     "vanilla": _answers(res["units"]["vanilla"]), "unlearned": _answers(res["units"]["unlearned"]),
-                     "reference": res.get("reference"), "planted": res.get("planted")})
     out = stage_dir()
-    paths = compare(compared, out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
+    paths = compare(_compared(runs), out, budget=budget, x_max=x_max, n_boot=n_boot, seed=seed)
     get_run_logger().info("comparison: %s", paths["markdown"])
     return str(finish(out))
 
@@ -192,9 +212,10 @@ def sweep_markdown(df: pl.DataFrame) -> str:
 
 @manu_task(name="sweep_table", paths=("report_dir", "comparison_dir"), presentation=True,
            task_run_name="sweep-table-{name}")
-def sweep_table(report_dir: str, comparison_dir: str, name: str) -> str:
+def sweep_table(report_dir: str, comparison_dir: str, name: str, note: str = "") -> str:
     """A sweep's outputs in one folder: sweep.parquet and sweep.md (every method and variant per
-    forget set), report/ (the report task's files) and comparison/ (the comparison task's)."""
+    forget set; `note` first: which numbers come from which phase), report/ (the report task's files)
+    and comparison/ (the comparison task's)."""
     import shutil
 
     df = pl.read_parquet(Path(report_dir) / "results.parquet")
@@ -203,7 +224,7 @@ def sweep_table(report_dir: str, comparison_dir: str, name: str) -> str:
     with atomic_file(out / "sweep.parquet") as tmp:
         df.write_parquet(tmp)
     with atomic_file(out / "sweep.md") as tmp:
-        tmp.write_text(sweep_markdown(df) + "\n")
+        tmp.write_text((f"{note}\n\n" if note else "") + sweep_markdown(df) + "\n")
     for name, src in (("report", report_dir), ("comparison", comparison_dir)):
         with atomic_dir(out / name) as tmp:
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*", "_manu_*"), dirs_exist_ok=True)

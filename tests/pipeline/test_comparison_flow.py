@@ -19,9 +19,36 @@ def test_sweep_chooses_settings_on_validation_and_reports_the_other_split(tiny_m
     sweep = SweepConfig(forget_splits=["validation", ["093", "279", "303"]], scorings=["paper"], alphas=[0.05, 0.2],
                         random_seeds=[0, 1], ablations=False, methods=["manu", "random", "ga"],
                         baseline_scales=[0.1, 1.0])
-    state = manu(cfg, sweep, return_state=True)
+    state = manu(cfg, sweep, return_state=True)  # two phases (the default): validation first, mc only
     assert state.is_completed(), state
     comp = Path(state.result()) / "comparison"
+    # `manu plan` counted, before the run, the evaluation units and the models the run made
+    from flows.plan import plan
+    from flows.runs import settled_task_runs
+
+    counted, ran = plan(cfg, sweep), settled_task_runs(state)
+    assert counted.runs["evaluate"] == sum(r.name.startswith("evaluate-") for r in ran)
+    assert counted.runs["baseline training"] == sum(r.name.startswith("baseline-") for r in ran)
+    # every variant evaluated fully on validation (phase one's signal is its multiple choice): the same
+    # points on validation, so the same curves and the same chosen settings
+    full = manu(cfg, sweep.model_copy(update={"two_phase": False, "forget_splits": ["validation"]}),
+                return_state=True)
+    assert full.is_completed(), full
+    full_comp = Path(full.result()) / "comparison"
+    assert pl.read_parquet(comp / "chosen.parquet").equals(pl.read_parquet(full_comp / "chosen.parquet"))
+    key = ["method", "setting", "strength", "form"]
+    mine = pl.read_parquet(comp / "points.parquet").filter(pl.col("forget") == "validation").sort(key)
+    theirs = pl.read_parquet(full_comp / "points.parquet").sort(key)
+    assert mine.select(key + ["forget_drop", "retain_drop"]).equals(theirs.select(key + ["forget_drop", "retain_drop"]))
+    two, one = (pl.read_parquet(Path(s.result()) / "sweep.parquet") for s in (state, full))
+    assert set(two.filter(pl.col("forget") == "validation")["task"]) == {"mc"}  # phase one: the cheap signal
+    assert set(one["task"]) > {"mc"}
+    # phase two: the vanilla model and the chosen settings (each random control beside its MANU variant), every task
+    reported = two.filter(pl.col("forget") == "3 ids")
+    assert set(reported["task"]) > {"mc"} and set(reported["method"]) < set(two["method"])
+    picked = {s for s in pl.read_parquet(comp / "chosen.parquet")["setting"] if not s.startswith("random(")}
+    assert {"vanilla"} | picked <= set(reported["method"])  # (a random control's rows carry their seed)
+    assert (Path(state.result()) / "sweep.md").read_text().startswith("Two phases: every variant on validation")
     chosen = pl.read_parquet(comp / "chosen.parquet")
     assert set(chosen["method"]) == {"manu[paper]", "random[paper]", "ga"}
     assert set(chosen.filter(pl.col("method") == "ga")["strength"]) <= {2e-4, 2e-3}  # tiny's lr 2e-3 x scales

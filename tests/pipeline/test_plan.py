@@ -1,0 +1,48 @@
+"""`manu plan` (flows/plan.py): the work a sweep will do, counted before it starts, and its estimate
+from measured per-unit costs ("unknown" without them)."""
+
+import pytest
+
+from flows.plan import deployment_parameters, estimate, plan, plan_markdown
+from flows.pipeline import RunConfig, SweepConfig
+
+COSTS = {"seconds": {"evaluate/mc": 0.1, "evaluate/gen": 0.5, "evaluate/cloze": 0.2, "extract/sample": 0.01,
+                     "baseline/run": 30.0, "preset/train": 600.0, "lens/run": 2.0, "prune/run": 1.0,
+                     "attribution/run": 10.0, "relearn/run": 20.0}, "measured": "a test's costs"}
+
+
+def small() -> tuple[RunConfig, SweepConfig]:
+    cfg = RunConfig(model="tiny", eval={"sets": ["forget", "retain"], "max_profiles": {"retain": 3}})
+    sweep = SweepConfig(forget_splits=["validation", ["093", "279", "303"]], scorings=["paper"], alphas=[0.05, 0.2],
+                        random_seeds=[0, 1], ablations=False, methods=["manu", "random", "ga"], baseline_scales=[0.1, 1.0])
+    return cfg, sweep
+
+
+def test_a_two_phase_sweep_is_counted_phase_by_phase():
+    cfg, sweep = small()
+    p = plan(cfg, sweep)
+    # phase one: vanilla + 2 manu + 4 random + 2 ga on validation, forget and retain x 2 forms, multiple choice only;
+    # phase two: vanilla + 1 manu + 2 random (its control) + 1 ga on the reported split, every task
+    assert p.runs["unlearned models"] == 8 + 4 and p.runs["evaluate"] == 9 * 4 + 5 * 4
+    assert p.runs["baseline training"] == 3 and p.runs["extract"] == 2 and p.runs["logit lens"] == 3  # phase two: vanilla, manu, ga (no lens for random)
+    assert set(p.work["evaluate"]) == {"mc questions", "gen questions", "cloze questions"}
+    one = plan(cfg, sweep.model_copy(update={"two_phase": False}))
+    assert one.runs["evaluate"] == 2 * 9 * 4 and one.runs["evaluate"] > p.runs["evaluate"]
+
+
+def test_the_estimate_is_the_work_times_the_measured_costs_or_unknown():
+    cfg, sweep = small()
+    p = plan(cfg, sweep, costs={})
+    assert p.total is None and "unknown" in plan_markdown(p) and "run bench/stage_costs.py" in plan_markdown(p)
+    estimate(p, cfg, {p.machine: {"tiny": COSTS}})
+    c, w = COSTS["seconds"], p.work["evaluate"]
+    assert p.seconds["evaluate"] == pytest.approx(sum(n * c[f"evaluate/{k.split()[0]}"] for k, n in w.items()))
+    assert p.seconds["baseline training"] == 3 * 30.0 and p.total == pytest.approx(sum(p.seconds.values()))
+    assert "Estimated wall time: **" in plan_markdown(p) and "a test's costs" in plan_markdown(p)
+
+
+def test_a_deployment_is_planned_with_its_parameters():
+    cfg, sweep = deployment_parameters("full-sweep")
+    assert cfg.model == "lite" and sweep is not None and "validation" in sweep.forget_splits
+    with pytest.raises(ValueError, match="no deployment 'full-swep' in prefect.yaml. Did you mean 'full-sweep'?"):
+        deployment_parameters("full-swep")
