@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # e.g. one flow run shared by a file's tests, run once); each worker uses one torch thread.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast bench clean-artifacts
+.PHONY: install demo test test-fast bench clean-artifacts ui-shots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_importance.py
+
+# The Prefect UI in headless Chromium (apt-get install chromium): a server, the smoke deployment through a
+# worker, then the screenshots in docs/ui/ (the README shows two). About 2 min once `tiny` is trained.
+ui-shots: $(STAMP)
+	$(BIN)/python docs/make_ui_shots.py
 
 clean-artifacts:
 	rm -rf artifacts/*

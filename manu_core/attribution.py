@@ -39,7 +39,7 @@ from fractions import Fraction
 import numpy as np
 import polars as pl
 import torch
-from tqdm.auto import tqdm
+from manu_core.progress import progress as progress_bar
 
 from manu_core.arch import TOWERS, MlpSite, get_adapter, mlp_sites
 from manu_core.data import Sample
@@ -150,7 +150,7 @@ def unit_attribution(model, processor, samples: Sequence[Sample], *, batch_size:
     model.eval()
     try:
         with torch.enable_grad():
-            for chunk, multimodal in tqdm(batches, desc="attribution", disable=not progress):
+            for chunk, multimodal in progress_bar(batches, desc="attribution", disable=not progress, unit="batch"):
                 run = sites if multimodal else [s for s in sites if s.tower == "language"]
                 for key, v in _batch_attribution(model, run, encode_samples(processor, chunk, images=images), device).items():
                     totals[key] += v

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from manu_core.progress import progress as progress_bar
 
 from manu_core.data import Sample
 from manu_core.prompts import encode_samples, model_inputs
@@ -216,7 +216,7 @@ def _loop(trained, processor, forget, retain, cfg: BaselineConfig, loss: Loss, f
     retain_by_form = {f: [s for s in retain if s.form == f] for f in cfg.forms}
     curve: list[dict] = []
     total = cfg.epochs * math.ceil(len(forget) / cfg.batch_size + len(cfg.forms))
-    bar = tqdm(total=total, desc=cfg.method, disable=not progress, unit="step")
+    bar = progress_bar(total=total, desc=cfg.method, disable=not progress, unit="step")
     trained.train()
     step = 0
     for epoch in range(1, cfg.epochs + 1):

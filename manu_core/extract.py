@@ -65,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from manu_core.progress import progress as progress_bar
 
 from manu_core.arch import TOWERS, ArchError, MlpSite, get_adapter, mlp_sites, output_sites
 from manu_core.data import Dataset, Sample, samples as profile_samples
@@ -495,7 +495,8 @@ def iter_stream(
                        images=images)
     try:
         with activation_hooks(model, sites, aggregation, token_stats, position_stats) as rec, torch.inference_mode():
-            for chunk, enc in tqdm(encoded, total=len(batches), desc=desc, disable=not progress, unit="batch"):
+            for chunk, enc in progress_bar(encoded, total=len(batches), desc=desc, disable=not progress,
+                                           unit="batch"):
                 rec.set_batch(enc, device)
                 backbone(**model_inputs(enc, device), use_cache=False)
                 acts = rec.collect()

@@ -64,6 +64,7 @@ from manu_core.store import (
     required_streams,
     write_table_atomic,
 )
+from manu_core.progress import progress as progress_bar
 from manu_core.vocab import did_you_mean
 
 if TYPE_CHECKING:
@@ -622,9 +623,7 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
         log.info("Adding up the footer totals of %d partitions under %s", len(summary.partitions), summary.root)
         parts = summary.partitions
         if progress:
-            from tqdm import tqdm
-
-            parts = tqdm(parts, desc="neuron sums (footers)", unit="partition")
+            parts = progress_bar(parts, desc="neuron sums (footers)", unit="partition")
         frames = []
         for p in parts:
             footers = [read_footer_totals(f.path) for f in p.parts]  # one read per part serves both totals
@@ -642,9 +641,7 @@ def neuron_sums(root: str | Path, tau: float, *, progress: bool = False, threads
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = _ordered_map(pool, run, jobs, ahead=2 * max(1, threads))  # partitions' jobs are consecutive
         if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(jobs), desc="neuron sums", unit="chunk")
+            results = progress_bar(results, total=len(jobs), desc="neuron sums", unit="chunk")
         for (p, _), sums in zip(jobs, results):
             if p is not current:
                 if current is not None:

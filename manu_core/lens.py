@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import polars as pl
 import torch
-from tqdm.auto import tqdm
+from manu_core.progress import progress as progress_bar
 
 from manu_core.arch import ArchError, _resolve, get_adapter
 from manu_core.data import Sample
@@ -88,7 +88,7 @@ def logit_lens(
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
     totals = np.zeros(len(blocks))
     try:
-        bar = tqdm(total=len(samples), desc="logit lens", unit="sample", disable=not progress)
+        bar = progress_bar(total=len(samples), desc="logit lens", unit="sample", disable=not progress)
         groups = [[s for s in samples if s.image is not None], [s for s in samples if s.image is None]]
         for chunk in (g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)):
             batch = encode_samples(processor, chunk, with_answers=True, system=system, images=images)

@@ -349,6 +349,8 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
 
+ABOUT = "About this report"  # the notes' section, first in report.md, last in the UI artifact
+
 FIGURE_NOTES = {
     "fig2": "Mean probability of the ground-truth answer tokens decoded from each language layer's output "
             "(logit lens: final norm + LM head), teacher-forced, per method and layer.",
@@ -374,7 +376,7 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
 
     out_dir = Path(out_dir)
     figs = out_dir / "figures"
-    sections = [Section("About this report", notes)] if notes else []
+    sections = [Section(ABOUT, notes)] if notes else []
     forgets = list(dict.fromkeys(results["forget"].to_list()))
     for forget in forgets:
         res = results.filter(pl.col("forget") == forget)
@@ -419,8 +421,15 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
 
 
 def artifact_markdown(report_dir: str | Path) -> str:
-    """report.md with its figures embedded as base64 (Prefect markdown artifacts show them inline)."""
+    """report.md with its figures embedded as base64 (Prefect markdown artifacts show them inline), and
+    its "About this report" notes moved to the end behind a one-line pointer: in the Prefect UI's
+    artifact pane (about 690 px wide) the notes filled the first screen at 1400x900 and pushed the
+    forget set's table below it (tests/pipeline/test_browser.py checks that table is on the first screen)."""
     report_dir = Path(report_dir)
     md = (report_dir / "report.md").read_text()
+    about = re.search(rf"^## {ABOUT}\n(.*?)(?=^## |\Z)", md, flags=re.S | re.M)
+    if about:
+        md = (md[:about.start()] + f"*The model, scorers and evaluation caps: \"{ABOUT}\", at the end.*\n\n"
+              + md[about.end():].rstrip("\n") + "\n\n" + about.group(0).rstrip("\n") + "\n")
     return re.sub(r"!\[([^\]]*)\]\((figures/[^)]+\.png)\)",
                   lambda m: f"![{m.group(1)}]({_image_uri(report_dir / m.group(2))})", md)

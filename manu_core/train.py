@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from manu_core.progress import progress as progress_bar
 from transformers import get_cosine_schedule_with_warmup
 
 from manu_core.data import Sample
@@ -124,7 +124,7 @@ def _train(model, processor, samples, cfg: StageConfig, *, seed, name, device, o
     curve: list[dict] = []
     model.train()
     step = 0
-    bar = tqdm(total=total, desc=name, disable=not progress, unit="step")
+    bar = progress_bar(total=total, desc=name, disable=not progress, unit="step")
     for epoch in range(1, cfg.epochs + 1):
         if cfg.max_steps and step >= cfg.max_steps:
             break
