@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Annotated, Callable, Literal, Optional, Union
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -96,7 +96,9 @@ class EvalSettings(Strict):
     few_shot: bool = Field(False, description="multiple choice with worked examples before each question")
     judge: str = Field("offline", description="factuality judge (1-10): offline (key-fact overlap, no LLM) | "
                                               "openai:<base url>#<model> | hf:<local path>")
-    max_new_tokens: int = Field(50, ge=1, description="token budget of each generated answer")
+    max_new_tokens: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        50, description='token budget of each generated answer; "auto": from each unit\'s generation answers '
+                        '(docs/evaluation.md, manu_core.evaluate.answer_token_cap)')
     batch_size: int = Field(32, ge=1, description="questions per generation batch")
     sets: list[str] = Field(default_factory=lambda: list(EVAL_SETS), json_schema_extra=_choices(EVAL_SETS),
                             description="the benchmark's sets to evaluate: forget, test (transformed portraits, "

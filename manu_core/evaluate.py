@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 import polars as pl
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from manu_core.progress import progress as progress_bar
 
 from manu_core.data import EvalItem
 from manu_core.io import atomic_file, atomic_write_json
@@ -38,6 +39,8 @@ from manu_core.vocab import EVAL_SETS, fmt_change, fmt_metric
 log = logging.getLogger(__name__)
 TASKS = ("mc", "cloze", "gen")  # the order a unit answers them in
 MC_SCORERS = ("letter", "likelihood")
+MAX_NEW_TOKENS = 50  # the benchmark's budget for a generated answer; also the ceiling of "auto"
+AUTO = "auto"  # EvalConfig.max_new_tokens: the budget from the unit's answers (`answer_token_cap`)
 ImageFn = Callable[[str], Image.Image]
 
 
@@ -71,18 +74,74 @@ def generate_texts(
     batch_size: int = 16,
     max_new_tokens: int = 50,
     device: str | torch.device = "cpu",
+    sort_by_length: bool = True,
 ) -> list[str]:
-    """Greedy answers, in order; batched with left padding and the KV cache. The requests of one
-    batch must all have images or all have none (one form per batch)."""
-    out: list[str] = []
+    """Greedy answers, in the order of `requests`; batched with left padding and the KV cache. The
+    requests must all have images or all have none (one form per call).
+
+    With `sort_by_length` (the default) the requests are batched longest prompt first (a stable sort
+    on the prompt's token count, `by_prompt_length`), so a batch pads little, and the answers are put
+    back in the requests' order. Greedy answers do not depend on the batch a request lands in (left
+    padding under the attention mask, positions from the mask; checked in float32 on the evaluation
+    units of the `tiny` and `lite` presets, bench/bench_eval.py), so sorting changes the time, not the
+    answers. In half precision a near tie can break differently under other padding, as it can
+    between any two batch sizes.
+    """
     tok = processor.tokenizer
-    for chunk in _chunks(requests, batch_size):
+    order = by_prompt_length(tok, requests) if sort_by_length else list(range(len(requests)))
+    answers: dict[int, str] = {}
+    for idx in _chunks(order, batch_size):
+        chunk = [requests[i] for i in idx]
         enc = encode(processor, [r.prompt for r in chunk], [r.images or None for r in chunk], padding_side="left")
         ids = model.generate(**model_inputs(enc, device), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+                             use_cache=True, pad_token_id=tok.pad_token_id)  # (B, T_prompt + T_new)
         new = ids[:, enc["input_ids"].shape[1] :]
-        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    return out
+        answers.update(zip(idx, (t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))))
+    return [answers[i] for i in range(len(requests))]
+
+
+def by_prompt_length(tokenizer, requests: Sequence[Request]) -> list[int]:
+    """The requests' indices, longest prompt first (ties keep their order): the batching order of
+    `generate_texts`. Lengths are text tokens; an image adds the same number of tokens to every
+    request of a call (one form per call, the same few-shot examples), so it cannot change the order.
+    Longest first, as lm-evaluation-harness does: the largest batch runs first, so one that does not
+    fit in memory fails at once."""
+    lengths = [len(ids) for ids in tokenizer([r.prompt for r in requests], add_special_tokens=False)["input_ids"]]
+    return sorted(range(len(requests)), key=lambda i: -lengths[i])
+
+
+def answer_token_cap(tokenizer, answers: Sequence[str], *, percentile: float = 99.0,
+                     ceiling: int = MAX_NEW_TOKENS) -> int:
+    """`max_new_tokens` from ground-truth answers (EvalConfig.max_new_tokens = "auto"; evaluation.md).
+
+    A ground truth takes n tokens as the model would write it (" " + answer, the way training
+    appends it to the prompt) plus one that ends the turn. With p the `percentile` of n over the
+    answers (nearest rank: the smallest n with at least that share of answers at or below it), the
+    cap is p + ceil(p / 2), never above `ceiling` (the benchmark's 50): an answer half again as long
+    as nearly every true one is not cut, a model that rambles stops there instead of at 50.
+    Greedy decoding is the same token by token up to the cap, so an answer shorter than the cap is
+    exactly the one a fixed budget of 50 gives; only longer ones are cut. No answers: `ceiling`.
+    """
+    if not 0 < percentile <= 100:
+        raise EvaluationError(f"percentile must be in (0, 100]; got {percentile}.")
+    if ceiling < 1:
+        raise EvaluationError(f"ceiling must be >= 1; got {ceiling}.")
+    if not answers:
+        return ceiling
+    ids = tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+    lengths = sorted(len(x) + 1 for x in ids)  # + the token that ends the turn
+    p = lengths[max(0, math.ceil(percentile / 100 * len(lengths)) - 1)]
+    return min(ceiling, p + math.ceil(p / 2))
+
+
+def unit_max_new_tokens(config: "EvalConfig", processor, items: Sequence[EvalItem]) -> int:
+    """The generation budget of one unit: `config.max_new_tokens`, or with "auto" the
+    `answer_token_cap` of the unit's generation answers (`ceiling` when it has none, e.g. a unit
+    evaluated on cloze alone). Fill-in-the-blank uses the same budget: its ground truth is a part of
+    an answer sentence, and the embedded models answer it with the whole sentence."""
+    if config.max_new_tokens != AUTO:
+        return int(config.max_new_tokens)
+    return answer_token_cap(processor.tokenizer, [it.answer for it in items if it.task == "gen"])
 
 
 def _by_form(items: Sequence[EvalItem]) -> list[list[EvalItem]]:
@@ -97,7 +156,7 @@ def generate(model, processor, items: Sequence[EvalItem], *, batch_size: int = 3
              progress: bool = True) -> dict[str, str]:
     """Greedy answers {item_id: text} to the items' bare questions (the post-training recall check)."""
     out: dict[str, str] = {}
-    bar = tqdm(total=len(items), desc="generate", disable=not progress, unit="q")
+    bar = progress_bar(total=len(items), desc="generate", disable=not progress, unit="q")
     for group in _by_form(items):
         for chunk in _chunks(group, batch_size):
             reqs = [Request(build_prompt(processor, it.question, image=it.image is not None, system=system),
@@ -136,7 +195,7 @@ def option_logprobs(
     dilutes nor favours any option.
     """
     scores: dict[str, list[float]] = {}
-    bar = tqdm(total=len(items), desc="multiple choice", disable=not progress, unit="q")
+    bar = progress_bar(total=len(items), desc="multiple choice", disable=not progress, unit="q")
     for group in _by_form(items):
         for chunk in _chunks(group, batch_size):
             prompts, ims, answers = [], [], []
@@ -186,7 +245,7 @@ class EvalConfig:
     mc_scorer: str = "letter"  # letter (the benchmark's) | likelihood (for models that cannot follow it)
     few_shot: bool = False  # letter only: one seeded profile's questions as earlier turns, not scored
     instructions: bool = True  # the benchmark's task instructions after the question (gen, cloze)
-    max_new_tokens: int = 50  # generation and fill-in-the-blank
+    max_new_tokens: int | str = MAX_NEW_TOKENS  # generation and fill-in-the-blank; "auto": unit_max_new_tokens
     letter_tokens: int = 8  # multiple choice (letter): enough for "Answer: B"
     batch_size: int = 32
     chunk_size: int = 64  # questions per Parquet part: the unit of resumption
@@ -199,7 +258,11 @@ class EvalConfig:
             raise EvaluationError(f"mc_scorer must be one of {MC_SCORERS}; got {self.mc_scorer!r}.")
         if self.few_shot and self.mc_scorer != "letter":
             raise EvaluationError("few_shot applies to the letter scorer only; use mc_scorer='letter' or few_shot=False.")
-        for name in ("max_new_tokens", "letter_tokens", "batch_size", "chunk_size"):
+        budget = self.max_new_tokens
+        if budget != AUTO and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise EvaluationError(f"max_new_tokens must be an integer >= 1, or {AUTO!r} for a budget from the unit's "
+                                  f"answers (evaluation.md); got {budget!r}.")
+        for name in ("letter_tokens", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise EvaluationError(f"{name} must be >= 1; got {getattr(self, name)}.")
 
@@ -297,8 +360,11 @@ class _Scorer:
     """Answers and scores one chunk of one task (the model calls of a unit)."""
 
     def __init__(self, model, processor, config: EvalConfig, judge: Judge, images: ImageFn, device,
-                 shots: Sequence[EvalItem]):
+                 shots: Sequence[EvalItem], max_new_tokens: int | None = None):
         self.model, self.processor, self.config, self.judge = model, processor, config, judge
+        # generation and cloze: the unit's budget (evaluate_unit resolves "auto"), else the config's
+        self.max_new_tokens = config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        assert self.max_new_tokens != AUTO, "evaluate_unit resolves max_new_tokens='auto' (unit_max_new_tokens)"
         self.images, self.device = images, device
         self.history = [(mc_prompt(s.question, s.options), s.image is not None, LETTERS[s.correct]) for s in shots]
         self.shot_images = tuple(images(s.image) for s in shots if s.image)
@@ -335,11 +401,11 @@ class _Scorer:
             return rows
         if task == "cloze":
             texts = [cloze_prompt(it.question) if cfg.instructions else it.question for it in chunk]
-            preds = self._generate([self._request(it, t) for it, t in zip(chunk, texts)], cfg.max_new_tokens)
+            preds = self._generate([self._request(it, t) for it, t in zip(chunk, texts)], self.max_new_tokens)
             return [_row(it, p, it.answer, cloze_correct(p, it.answer), "substring") for it, p in zip(chunk, preds)]
         if task == "gen":
             texts = [gen_prompt(it.question) if cfg.instructions else it.question for it in chunk]
-            preds = self._generate([self._request(it, t) for it, t in zip(chunk, texts)], cfg.max_new_tokens)
+            preds = self._generate([self._request(it, t) for it, t in zip(chunk, texts)], self.max_new_tokens)
             facts = self.judge.score([it.question for it in chunk], [it.answer for it in chunk], preds,
                                      [it.key_fact for it in chunk])
             return [_row(it, p, it.answer, rouge_l(p, it.answer), "rouge-score", factuality=f, judge=self.judge.name)
@@ -387,6 +453,10 @@ def evaluate_unit(
     judge = judge or make_judge(config.judge)
     manifest = {"set": set_, "form": form, "config": asdict(config), "items": _item_digest(items),
                 "n_items": len(items), "model": str(model_id), "judge": judge.name}
+    max_new_tokens = unit_max_new_tokens(config, processor, items)
+    if config.max_new_tokens == AUTO:  # recorded only then: folders of a fixed budget keep their manifest
+        manifest["max_new_tokens"] = max_new_tokens
+        log.info("%s/%s: max_new_tokens %d, from its generation answers (auto)", set_, form, max_new_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_manifest(out_dir, manifest)
     if (out_dir / "summary.json").exists() and (out_dir / "answers.parquet").exists():
@@ -400,11 +470,11 @@ def evaluate_unit(
     shots: list[EvalItem] = []
     if config.few_shot and by_task["mc"]:
         shots, by_task["mc"] = _few_shot(by_task["mc"], config.seed)
-    score = _Scorer(model, processor, config, judge, images, device, shots)
+    score = _Scorer(model, processor, config, judge, images, device, shots, max_new_tokens)
     parts_dir = out_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
     total = sum(len(v) for v in by_task.values())
-    bar = tqdm(total=total, desc=f"{set_}/{form}", disable=not progress, unit="q")
+    bar = progress_bar(total=total, desc=f"{set_}/{form}", disable=not progress, unit="q")
     resumed, parts = 0, []
     model.eval()
     for task in TASKS:

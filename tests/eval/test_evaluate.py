@@ -7,8 +7,9 @@ import pytest
 
 from manu_core import data as mdata
 from manu_core.vocab import EVAL_SETS, FORMS
-from manu_core.evaluate import (EvalConfig, EvaluationError, Request, cap_profiles, evaluate, evaluate_unit,
-                                format_report, generate_texts, read_answers, units_of)
+from manu_core.evaluate import (MAX_NEW_TOKENS, EvalConfig, EvaluationError, Request, answer_token_cap,
+                                by_prompt_length, cap_profiles, evaluate, evaluate_unit, format_report, generate_texts,
+                                read_answers, units_of)
 from manu_core.portraits import image_for
 from manu_core.presets import get_preset, preset_dataset
 from manu_core.prompts import build_prompt
@@ -39,6 +40,80 @@ def test_batched_generation_equals_one_at_a_time(tiny_model, items, form):
     assert batched == single
     # The model was trained on these: its answers are the ground truth (sanity of the decode path).
     assert sum(b == it.answer for b, it in zip(batched, gen)) >= len(gen) * 0.8
+
+
+class WordTokenizer:
+    """A tokenizer with one token per word: lengths to check on paper."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [t.split() for t in texts]}
+
+
+def test_answer_token_cap_is_the_99th_percentile_and_half_again():
+    tok = WordTokenizer()
+    # 100 answers of 1..100 words: n = words + 1 (end of turn) = 2..101; nearest-rank p99 = 100.
+    answers = [" ".join(["w"] * k) for k in range(1, 101)]
+    assert answer_token_cap(tok, answers, ceiling=1000) == 100 + 50
+    assert answer_token_cap(tok, answers) == MAX_NEW_TOKENS  # never above the benchmark's budget
+    # 10 answers of 4 words and one of 30: p99 of 11 is the 11th smallest, the long one.
+    assert answer_token_cap(tok, ["a b c d"] * 10 + [" ".join(["w"] * 30)]) == min(MAX_NEW_TOKENS, 31 + 16)
+    assert answer_token_cap(tok, ["a b c d"] * 10 + ["x " * 30], percentile=90) == 5 + 3  # the long one left out
+    assert answer_token_cap(tok, []) == MAX_NEW_TOKENS  # nothing to measure: the benchmark's budget
+    with pytest.raises(EvaluationError, match=r"percentile must be in \(0, 100\]; got 0"):
+        answer_token_cap(tok, answers, percentile=0)
+
+
+def test_by_prompt_length_is_longest_first_and_stable():
+    reqs = [Request(p) for p in ("a b", "a b c d", "a", "c d", "e f g h")]
+    assert by_prompt_length(WordTokenizer(), reqs) == [1, 4, 0, 3, 2]
+
+
+@pytest.mark.parametrize("form", ["multimodal", "text"])
+def test_batching_by_prompt_length_keeps_every_answer(tiny_model, items, form, monkeypatch):
+    """Sorting changes which questions share a batch, never an answer, and answers come back in order."""
+    model, processor = tiny_model
+    gen = [it for it in _unit(items, "retain", form, 4) if it.task in ("gen", "cloze")]
+    reqs = [Request(build_prompt(processor, it.question, image=it.image is not None),
+                    (image_for(it.image),) if it.image else ()) for it in gen]
+    order = by_prompt_length(processor.tokenizer, reqs)
+    assert order != list(range(len(reqs)))  # the sort does regroup these questions
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    sorted_ = generate_texts(model, processor, reqs, batch_size=8, max_new_tokens=24)
+    unsorted = generate_texts(model, processor, reqs, batch_size=8, max_new_tokens=24, sort_by_length=False)
+    assert sorted_ == unsorted
+    assert all(kw["use_cache"] is True for kw in calls)  # the KV cache, whatever the model's config says
+    # Batches of sorted prompts pad less: fewer input positions in all.
+    widths = [kw["input_ids"].numel() for kw in calls]
+    assert sum(widths[: len(widths) // 2]) < sum(widths[len(widths) // 2 :])
+
+
+def test_auto_budget_comes_from_the_units_answers_and_only_cuts_longer_answers(tiny_model, items, tmp_path):
+    model, processor = tiny_model
+    unit = [it for it in _unit(items, "forget", "text", 2) if it.task in ("gen", "cloze")]
+    fixed = EvalConfig(mc_scorer="likelihood", instructions=False)
+    auto = EvalConfig(mc_scorer="likelihood", instructions=False, max_new_tokens="auto")
+    evaluate_unit(model, processor, unit, tmp_path / "fixed", fixed, progress=False)
+    evaluate_unit(model, processor, unit, tmp_path / "auto", auto, progress=False)
+    cap = answer_token_cap(processor.tokenizer, [it.answer for it in unit if it.task == "gen"])
+    assert 1 <= cap < MAX_NEW_TOKENS
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert manifest["max_new_tokens"] == cap and manifest["config"]["max_new_tokens"] == "auto"
+    # A fixed budget's manifest is what it was before "auto" existed: its folders still resume.
+    assert "max_new_tokens" not in json.loads((tmp_path / "fixed" / "manifest.json").read_text())
+    a, b = (pl.read_parquet(tmp_path / d / "answers.parquet") for d in ("fixed", "auto"))
+    n_tokens = [len(processor.tokenizer(" " + p, add_special_tokens=False)["input_ids"]) for p in a["prediction"]]
+    short = [n < cap for n in n_tokens]
+    assert sum(short) >= len(unit) * 0.9  # the vanilla model answers within the cap
+    for keep, x, y in zip(short, a.iter_rows(named=True), b.iter_rows(named=True)):
+        if keep:  # greedy decoding is the same token by token up to the cap
+            assert x == y
+        else:
+            assert len(processor.tokenizer(" " + y["prediction"], add_special_tokens=False)["input_ids"]) <= cap + 1
+    for bad in (0, "50", True, 2.5):
+        with pytest.raises(EvaluationError, match="max_new_tokens must be an integer >= 1, or 'auto'"):
+            EvalConfig(max_new_tokens=bad)
 
 
 def test_resume_after_interruption_gives_the_same_answers(tiny_model, items, tmp_path, monkeypatch):
