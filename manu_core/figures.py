@@ -76,7 +76,8 @@ def plot_logit_lens(lens: pl.DataFrame, path: str | Path, *, title: str = "") ->
     _need(lens, ("method", "split", "form", "layer", "prob"), "plot_logit_lens")
     methods = _ordered(lens["method"].to_list())
     layers = sorted(lens["layer"].unique().to_list())
-    fig = Figure(figsize=(2.2 + 0.45 * len(layers) * 2, 1.2 + 0.32 * len(methods) * 2), layout="constrained")
+    # at least 5.6 in wide: with few layers the panels' titles ("forget · image+text") would overlap
+    fig = Figure(figsize=(max(5.6, 2.2 + 0.45 * len(layers) * 2), 1.2 + 0.32 * len(methods) * 2), layout="constrained")
     axes = fig.subplots(2, 2, squeeze=False, sharex=True, sharey=True)
     image = None
     for r, split in enumerate(SPLITS):
@@ -128,13 +129,20 @@ def plot_form_bars(results: pl.DataFrame, path: str | Path, *, title: str = "") 
     methods = [m for m in _ordered(results["method"].to_list()) if m != VANILLA]
     sets = [s for s in EVAL_SETS if s in results["set"].to_list()]
     metrics = _metrics_present(results)
-    fig = Figure(figsize=(1.6 + 2.4 * len(metrics), 0.8 + (0.5 + 0.24 * len(methods)) * len(sets)),
+    # at most two metric panels side by side, so the figure fits an artifact pane (~690 px) at full
+    # size and its 7-point labels stay readable; each set takes as many rows as its metrics need
+    cols = min(2, len(metrics))
+    per_set = -(-len(metrics) // cols)
+    fig = Figure(figsize=(1.6 + 2.4 * cols, 0.8 + (0.5 + 0.24 * len(methods)) * len(sets) * per_set),
                  layout="constrained")
-    axes = fig.subplots(len(sets), len(metrics), squeeze=False)
+    axes = fig.subplots(len(sets) * per_set, cols, squeeze=False)
+    for ax in axes.flat[len(sets) * len(metrics):]:
+        ax.set_visible(False)
     y = np.arange(len(methods))
     for r, set_name in enumerate(sets):
-        for c, (task, metric, label, factor) in enumerate(metrics):
-            ax = axes[r][c]
+        for i, (task, metric, label, factor) in enumerate(metrics):
+            c = i % cols
+            ax = axes[r * per_set + i // cols][c]
             for k, form in enumerate(FORMS):
                 base = _value(results, VANILLA, set_name, form, task, metric)
                 deltas = [(_value(results, m, set_name, form, task, metric) - base) * factor
@@ -180,7 +188,7 @@ def plot_relearn(relearn: pl.DataFrame, path: str | Path, *, mask: str = "free",
     _need(relearn, RELEARN_COLUMNS, "plot_relearn")
     methods = _ordered(relearn["method"].to_list())
     stages = [s for s in relearn_stages(relearn) if s == "unlearned" or s.endswith(f"/{mask}")]
-    fig = Figure(figsize=(10.0, 1.6 + 0.25 * len(methods) * max(1, len(stages))), layout="constrained")
+    fig = Figure(figsize=(7.0, 1.6 + 0.25 * len(methods) * max(1, len(stages))), layout="constrained")
     axes = fig.subplots(1, len(FORMS), squeeze=False)[0]
     y = np.arange(len(methods))
     h = 0.8 / max(1, len(stages))
@@ -234,8 +242,8 @@ def plot_tradeoff(results: pl.DataFrame, path: str | Path, *, title: str = "") -
     ys = [s for s in ("retain", "celebrity") if s in pts.columns]
     if not ys:
         raise FigureError("the trade-off needs retain or celebrity multiple-choice accuracy; neither was evaluated.")
-    fig = Figure(figsize=(4.0 * len(ys) + 1.8, 3.8), layout="constrained")
-    axes = fig.subplots(1, len(ys), squeeze=False)[0]
+    fig = Figure(figsize=(5.8, 3.4 * len(ys) + 0.4), layout="constrained")  # one above the other: pane-wide
+    axes = fig.subplots(len(ys), 1, squeeze=False)[:, 0]
     markers = "osD^v<>phX*P"
     label_points = pts.height <= 6  # beyond that the labels collide: the legend names the markers
     for ax, ys_name in zip(axes, ys):

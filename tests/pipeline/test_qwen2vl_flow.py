@@ -25,7 +25,10 @@ def test_smoke_flow_on_tiny_qwen2vl():
     cfg = RunConfig(model="tiny-qwen2vl", alpha=0.05, extract_batch_size=16, lens_samples=4,
                     eval=EvalSettings(max_new_tokens=8, max_profiles=CAPS))
     results, states = run(cfg)
-    assert set(states.values()) == {"Completed"}, states
+    # every task ran or was a cache hit (prepare_data's split is tiny's, which another test may have made);
+    # the model's own stages ran on this model
+    assert set(states.values()) <= {"Completed", "Cached"}, states
+    assert all(states[t] == "Completed" for t in ("extract", "prune") if t in states), states
     assert {"prepare_data", "vanilla_model", "extract", "importance_sums", "prune", "results", "report"} <= set(states)
     for model in ("vanilla", "manu-paper-0-05"):
         assert sum(n.startswith(f"evaluate-{model}-") for n in states) == 8, states
