@@ -40,6 +40,7 @@ from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS
 from manu_core.relearn import check as relearn_check
 from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS, did_you_mean
 from tasks import reporting, stages
+from tasks.devices import quiet_library_bars
 
 DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
 SCORINGS = ("paper", "released", "selective")  # the modes of manu_core.importance.SCORING_MODES, in report order
@@ -1077,6 +1078,7 @@ def _manu(config: RunConfig, sweep: Optional[SweepConfig], method: str) -> str:
         raise ValueError(f"iterative pruning is a mode of selective scoring; got scoring={config.scoring!r} with "
                          "iterative=true. Set scoring='selective', or iterative=false.")
     log = get_run_logger()
+    quiet_library_bars()  # no carriage-return progress from transformers/datasets in a worker's log
     splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
     methods = [method] if sweep is None else sweep.methods
     for note in config.preflight(methods, splits):  # model, data, dtype, judge, references: before any task

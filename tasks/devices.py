@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -149,6 +150,25 @@ _SLOT_JUDGES: dict[tuple[str, int], tuple[tuple, object]] = {}
 _HOLDS: collections.deque = collections.deque(maxlen=100_000)  # (task name, start, end) per slot hold
 
 
+def quiet_library_bars() -> None:
+    """Where stderr is not a terminal (a worker's log, a log file), transformers' and datasets' own
+    progress bars ("Loading weights", "Writing model shards", "Casting the dataset") would write their
+    carriage-return updates into it; turn them off there (manu_core.progress logs the project's own
+    loops as plain lines). A terminal keeps them."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def slot_holds() -> list[tuple[str, float, float]]:
     """(task name, start, end) in time.time() seconds of the latest device-slot holds in this process:
     how long each model task had its device, without the time it queued for a free slot (a task run's
@@ -175,6 +195,7 @@ def device_slot(device: str = "cpu"):
     with _POOLS_LOCK:
         if device not in _POOLS:
             _POOLS[device] = _Pool(_slots(device))
+            quiet_library_bars()  # once per process and device (a Dask worker's first model task)
         pool = _POOLS[device]
     slot = pool.take()
     ctx = TaskRunContext.get()

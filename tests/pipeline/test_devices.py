@@ -104,3 +104,29 @@ def test_one_judge_per_slot(monkeypatch):
     slot = devices.Slot(0, "cpu")
     j1, j2 = devices.judge_on("hf:/judge", slot, "cpu"), devices.judge_on("hf:/judge", slot, "cpu")
     assert j1 is j2 and built == [("hf:/judge", "cpu")]
+
+
+def test_library_progress_bars_are_off_in_a_log_and_kept_on_a_terminal(monkeypatch):
+    """transformers' and datasets' own bars write carriage returns into a worker's log: off there."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    try:
+        hf_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        monkeypatch.setattr("sys.stderr", Stream(True))
+        devices.quiet_library_bars()
+        assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+        monkeypatch.setattr("sys.stderr", Stream(False))
+        devices.quiet_library_bars()
+        assert not hf_logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
