@@ -156,6 +156,11 @@ def plan(config: RunConfig, sweep: Optional[SweepConfig] = None, method: str = "
     return out
 
 
+# The cost key of each stage measured per task run (bench/stage_costs.py).
+PER_RUN = {"baseline training": "baseline/run", "preset training": "preset/train", "logit lens": "lens/run",
+           "unlearned models": "prune/run", "attribution": "attribution/run", "relearning": "relearn/run"}
+
+
 def load_costs() -> dict:
     return json.loads(COSTS.read_text()) if COSTS.is_file() else {}
 
@@ -170,25 +175,13 @@ def estimate(plan: Plan, config: RunConfig, costs: Optional[dict] = None) -> Non
     for stage, work in plan.work.items():
         if not c:
             plan.seconds[stage] = None
-            continue
-        if stage == "evaluate":
+        elif stage == "evaluate":
             plan.seconds[stage] = sum(n * c[f"evaluate/{k.split()[0]}"] for k, n in work.items())
         elif stage == "extract":
             plan.seconds[stage] = work["samples"] * c["extract/sample"]
-        elif stage == "baseline training":
-            plan.seconds[stage] = plan.runs[stage] * c["baseline/run"]
-        elif stage == "preset training":
-            plan.seconds[stage] = plan.runs[stage] * c["preset/train"]
-        elif stage == "logit lens":
-            plan.seconds[stage] = plan.runs[stage] * c["lens/run"]
-        elif stage == "unlearned models":
-            plan.seconds[stage] = plan.runs[stage] * c["prune/run"]
-        elif stage == "attribution":
-            plan.seconds[stage] = plan.runs[stage] * c["attribution/run"]
-        elif stage == "relearning":
-            plan.seconds[stage] = plan.runs[stage] * c["relearn/run"]
-        else:
-            plan.seconds[stage] = 0.0
+        else:  # a cost per task run; one not measured (relearning) leaves the stage, and the total, unknown
+            cost = c.get(PER_RUN[stage])
+            plan.seconds[stage] = None if cost is None else plan.runs[stage] * cost
 
 
 def _fmt(s: Optional[float]) -> str:
