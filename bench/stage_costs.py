@@ -1,10 +1,10 @@
 """The per-unit costs `manu plan` multiplies its counts by, measured on this machine for one preset.
 
-    python bench/stage_costs.py [--preset lite] [--questions 40]
+    python bench/stage_costs.py [--preset lite] [--questions 0]      # ~3 min on 2 cores once lite is trained
 
 In one process, with the torch threads the pipeline's model tasks get here, on the preset's default
-forget set: an evaluation of each task (multiple choice, generation, cloze) on forget/image+text
-with the pipeline's evaluation settings (seconds per question), an extraction of the four streams
+forget set: an evaluation of each task (multiple choice, generation, cloze) in each form, with the
+pipeline's evaluation settings (seconds per question), an extraction of the four streams
 (seconds per sample), a gradient-ascent baseline as a sweep trains it (seconds per run), a logit lens
 (per run), an attribution pass (per run), a pruned model saved and loaded back (per unlearned model),
 and the preset's training time from its manu_preset.json (measured when it was trained, on this
@@ -29,7 +29,9 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="lite")
-    ap.add_argument("--questions", type=int, default=40, help="questions per evaluation task timed")
+    ap.add_argument("--questions", type=int, default=0, help="questions per evaluation task timed (0: the whole "
+                    "forget set's, as a unit of the sweep has: 40 questions in part-filled batches cost twice as "
+                    "much per question)")
     args = ap.parse_args()
 
     import torch
@@ -58,12 +60,13 @@ def main() -> None:
         print(f"{key:<22} {value:9.4f} s  {what}", flush=True)
 
     settings = EvalSettings().config_for(str(model_dir))
-    items = [it for it in mdata.eval_items(ds) if it.set == "forget" and it.form == "multimodal"]
-    for task in ("mc", "gen", "cloze"):
-        mine = [it for it in items if it.task == task][: args.questions]
-        t0 = time.perf_counter()
-        evaluate_unit(model, processor, mine, tmp / f"eval-{task}", EvalConfig(**settings), progress=False)
-        note(f"evaluate/{task}", (time.perf_counter() - t0) / len(mine), f"per question ({len(mine)} timed)")
+    for form in ("multimodal", "text"):  # an image+text question carries the image's tokens
+        items = [it for it in mdata.eval_items(ds) if it.set == "forget" and it.form == form]
+        for task in ("mc", "gen", "cloze"):
+            mine = [it for it in items if it.task == task][: args.questions or None]
+            t0 = time.perf_counter()
+            evaluate_unit(model, processor, mine, tmp / f"eval-{task}-{form}", EvalConfig(**settings), progress=False)
+            note(f"evaluate/{task}/{form}", (time.perf_counter() - t0) / len(mine), f"per question ({len(mine)} timed)")
     streams = build_streams(ds)
     n = sum(len(v) for v in streams.values())
     t0 = time.perf_counter()

@@ -94,8 +94,8 @@ def _stream_samples(spec: dict) -> int:
 
 def _evaluations(plan: Plan, items: dict, models: int, stage: str = "evaluate") -> None:
     per_task = Counter()
-    for (_, _, task), n in items.items():
-        per_task[f"{task} questions"] += n * models
+    for (_, form, task), n in items.items():  # image+text questions cost more than text-only ones
+        per_task[f"{task} questions ({form})"] += n * models
     units = len({(s, f) for s, f, _ in items}) * models
     plan.add(stage, units, **per_task)
 
@@ -176,7 +176,8 @@ def estimate(plan: Plan, config: RunConfig, costs: Optional[dict] = None) -> Non
         if not c:
             plan.seconds[stage] = None
         elif stage == "evaluate":
-            plan.seconds[stage] = sum(n * c[f"evaluate/{k.split()[0]}"] for k, n in work.items())
+            plan.seconds[stage] = sum(n * c[f"evaluate/{k.split()[0]}/{k.split('(')[1].rstrip(')')}"]
+                                      for k, n in work.items())
         elif stage == "extract":
             plan.seconds[stage] = work["samples"] * c["extract/sample"]
         else:  # a cost per task run; one not measured (relearning) leaves the stage, and the total, unknown

@@ -6,7 +6,8 @@ import pytest
 from flows.plan import deployment_parameters, estimate, plan, plan_markdown
 from flows.pipeline import RunConfig, SweepConfig
 
-COSTS = {"seconds": {"evaluate/mc": 0.1, "evaluate/gen": 0.5, "evaluate/cloze": 0.2, "extract/sample": 0.01,
+COSTS = {"seconds": {"evaluate/mc/multimodal": 0.1, "evaluate/gen/multimodal": 0.5, "evaluate/cloze/multimodal": 0.2,
+                     "evaluate/mc/text": 0.05, "evaluate/gen/text": 0.3, "evaluate/cloze/text": 0.1, "extract/sample": 0.01,
                      "baseline/run": 30.0, "preset/train": 600.0, "lens/run": 2.0, "prune/run": 1.0,
                      "attribution/run": 10.0, "relearn/run": 20.0}, "measured": "a test's costs"}
 
@@ -25,7 +26,7 @@ def test_a_two_phase_sweep_is_counted_phase_by_phase():
     # phase two: vanilla + 1 manu + 2 random (its control) + 1 ga on the reported split, every task
     assert p.runs["unlearned models"] == 8 + 4 and p.runs["evaluate"] == 9 * 4 + 5 * 4
     assert p.runs["baseline training"] == 3 and p.runs["extract"] == 2 and p.runs["logit lens"] == 3  # phase two: vanilla, manu, ga (no lens for random)
-    assert set(p.work["evaluate"]) == {"mc questions", "gen questions", "cloze questions"}
+    assert set(p.work["evaluate"]) == {f"{t} questions ({f})" for t in ("mc", "gen", "cloze") for f in ("multimodal", "text")}
     one = plan(cfg, sweep.model_copy(update={"two_phase": False}))
     assert one.runs["evaluate"] == 2 * 9 * 4 and one.runs["evaluate"] > p.runs["evaluate"]
 
@@ -36,7 +37,8 @@ def test_the_estimate_is_the_work_times_the_measured_costs_or_unknown():
     assert p.total is None and "unknown" in plan_markdown(p) and "run bench/stage_costs.py" in plan_markdown(p)
     estimate(p, cfg, {p.machine: {"tiny": COSTS}})
     c, w = COSTS["seconds"], p.work["evaluate"]
-    assert p.seconds["evaluate"] == pytest.approx(sum(n * c[f"evaluate/{k.split()[0]}"] for k, n in w.items()))
+    assert p.seconds["evaluate"] == pytest.approx(sum(n * c[f"evaluate/{k.split()[0]}/{k.split('(')[1][:-1]}"]
+                                                      for k, n in w.items()))
     assert p.seconds["baseline training"] == 3 * 30.0 and p.total == pytest.approx(sum(p.seconds.values()))
     assert "Estimated wall time: **" in plan_markdown(p) and "a test's costs" in plan_markdown(p)
 
