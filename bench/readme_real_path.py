@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -73,12 +72,6 @@ class _Judge(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -153,24 +146,12 @@ def main() -> None:
 def _prefect(root: Path, env: dict):
     """The README's server steps on loopback: a Prefect server, the process work pool, every deployment
     of prefect.yaml and a worker (the README's own commands, host 127.0.0.1)."""
-    import httpx
+    from flows.runs import free_port, start_server
 
-    port = _free_port()
+    port = free_port()
     env = {**env, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_UI_ENABLED": "false"}
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while True:
-        try:
-            if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            raise RuntimeError("the Prefect server did not start: " + (root / "server.log").read_text()[-2000:])
-        time.sleep(0.5)
+    server = start_server(env, port, root / "server.log", timeout=180)
     for args in (["work-pool", "create", "manu-pool", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
         subprocess.run([BIN / "prefect", *args], cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "manu-pool", "--install-policy", "never"],

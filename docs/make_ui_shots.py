@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,12 +47,6 @@ def chromium_path() -> Optional[str]:
     """The browser to drive: $CHROMIUM, else the first of BROWSERS on PATH; None when there is none."""
     exe = os.environ.get("CHROMIUM") or next(filter(None, map(shutil.which, BROWSERS)), None)
     return exe if exe and os.access(exe, os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,30 +327,20 @@ def prefect_stack(workdir: Path, env: Optional[dict] = None) -> Iterator[Stack]:
     """A Prefect server with its UI on a free loopback port, `manu-pool` with prefect.yaml's smoke
     deployment on it and one worker; everything stopped on exit (SIGINT: a worker ignores SIGTERM for 20 s
     or more). Logs: workdir/server.log, workdir/worker.log."""
-    import httpx
+    from flows.runs import free_port, start_server
 
     workdir.mkdir(parents=True, exist_ok=True)
     prefect = str(Path(sys.executable).with_name("prefect"))
-    base = f"http://127.0.0.1:{_free_port()}"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     env = {**(env if env is not None else os.environ), "PREFECT_HOME": str(workdir / "prefect-home"),
            "PREFECT_API_URL": f"{base}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_UI_ENABLED": "true",
            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false"}  # a lab server: no upgrade banners
-    logs = {name: open(workdir / f"{name}.log", "w") for name in ("server", "worker")}
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", base.rsplit(":", 1)[1],
-                               "--analytics-off"], env=env, stdout=logs["server"], stderr=subprocess.STDOUT)
+    logs = {"worker": open(workdir / "worker.log", "w")}
+    server = start_server(env, port, workdir / "server.log")
     worker = None
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the Prefect server did not start:\n" + (workdir / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
 
         def cli(*args, timeout: float = 300) -> str:
             out = subprocess.run([prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)

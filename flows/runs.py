@@ -1,9 +1,14 @@
 """Reading a finished flow run back from the Prefect API (tests and benchmarks check what ran and
-what came from the cache)."""
+what came from the cache), and a Prefect server on loopback for the tests and scripts that run the
+README's server steps (`free_port`, `start_server`)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -25,3 +30,32 @@ def settled_task_runs(flow_state, timeout: float = 120.0) -> list:
                 return runs
             seen = len(runs) if settled else -1
             time.sleep(1.0)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, port: int, log: Path, timeout: float = 120.0) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` with `env`, its output in `log`, returned once
+    /api/health answers; RuntimeError with the log's tail if it exits or does not answer in `timeout` s."""
+    import httpx
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with open(log, "w") as out:  # the server writes to its own copy of the file
+        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                   "--analytics-off"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError("the Prefect server did not start:\n" + Path(log).read_text()[-3000:])
+        time.sleep(0.5)

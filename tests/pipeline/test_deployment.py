@@ -5,24 +5,18 @@ started here is stopped (SIGINT for the worker, which ignores SIGTERM for a long
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from flows.runs import free_port, start_server
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen, sig=signal.SIGINT, timeout=30) -> None:
@@ -36,25 +30,15 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGINT, timeout=30) -> None:
 
 
 def test_smoke_deployment_runs_on_a_real_server(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_UI_ENABLED": "false"}
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "worker")}
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--analytics-off"], env=env, stdout=logs["server"], stderr=subprocess.STDOUT)
+    logs = {"worker": open(tmp_path / "worker.log", "w")}
+    server = start_server(env, port, tmp_path / "server.log")
     worker = None
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-            time.sleep(0.5)
 
         def cli(*args, timeout=180):
             out = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)

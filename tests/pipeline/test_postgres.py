@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.pipeline.test_deployment import PREFECT, REPO, _free_port, _stop
+from flows.runs import free_port, start_server
+from tests.pipeline.test_deployment import PREFECT, REPO, _stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -62,7 +62,7 @@ def postgres_url():
     root = Path(tempfile.mkdtemp(prefix="manu-test-postgres-"))
     if as_user:
         os.chown(root, as_user["user"], as_user["group"])
-    data, log, port = root / "data", root / "server.log", _free_port()
+    data, log, port = root / "data", root / "server.log", free_port()
 
     def pg(*args, timeout=120):
         out = subprocess.run([str(bindir / args[0]), *args[1:]], cwd=root, capture_output=True, text=True,
@@ -122,27 +122,17 @@ def _query(url: str, sql: str) -> list[tuple]:
 
 
 def test_smoke_deployment_on_a_prefect_server_backed_by_postgres(postgres_url, tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
            "PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres_url,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_UI_ENABLED": "false"}
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "worker")}
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--analytics-off"], env=env, stdout=logs["server"], stderr=subprocess.STDOUT)
+    logs = {"worker": open(tmp_path / "worker.log", "w")}
+    server = start_server(env, port, tmp_path / "server.log", timeout=180)
     worker = None
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
 
         def cli(*args, timeout=180):
             out = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
