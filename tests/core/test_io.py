@@ -73,7 +73,7 @@ def test_every_file_inside_an_atomic_folder_gets_the_umask(tmp_path, umask):
                          ids=["umask022", "umask077"])
 def test_a_saved_pruned_model_is_readable_as_the_umask_allows(tmp_path, umask, mask, file_mode, dir_mode):
     """safetensors writes model.safetensors 0600 whatever the umask; under umask 022 a colleague on a
-    shared server must still be able to load the pruned model (issue 29)."""
+    shared server must still be able to load the pruned model."""
     from manu_core import data as mdata
     from manu_core.models import TinySpec, build_processor, build_tiny_model, train_tokenizer
     from manu_core.prune import prune_units, save_pruned

@@ -198,7 +198,7 @@ def test_only_plain_json_records_are_accepted(tmp_path):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_planted_pickle_record_is_refused_and_its_code_never_runs(tmp_path, monkeypatch):
-    """Issue 29: a pickle record placed in the results folder at a task's cache key (anyone who can
+    """A pickle record placed in the results folder at a task's cache key (anyone who can
     write a group-writable folder can) is unpickled by Prefect on the next lookup: shown first with
     the refusal switched off. With it on, the record is refused and deleted before Prefect reads it,
     its payload never runs, the task recomputes its true value and a JSON record replaces it."""
