@@ -10,7 +10,7 @@ results table, the report with its figures, the selected neurons, the output pat
 smoke deployment's run form (Parameters -> custom run); the results table and the report also at 1000 px,
 in the dark theme, and in the V1 UI, where the links the `prefect` command prints lead. Every fact comes
 from the rendered page (the DOM after the UI's JavaScript ran), never from the API: tests/pipeline/
-test_browser.py asserts on the same tour (`tour`).
+tests/pipeline/test_deployment.py asserts on the same tour (`tour`).
 
 The browser is driven over the DevTools protocol through the `websockets` client Prefect already
 installs: no WebDriver binary to match to the browser's version, no new dependency, and the protocol
@@ -312,22 +312,14 @@ class Stack:
         return r.json()
 
 
-def _stop(proc: subprocess.Popen, sig=signal.SIGINT, timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
-def prefect_stack(workdir: Path, env: Optional[dict] = None) -> Iterator[Stack]:
+def prefect_stack(workdir: Path, env: Optional[dict] = None, deploy: tuple[str, ...] = ("--name", "manu/smoke")
+                  ) -> Iterator[Stack]:
     """A Prefect server with its UI on a free loopback port, `manu-pool` with prefect.yaml's smoke
-    deployment on it and one worker; everything stopped on exit (SIGINT: a worker ignores SIGTERM for 20 s
+    deployment on it (`deploy`: the arguments of `prefect deploy`; ("--all",) for every deployment) and
+    one worker; everything stopped on exit (SIGINT: a worker ignores SIGTERM for 20 s
     or more). Logs: workdir/server.log, workdir/worker.log."""
-    from flows.runs import free_port, start_server
+    from flows.runs import free_port, start_server, stop
 
     workdir.mkdir(parents=True, exist_ok=True)
     prefect = str(Path(sys.executable).with_name("prefect"))
@@ -350,22 +342,23 @@ def prefect_stack(workdir: Path, env: Optional[dict] = None) -> Iterator[Stack]:
             return out.stdout + out.stderr
 
         cli("work-pool", "create", "manu-pool", "--type", "process")
-        cli("--no-prompt", "deploy", "--name", "manu/smoke")  # the one the tour runs and opens the form of
+        cli("--no-prompt", "deploy", *deploy)  # smoke: the one the tour runs and opens the form of
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", "manu-pool", "--limit", "1",
                                    "--install-policy", "never"], env=env, cwd=REPO, stdout=logs["worker"],
                                   stderr=subprocess.STDOUT)
         yield Stack(base, env, cli)
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(server)
+            stop(worker)
+        stop(server)
         for f in logs.values():
             f.close()
 
 
-def run_smoke(stack: Stack) -> str:
-    """`prefect deployment run manu/smoke --watch`; the flow run's id."""
-    out = stack.cli("deployment", "run", "manu/smoke", "--watch", timeout=900)
+def run_smoke(stack: Stack, *args: str) -> str:
+    """`prefect deployment run manu/smoke --watch` (with `args`, e.g. "--param", "config={...}"); the flow
+    run's id."""
+    out = stack.cli("deployment", "run", "manu/smoke", *args, "--watch", timeout=900)
     if "Completed" not in out:
         raise RuntimeError(f"manu/smoke did not complete:\n{out[-3000:]}")
     return re.search(r"flow-run/([0-9a-f-]{36})", out).group(1)

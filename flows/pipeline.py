@@ -44,7 +44,7 @@ from tasks.devices import quiet_library_bars
 
 DEFAULT_WEIGHTS = {k: 1.0 for k in WEIGHT_NAMES}
 SCORINGS = ("paper", "released", "selective")  # the modes of manu_core.importance.SCORING_MODES, in report order
-# manu_core.models.DTYPES, which imports torch (tests/pipeline/test_browser.py keeps the two equal)
+# manu_core.models.DTYPES, which imports torch (tests/pipeline/test_deployment.py keeps the two equal)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -310,7 +310,8 @@ class RunConfig(Strict):
     baselines: BaselineSettings = Field(default_factory=BaselineSettings,
                                         description="the gradient baselines (method ga, grad_diff, kl, npo)")
     reference: Optional[str] = Field(None, description="NPO's reference model (fine-tuned on retain only); "
-                                     "None: trained here for an embedded preset")
+                                     "None: the forget set's never-learned reference (trained here for an "
+                                     "embedded preset)")
     lens_samples: int = Field(32, ge=0, description="logit lens (report Fig. 2): QA pairs per (split, form); 0 = all")
     relearn: RelearnSettings = Field(default_factory=RelearnSettings,
                                      description="relearning attacks on every unlearned model (off by default)")
@@ -395,10 +396,13 @@ class RunConfig(Strict):
                 notes.append("STAND-IN DATA: this checkpoint is unlearned and evaluated on the embedded stand-in "
                              "data (procedural portraits, stand-in questions), not on MLLMU-Bench: a plumbing "
                              "check, not a result.")
-            if {"npo"} & set(methods) and not self.reference:
+            named = self.never_learned if isinstance(self.never_learned, dict) else {}
+            if {"npo"} & set(methods) and not self.reference and not all(
+                    isinstance(s, str) and s in named for s in splits):
                 raise ValueError(f"NPO on the checkpoint {self.model} needs its reference model (the checkpoint "
                                  "fine-tuned on the retain profiles only): pass --reference <folder> "
-                                 "(config.reference), or leave npo out of the methods.")
+                                 "(config.reference) or name each forget set's never-learned model "
+                                 "(config.never_learned), or leave npo out of the methods.")
             if self.reference:
                 check_weights(self.reference)
         if self.benchmark:
@@ -675,13 +679,24 @@ def _gradient(method: str) -> Callable[[Shared, dict], tuple[str, Optional[str]]
         from manu_core.baselines import LOSSES
 
         c = shared.config
-        ref = None
-        if LOSSES[method].frozen == "reference":
-            ref = c.reference or stages.reference_model(shared.model_dir, shared.data, label=shared.forget)
+        ref = _npo_reference(shared) if LOSSES[method].frozen == "reference" else None
         params = {**c.baselines.params_for(shared.model_dir), **({"lr": variant["lr"]} if "lr" in variant else {})}
         return on_device(stages.baseline, shared.model_dir, shared.data, method, params, reference_dir=ref,
                          device=c.device, dtype=c.dtype), None
     return unlearn
+
+
+def _npo_reference(shared: Shared) -> str:
+    """NPO's π_ref for the forget set: config.reference, else the forget set's never-learned reference
+    (a folder named in config.never_learned, or an embedded preset's recipe without the forget set). It
+    is the model MLLMU-Bench's NPO asks for, "fine-tuned on the retain set only", so one training
+    serves both NPO and the forget-quality comparison."""
+    c = shared.config
+    if c.reference:
+        return c.reference
+    if isinstance(c.never_learned, dict) and shared.forget in c.never_learned:
+        return c.never_learned[shared.forget]
+    return stages.never_learned_model(c.model, shared.data)
 
 
 def _prompting_system() -> dict:

@@ -5,7 +5,7 @@
 
 The plan counts, per stage, the task runs and the work in them: models unlearned, extractions and
 their samples, evaluation units and their questions per task (after the caps), trainings (the
-baselines, NPO's reference, the never-learned references) and logit lenses. A two-phase sweep counts
+baselines, the never-learned references, which are also NPO's) and logit lenses. A two-phase sweep counts
 phase one exactly and phase two at one setting per curve, the rule's choice (a random control beside
 its MANU variant; both at most twice when the rule picks different strengths). The estimate multiplies
 that work by per-unit costs measured on this machine class (`bench/stage_costs.json`, written by
@@ -123,11 +123,13 @@ def _split(plan: Plan, config: RunConfig, sweep: Optional[SweepConfig], forget, 
     if any(m == "attribution" for m, _ in variants):
         plan.add("attribution", 1)
     preset = config.preset()
-    if "npo" in {m for m, _ in variants} and not config.reference and preset is not None:
-        plan.add("preset training", 1, **{"NPO reference": 1})
-    if preset is not None and (config.never_learned == "train" or (config.never_learned == "auto" and preset.plant)):
-        if config.never_learned == "train" and not preset.plant:
-            plan.add("preset training", 1, **{"never-learned reference": 1})
+    # NPO's π_ref is the split's never-learned reference: one training serves both (free on a planted
+    # preset, whose reference is its planted units zeroed)
+    npo_ref = "npo" in {m for m, _ in variants} and not config.reference and preset is not None
+    judged = preset is not None and (config.never_learned == "train" or (config.never_learned == "auto" and preset.plant))
+    if (npo_ref or judged) and not preset.plant:
+        plan.add("preset training", 1, **{"never-learned reference": 1})
+    if judged:
         _evaluations(plan, {k: n for k, n in items.items() if k[0] == "forget"}, 1)
     if phase != 1:
         plan.add("logit lens", 1 + sum(bool(METHODS[m].lens) for m, _ in variants))

@@ -1,9 +1,10 @@
 """Reading a finished flow run back from the Prefect API (tests and benchmarks check what ran and
 what came from the cache), and a Prefect server on loopback for the tests and scripts that run the
-README's server steps (`free_port`, `start_server`)."""
+README's server steps (`free_port`, `start_server`, `stop`)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -59,3 +60,15 @@ def start_server(env: dict, port: int, log: Path, timeout: float = 120.0) -> sub
             server.kill()
             raise RuntimeError("the Prefect server did not start:\n" + Path(log).read_text()[-3000:])
         time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30) -> None:
+    """Stop a server or worker started here: `sig` (SIGINT by default: a worker ignores SIGTERM for 20 s
+    or more), then SIGKILL if it has not exited after `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

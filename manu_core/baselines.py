@@ -234,35 +234,3 @@ def _loop(trained, processor, forget, retain, cfg: BaselineConfig, loss: Loss, f
             bar.set_postfix(loss=f"{value.item():.3f}")
     bar.close()
     return curve
-
-
-# ----------------------------------------------------------------------------------------------
-# NPO's reference model on an embedded preset
-
-
-def train_reference(preset, vanilla_dir, forget_ids: Sequence[str], out, *, progress: bool = True):
-    """π_ref for NPO: the preset's own training recipe (celebrity base, then the fine-tune, with the
-    same tokenizer and seed) on the retain profiles only. Saved atomically into `out`."""
-    from manu_core.train import torch_threads
-
-    with torch_threads(preset.threads):
-        return _train_reference(preset, vanilla_dir, forget_ids, out, progress=progress)
-
-
-def _train_reference(preset, vanilla_dir, forget_ids: Sequence[str], out, *, progress: bool):
-    from manu_core import data as mdata
-    from manu_core.models import build_tiny_model, load_model, save_model
-    from manu_core.presets import preset_dataset
-    from manu_core.train import train_stage
-
-    _, processor = load_model(vanilla_dir)
-    ds = preset_dataset(preset)
-    gone = set(forget_ids)
-    model = build_tiny_model(preset.spec, processor.tokenizer, seed=preset.seed)
-    celeb = [s for p in ds.celebrities for s in mdata.samples(p)]
-    retain = [s for p in ds.profiles if p.id not in gone for s in mdata.samples(p)]
-    curve = train_stage(model, processor, celeb, preset.base, seed=preset.seed, name="base", progress=progress)
-    curve += train_stage(model, processor, retain + (celeb if preset.rehearse_celebrities else []), preset.finetune,
-                         seed=preset.seed, name="reference", progress=progress)
-    save_model(model, processor, out)
-    return out, curve

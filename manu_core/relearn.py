@@ -32,11 +32,8 @@ import random
 from typing import Callable, Sequence
 
 import polars as pl
-import torch
 
 from manu_core.data import Sample
-from manu_core.prune import prune_units, pruned_slices
-from manu_core.train import StageConfig, train_stage
 from manu_core.vocab import did_you_mean
 
 ATTACKS = ("forget-text", "forget-multimodal", "retain")
@@ -83,6 +80,10 @@ def attack_samples(attack: str, forget: Sequence[Sample], retain: Sequence[Sampl
 
 def _mask_gradients(model, selection: pl.DataFrame) -> list:
     """Gradient hooks that zero the selected units' slices of every weight that trains."""
+    import torch
+
+    from manu_core.prune import pruned_slices
+
     handles = []
     for sl in pruned_slices(model, selection)[0]:
         if not sl.param.requires_grad:
@@ -96,7 +97,11 @@ def relearn(model, processor, samples: Sequence[Sample], cfg: StageConfig, *, se
             seed: int = 0, device: str | torch.device = "cpu", images: Callable | None = None,
             progress: bool = True) -> list[dict]:
     """Fine-tune `model` in place on `samples` (the preset's recipe, `cfg`, usually with max_steps);
-    with `selection` (a pruned model's selection table) its units stay exactly zero. Returns the loss curve."""
+    with `selection` (a pruned model's selection table) its units stay exactly zero. Returns the loss curve.
+    (torch and the training loop are imported here: the flow imports this module for its names only.)"""
+    from manu_core.prune import prune_units
+    from manu_core.train import train_stage
+
     if not samples:
         raise RelearnError("the attack set is empty: no QA pair to relearn from.")
     handles = _mask_gradients(model, selection) if selection is not None else []

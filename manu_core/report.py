@@ -424,7 +424,7 @@ def artifact_markdown(report_dir: str | Path) -> str:
     """report.md with its figures embedded as base64 (Prefect markdown artifacts show them inline), and
     its "About this report" notes moved to the end behind a one-line pointer: in the Prefect UI's
     artifact pane (about 690 px wide) the notes filled the first screen at 1400x900 and pushed the
-    forget set's table below it (tests/pipeline/test_browser.py checks that table is on the first screen)."""
+    forget set's table below it (tests/pipeline/test_deployment.py checks that table is on the first screen)."""
     report_dir = Path(report_dir)
     md = (report_dir / "report.md").read_text()
     about = re.search(rf"^## {ABOUT}\n(.*?)(?=^## |\Z)", md, flags=re.S | re.M)

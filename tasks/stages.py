@@ -527,25 +527,6 @@ def _split_samples(data_dir: str) -> tuple[list, list, dict]:
     return forget, retain, split
 
 
-@manu_task(name="reference_model", paths=("model_dir", "data_dir"), ignore=("label",),
-           task_run_name=_labelled("reference_model"))
-def reference_model(model_dir: str, data_dir: str, label: str = "", progress: bool = True) -> str:
-    """NPO's π_ref on an embedded preset: its training recipe on the retain profiles only (once per
-    forget split, cached). A real checkpoint needs its reference passed in (RunConfig.reference)."""
-    from manu_core.baselines import BaselineError, train_reference
-    from manu_core.presets import preset_of
-
-    preset = preset_of(model_dir)
-    if preset is None:
-        raise BaselineError(f"{model_dir} is not an embedded preset, so no reference model can be trained here; "
-                            "pass config.reference = a checkpoint fine-tuned on the retain set only.")
-    split = json.loads((Path(data_dir) / "split.json").read_text())
-    out = stage_dir()
-    _, curve = train_reference(preset, model_dir, split["forget_ids"], out / "model", progress=progress)
-    atomic_write_json(out / "loss_curve.json", curve)
-    return str(finish(out)) + "/model"
-
-
 @manu_task(name="baseline", paths=("model_dir", "data_dir", "reference_dir"), ignore=("device",),
            task_run_name=lambda parameters: f"baseline-{parameters['method']}"
                                             + (f" lr={parameters['params']['lr']:g}" if parameters["params"].get("lr") else ""))

@@ -176,26 +176,28 @@ def test_lora_targets_the_language_model_of_each_architecture(arch):
 
 
 @pytest.mark.slow
-def test_npo_reference_is_the_recipe_on_retain_only(tiny_model_dir, tmp_path, monkeypatch):
-    """NPO's π_ref on an embedded preset: the preset's two stages (celebrity base, then the fine-tune)
-    on every learned profile but the forget set, saved as a loadable model. (Two steps a stage here:
-    what is checked is what it trains on and what it writes, not how well.)"""
+def test_npo_reference_is_the_recipe_on_retain_only(tmp_path, monkeypatch):
+    """NPO's π_ref on an embedded preset is the forget set's never-learned reference (flows/pipeline.py,
+    _npo_reference): the preset's two stages (celebrity base, then the fine-tune) on every learned
+    profile but the forget set, saved as a loadable model. (Two steps a stage here: what is checked is
+    what it trains on and what it writes, not how well.)"""
     from dataclasses import replace
 
+    import manu_core.presets as presets
     import manu_core.train as mtrain
-    from manu_core.baselines import train_reference
     from manu_core.models import load_model
-    from manu_core.presets import PRESETS, preset_dataset
+    from manu_core.presets import PRESETS, preset_dataset, reference_preset
 
     preset = PRESETS["tiny"]
     short = replace(preset, base=replace(preset.base, max_steps=2), finetune=replace(preset.finetune, max_steps=2))
     seen, real = {}, mtrain.train_stage
-    monkeypatch.setattr(mtrain, "train_stage", lambda model, processor, samples, cfg, **kw: (
-        seen.__setitem__(kw["name"], {s.profile_id for s in samples}), real(model, processor, samples, cfg, **kw))[1])
+    spy = lambda model, processor, samples, cfg, **kw: (  # noqa: E731
+        seen.__setitem__(kw["name"], {s.profile_id for s in samples}), real(model, processor, samples, cfg, **kw))[1]
+    monkeypatch.setattr(presets, "train_stage", spy)
     forget = list(preset.forget)
-    out, curve = train_reference(short, tiny_model_dir, forget, tmp_path / "reference", progress=False)
+    out = presets.train_vanilla(reference_preset(short, forget), tmp_path / "reference", progress=False)
     ds = preset_dataset(preset)
     assert seen["base"] == {p.id for p in ds.celebrities}
-    assert seen["reference"] == {p.id for p in ds.profiles} - set(forget) | (
+    assert seen["vanilla"] == {p.id for p in ds.profiles} - set(forget) | (
         {p.id for p in ds.celebrities} if preset.rehearse_celebrities else set())
-    assert curve and load_model(out)[0].config.model_type == "llava"
+    assert load_model(out)[0].config.model_type == "llava"

@@ -11,14 +11,17 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from flows.runs import free_port, start_server
-from tests.pipeline.test_deployment import PREFECT, REPO, _stop
+from flows.runs import free_port, start_server, stop
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -156,8 +159,8 @@ def test_smoke_deployment_on_a_prefect_server_backed_by_postgres(postgres_url, t
         assert tasks and set(tasks) <= {"Completed", "Cached"}, tasks
     finally:
         if worker is not None:
-            _stop(worker)  # SIGINT: a worker ignores SIGTERM for 20 s or more
-        _stop(server)
+            stop(worker)  # SIGINT: a worker ignores SIGTERM for 20 s or more
+        stop(server)
         for f in logs.values():
             f.close()
     assert server.returncode is not None and (worker is None or worker.returncode is not None)

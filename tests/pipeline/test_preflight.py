@@ -105,14 +105,25 @@ def test_a_failed_run_carries_its_one_line_cause():
     assert "\n" not in state.message
 
 
-def test_manu_run_refuses_before_any_server(checkpoint, tmp_path):
-    """`manu run --model <checkpoint>` without --benchmark: one line, rc != 0, no Prefect server."""
+def test_manu_run_refuses_before_any_server(checkpoint, tmp_path, monkeypatch):
+    """`manu run --model <checkpoint>` without --benchmark: one line, rc 2, no Prefect server (a real
+    process, as a user types it); then the other refusals through the same CLI in this process."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MANU_ARTIFACTS": str(tmp_path / "artifacts")}
-    for args, why in [([], "needs its benchmark"), (["--benchmark", "/nowhere"], "MLLMU-Bench folder not found"),
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--model", str(checkpoint)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "needs its benchmark" in out, out
+    assert [line for line in out.splitlines() if line.strip()] == [out.strip()]  # one line
+    assert "server" not in out.lower() and not (tmp_path / "artifacts" / "pipeline").exists()
+
+    monkeypatch.setenv("MANU_ARTIFACTS", str(tmp_path / "artifacts"))
+    for args, why in [(["--benchmark", "/nowhere"], "MLLMU-Bench folder not found"),
                       (["--dtype", "half"], "dtype must be one of"), (["--model", "/nowhere"], "nor an existing folder")]:
-        r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--model", str(checkpoint), *args], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=300)  # a second --model wins
-        out = r.stdout + r.stderr
-        assert r.returncode == 2 and why in out, out
-        assert [line for line in out.splitlines() if line.strip()] == [out.strip()]  # one line
-        assert "server" not in out.lower() and not (tmp_path / "artifacts" / "pipeline").exists()
+        res = CliRunner().invoke(app, ["run", "--model", str(checkpoint), *args])  # a second --model wins
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+        assert [line for line in res.output.splitlines() if line.strip()] == [res.output.strip()]
+        assert "server" not in res.output.lower() and not (tmp_path / "artifacts" / "pipeline").exists()
