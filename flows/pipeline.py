@@ -462,6 +462,10 @@ class SweepConfig(Strict):
                             "variant on validation with multiple choice only (forget, retain, celebrity; both forms), "
                             "the rule chooses each method's setting, and phase two evaluates only the chosen settings, "
                             "fully, on the other splits (false: every variant fully on every split)")
+    fan_out: Optional[str] = Field(
+        None, description="a deployment of the manu-part flow (prefect.yaml: manu-part/sweep-part) that runs each "
+                          "(forget split x method group) as its own flow run, on whichever worker of its pool is "
+                          "free; this flow run gathers them into the one comparison. None: all in this flow run")
     baseline_scales: list[float] = Field(
         default_factory=lambda: [0.03, 0.1, 0.3, 1.0],
         json_schema_extra=_form(default=[0.03, 0.1, 0.3, 1.0], items={"type": "number", "exclusiveMinimum": 0}),
@@ -474,6 +478,17 @@ class SweepConfig(Strict):
         bad = [m for m in v if m not in METHODS]
         if bad or not v:
             raise ValueError(f"methods must be a non-empty subset of {sorted(METHODS)}; got {v}")
+        return v
+
+    @field_validator("forget_splits")
+    @classmethod
+    def _splits(cls, v):
+        names = [f if isinstance(f, str) else f"{len(f)} ids" for f in v]  # Shared.forget: what tables show
+        same = sorted({n for n in names if names.count(n) > 1})
+        if same:
+            raise ValueError(f"forget_splits must have distinct names; {same} name more than one "
+                             f"(a list of ids is named by its size): {v}. Give id lists of different sizes, "
+                             "or run them as separate sweeps.")
         return v
 
     @field_validator("alphas")
@@ -966,7 +981,9 @@ def finish_one(shared: Shared, started: Started, vanilla_units: list,
     split = shared.forget
     title = f"{label} on {cfg.model}, forget {split}"
     run = {"config": cfg.model_dump(), "method": method, "variant": variant, "label": label, "model": unlearned,
-           "vanilla_model": shared.model_dir, "data": shared.data, "activations": shared.activations,
+           "vanilla_model": shared.model_dir, "data": shared.data,
+           # a method's own inputs only: a baseline's record does not depend on the sweep running MANU beside it
+           "activations": shared.activations if METHODS[method].needs_activations else None,
            "system": overrides.get("system"), "mode": variant.get("mode"), "seed": variant.get("seed"),
            "shadows": variant.get("shadows"), **({"phase": phase} if phase else {})}
     relearn = _relearn(shared, unlearned, _slug(label), overrides, relearn_controls) if cfg.relearn.enabled and method != "prompting" else {}
@@ -1015,30 +1032,56 @@ def _run_splits(config: RunConfig, sweep: Optional[SweepConfig], splits: list, m
     """Every variant of `methods` (with `keep`, only those `_kept`) on each forget split: unlearned,
     evaluated, recorded; returns the results folders and the logit-lens folders. Phase one of a sweep
     draws no logit lens."""
+    runs, lenses = _run_splits_keyed(config, sweep, splits, methods, phase, keep)
+    return [path for _, path in runs], [path for _, path in lenses]
+
+
+Key = tuple[int, int, int]  # (forget split's position, method's position in the sweep, variant's position)
+
+
+def _run_splits_keyed(config: RunConfig, sweep: Optional[SweepConfig], splits: list, methods: list[str],
+                      phase: Optional[int] = None, keep: Optional[set] = None
+                      ) -> tuple[list[tuple[Key, str]], list[tuple[Key, str]]]:
+    """`_run_splits` with each folder's place in the sweep's order (the vanilla model's lens: method
+    and variant -1), so that the parts of a fanned-out sweep (flows/fanout.py) gather in the order one
+    flow run makes them."""
+    order = sweep.methods if sweep is not None else methods
     runs, lenses = [], []
-    for forget in splits:
+    for s, forget in enumerate(splits):
         cfg = config.model_copy(update={"forget": forget})
         shared = _prepare(cfg, forget)
         vanilla = _evaluate_all(shared.model_dir, shared, "vanilla")
         reference = _never_learned(shared)
         vanilla_lens = _lens(shared.model_dir, shared, "vanilla") if phase != 1 else None
-        variants = [(m, v) for m in methods for v in METHODS[m].variants(cfg, sweep) if keep is None or _kept(m, v, keep)]
-        if any(METHODS[m].needs_activations for m, _ in variants):
+        variants = [((s, order.index(m), i), m, v) for m in methods
+                    for i, v in enumerate(METHODS[m].variants(cfg, sweep)) if keep is None or _kept(m, v, keep)]
+        if any(METHODS[m].needs_activations for _, m, _ in variants):
             shared = _with_activations(shared)
         # every variant unlearned and its evaluations queued first, then collected in order: the device
         # evaluates one variant while the next is selected, pruned and saved
-        started = [start_one(shared, m, v, lens=phase != 1) for m, v in variants]
+        started = [(key, start_one(shared, m, v, lens=phase != 1)) for key, m, v in variants]
         vanilla_units = _results(vanilla)
         shared = replace(shared, reference_units=tuple(_results(reference)))
         if vanilla_lens is not None:
-            lenses.append(vanilla_lens.result())
+            lenses.append(((s, -1, -1), vanilla_lens.result()))
         relearn_controls: dict[str, dict[str, list]] = {}
-        for one in started:
+        for key, one in started:
             rep, lens = finish_one(shared, one, vanilla_units, relearn_controls, phase=phase)
-            runs.append(rep)
+            runs.append((key, rep))
             if lens is not None:
-                lenses.append(lens)
+                lenses.append((key, lens))
     return runs, lenses
+
+
+def _sweep_splits(config: RunConfig, sweep: Optional[SweepConfig], splits: list, methods: list[str],
+                  phase: Optional[int] = None, keep: Optional[set] = None) -> tuple[list[str], list[str]]:
+    """`_run_splits` in this flow run, or, with `sweep.fan_out`, as one child flow run per (forget split ×
+    method group) of that deployment, on whichever worker of its pool is free (flows/fanout.py)."""
+    if sweep is None or not sweep.fan_out:
+        return _run_splits(config, sweep, splits, methods, phase, keep)
+    from flows.fanout import fan_out
+
+    return fan_out(config, sweep, splits, methods, phase, keep)
 
 
 def validation_message(e: ValidationError) -> str:
@@ -1104,16 +1147,16 @@ def _manu(config: RunConfig, sweep: Optional[SweepConfig], method: str) -> str:
     if sweep is not None and sweep.two_phase and VALIDATION in splits and len(splits) > 1:
         # phase one: every variant on validation, the cheap signal the rule and the curves read
         first = _phase_one(config)
-        runs, lenses = _run_splits(first, sweep, [VALIDATION], methods, phase=1)
+        runs, lenses = _sweep_splits(first, sweep, [VALIDATION], methods, phase=1)
         chosen = json.loads((Path(reporting.choose(runs, budget=sweep.retain_budget)) / "chosen.json").read_text())
         log.info("phase one chose (on validation, multiple choice): %s", chosen)
         # phase two: the chosen settings, fully, on the reported splits
         keep = {(c["method"], c["strength"]) for c in chosen}
-        more, more_lenses = _run_splits(config, sweep, [f for f in splits if f != VALIDATION], methods, phase=2,
-                                        keep=keep)
+        more, more_lenses = _sweep_splits(config, sweep, [f for f in splits if f != VALIDATION], methods, phase=2,
+                                          keep=keep)
         runs, lenses = runs + more, lenses + more_lenses
     else:
-        runs, lenses = _run_splits(config, sweep, splits, methods)
+        runs, lenses = _sweep_splits(config, sweep, splits, methods)
     last = runs[-1]
     alpha = _chosen_alpha(config, sweep)
     if sweep is None:

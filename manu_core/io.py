@@ -157,6 +157,24 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def lock_held(path: str | Path) -> bool:
+    """Whether some process holds `file_lock(path)` now (False where the file does not exist): a
+    non-blocking try of the same flock, released at once. A holder that died holds nothing (the kernel,
+    or the NFS server once the client's lease ends, dropped its lock), which is what makes this a
+    liveness probe for a process on another machine that shares the folder."""
+    import fcntl
+
+    if not Path(path).is_file():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def _mount_of(path: Path) -> tuple[str, str, set[str]]:
     """(mount point, filesystem type, mount and superblock options) of the mount holding `path`, read
     from /proc/self/mountinfo (Linux); ("?", "?", set()) elsewhere."""
