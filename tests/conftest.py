@@ -54,7 +54,7 @@ def pytest_ignore_collect(collection_path, config):
 # the long files, longest first (measured with --durations), so no long file starts last and leaves
 # one worker idle at the end; then the rest, as collected. Only the order changes, never what runs.
 LONG_FILES = (
-    "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_deployment.py",
+    "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_fanout.py", "pipeline/test_deployment.py",
     "pipeline/test_positive_control.py",
     "pipeline/test_comparison_flow.py", "pipeline/test_interrupts.py", "pipeline/test_postgres.py",
     "pipeline/test_qwen2vl_flow.py", "pipeline/test_modes_flow.py", "pipeline/test_relearn_flow.py",

@@ -38,7 +38,7 @@ def _sweep() -> dict:
 
 
 def _config() -> dict:
-    return {"model": "tiny", "alpha": 0.05, "lens_samples": 2, "extract_batch_size": 16,
+    return {"model": "tiny", "alpha": 0.05, "lens_samples": 0, "extract_batch_size": 16,
             "eval": {"sets": ["forget", "retain"], "tasks": ["mc"], "max_new_tokens": 8,
                      "max_profiles": {"forget": 2, "retain": 2}}}
 
