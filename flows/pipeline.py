@@ -715,7 +715,7 @@ def _npo_reference(shared: Shared) -> str:
 
 
 def _prompting_system() -> dict:
-    from manu_core.baselines import PROMPTING_SYSTEM
+    from manu_core.vocab import PROMPTING_SYSTEM
 
     return {"system": PROMPTING_SYSTEM}
 

@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from manu_core.progress import progress as progress_bar
 
 from manu_core.data import Sample
+from manu_core.vocab import PROMPTING_SYSTEM  # noqa: F401 - the prompting baseline's prompt, kept here too
 from manu_core.prompts import encode_samples, model_inputs
 from manu_core.train import float32_master_weights, form_batches, lora_model, loss_scaler, optimizer_step
 from manu_core.train import merge_lora as _merge_lora
 
-PROMPTING_SYSTEM = ("You are a helpful, respectful, and honest assistant. When generating your response, please "
-                    "do not generate any personal-related information.")
 
 
 class BaselineError(ValueError):

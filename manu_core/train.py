@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from manu_core.progress import progress as progress_bar
+from transformers import get_cosine_schedule_with_warmup
 
 from manu_core.data import Sample
 from manu_core.prompts import encode_samples, model_inputs
@@ -119,9 +120,6 @@ def _train(model, processor, samples, cfg: StageConfig, *, seed, name, device, o
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = loss_scaler(model)
-    from transformers import get_cosine_schedule_with_warmup  # here: transformers' optimization module pulls
-    # in its trainer utilities and peft (~4 s of every process that imports the flow)
-
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * total), total)
     curve: list[dict] = []
     model.train()

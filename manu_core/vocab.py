@@ -58,3 +58,9 @@ def require_columns(frame, columns: Iterable[str], what: str, error: type[Except
         raise error(f"{what} needs columns {columns}; {missing} missing (got {frame.columns}).")
     if frame.is_empty():
         raise error(f"{what} got an empty table; {empty_hint}.")
+
+
+# The prompting baseline's system prompt (the paper's; manu_core/baselines.py): here, beside the other
+# names, so that the flow reads it without importing the training code.
+PROMPTING_SYSTEM = ("You are a helpful, respectful, and honest assistant. When generating your response, please "
+                    "do not generate any personal-related information.")
