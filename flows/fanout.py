@@ -8,10 +8,12 @@ Two rules make it safe to lose a server mid-sweep:
 
 - every part is idempotent: its stages are cached tasks (content-addressed folders, one computation per
   key under a file lock), so a part run again does only what no run of it finished;
+- a part that Prefect reports Crashed (its process died and its supervisor said so) is started again,
+  for any live worker to take (at most RESUBMITS times);
 - a part holds a lock on `<artifacts>/pipeline/parts/<part>.lock` while it runs (`manu_core.io.file_lock`:
   released by the kernel, or the NFS server, when its process dies). The sweep polls its parts; one
   that the server still shows running whose lock nobody holds, and that wrote no result, died with its
-  worker: the sweep marks that flow run Crashed and starts the part again, for any live worker to take.
+  worker and nobody left to report it: the sweep marks that flow run Crashed and starts the part again.
 
 A part that fails is reported by name with its flow-run link, after every other part has finished;
 rerunning the sweep reruns the parts, whose finished tasks are cache hits."""
@@ -140,6 +142,12 @@ def fan_out(config: RunConfig, sweep: SweepConfig, splits: list, methods: list[s
                 break
             for part in pending:
                 state = client.read_flow_run(part["run"]).state
+                if state is not None and state.is_crashed() and part["tries"] <= RESUBMITS:
+                    # its process died (a worker or its machine lost, the process killed): any live worker may
+                    # take it again, and its finished tasks are cache hits
+                    log.warning("part %s crashed (%s); started again", part["label"], " ".join((state.message or "").split())[:200])
+                    submit(part)
+                    continue
                 if state is not None and state.is_final():
                     part["final"] = state
                     continue
