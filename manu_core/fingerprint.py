@@ -15,7 +15,12 @@ import ast
 import hashlib
 import sys
 import textwrap
+import threading
 
+# CPython 3.11 counts the AST constructor's recursion depth per interpreter, not per thread: two threads
+# parsing at once (two tasks computing their cache keys) fail with "SystemError: AST constructor recursion
+# depth mismatch". One parse at a time.
+_PARSE_LOCK = threading.Lock()
 _BODIES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -26,7 +31,8 @@ def _is_docstring(node: ast.stmt) -> bool:
 def code_fingerprint(source: str) -> str:
     """sha256 of `source`'s syntax tree without docstrings (comments are never in it). `source` may be
     a whole module or an indented function or class (dedented first)."""
-    tree = ast.parse(textwrap.dedent(source))
+    with _PARSE_LOCK:
+        tree = ast.parse(textwrap.dedent(source))
     for node in ast.walk(tree):
         if isinstance(node, _BODIES) and node.body and _is_docstring(node.body[0]):
             node.body = node.body[1:] or [ast.Pass()]
