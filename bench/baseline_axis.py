@@ -30,7 +30,7 @@ def main() -> None:
 
     from flows.pipeline import RunConfig, SweepConfig, _phase_one, manu
 
-    config = _phase_one(RunConfig(model=args.model, lens_samples=0, never_learned="none",
+    config = _phase_one(RunConfig(model=args.model, lens_samples=1, never_learned="none",  # lens: 1 sample (0 = all)
                                   eval={"sets": ["forget", "retain", "celebrity"],
                                         "max_profiles": {"forget": 15, "retain": 15, "celebrity": 10}}))
     sweep = SweepConfig(forget_splits=["validation"], methods=METHODS, baseline_scales=args.scales,
