@@ -113,7 +113,8 @@ def main() -> None:
         if args.max_profiles:
             config.setdefault("eval", {})["max_profiles"] = {s: args.max_profiles for s in EVAL_SETS}
         t0 = time.perf_counter()
-        state = manu(RunConfig(**config), SweepConfig(**params["sweep"]), return_state=True)
+        sweep = {**params["sweep"], "fan_out": None}  # all in this process: no work pool to fan out over
+        state = manu(RunConfig(**config), SweepConfig(**sweep), return_state=True)
         took = time.perf_counter() - t0
         flow_run_id, sweep_dir = state.state_details.flow_run_id, Path(state.result())
     timing = stage_timing(flow_run_id, took, tuple(args.paused) if args.flow_run and args.paused else None)
