@@ -397,6 +397,7 @@ def run(
 
     from flows.pipeline import METHODS, SCORINGS, EvalSettings, RunConfig, manu, validation_message
     from manu_core.judge import JudgeError
+    from manu_core.vocab import forget_name
 
     try:
         if method not in METHODS:
@@ -433,8 +434,7 @@ def run(
                            relearn={"enabled": relearn, "steps": relearn_steps}, never_learned=never,
                            dtype=dtype, reference=str(reference) if reference else None, stand_in_data=stand_in_data)
         if isinstance(never, dict):
-            name = config.data_spec()["forget"]
-            name = name if isinstance(name, str) else f"{len(name)} ids"
+            name = forget_name(config.data_spec()["forget"])
             config = config.model_copy(update={"never_learned": {name: str(Path(never_learned).resolve())}})
         # the model, its weights, the data, the dtype, the judge and the references, then the forget set among
         # the profiles the model learned: all before any server or task

@@ -33,6 +33,7 @@ from prefect.context import FlowRunContext
 
 from flows.pipeline import Key, RunConfig, SweepConfig, _run_splits_keyed, task_runner
 from manu_core.io import atomic_write_json, file_lock, lock_held
+from manu_core.vocab import forget_name
 from tasks.cache import pipeline_dir
 
 # Methods that share a model's preparation run in one part: MANU, its random control (which draws as
@@ -69,8 +70,7 @@ def parts_dir() -> Path:
 
 
 def _label(forget, methods: list[str], phase: Optional[int]) -> str:
-    where = forget if isinstance(forget, str) else f"{len(forget)} ids"
-    return f"{where} · {'+'.join(methods)}" + (f" · phase {phase}" if phase else "")
+    return f"{forget_name(forget)} · {'+'.join(methods)}" + (f" · phase {phase}" if phase else "")
 
 
 @flow(name="manu-part", task_runner=task_runner(), log_prints=True, validate_parameters=False)

@@ -38,7 +38,7 @@ from manu_core.data import MLLMU_DIR, VALIDATION
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
 from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS, VANILLA_ATTACKED
 from manu_core.relearn import check as relearn_check
-from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS, did_you_mean
+from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS, did_you_mean, forget_name
 from tasks import reporting, stages
 from tasks.devices import quiet_library_bars
 
@@ -483,7 +483,7 @@ class SweepConfig(Strict):
     @field_validator("forget_splits")
     @classmethod
     def _splits(cls, v):
-        names = [f if isinstance(f, str) else f"{len(f)} ids" for f in v]  # Shared.forget: what tables show
+        names = [forget_name(f) for f in v]  # what tables show
         same = sorted({n for n in names if names.count(n) > 1})
         if same:
             raise ValueError(f"forget_splits must have distinct names; {same} name more than one "
@@ -558,8 +558,7 @@ class Shared:
     @property
     def forget(self) -> str:
         """The forget set's name: forget_5, validation, or 'N ids'."""
-        f = self.config.data_spec()["forget"]
-        return f if isinstance(f, str) else f"{len(f)} ids"
+        return forget_name(self.config.data_spec()["forget"])
 
 
 @dataclass(frozen=True)

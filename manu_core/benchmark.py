@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from manu_core.data import EvalItem, Sample
-from manu_core.vocab import FORMS
+from manu_core.vocab import FORMS, forget_name
 from manu_core.scoring import LETTERS
 
 FORGET_CONFIGS = ("forget_5", "forget_10", "forget_15")
@@ -189,7 +189,7 @@ def load_mllmu_bench(root: str | Path, forget: str | Sequence[str] = "forget_5",
                                  + (f"{len(missing)} are not: {missing[:10]}" if missing else "got none")
                                  + ". Pass ids of the benchmark's 500 fictitious profiles.")
         sources = {"forget": ("Full_Set", full, True), "retain": ("Full_Set", full, False)}
-        name = f"{len(forget_ids)} ids"
+        name = forget_name(forget_ids)
     sources |= {"test": ("Test_Set", None, True), "celebrity": ("Retain_Set", None, None)}
     bench = Benchmark(root, name, [])
     for set_ in sets:

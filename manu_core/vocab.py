@@ -60,6 +60,13 @@ def require_columns(frame, columns: Iterable[str], what: str, error: type[Except
         raise error(f"{what} got an empty table; {empty_hint}.")
 
 
+
+def forget_name(forget) -> str:
+    """A forget set's name in tables, logs and task names: the split's name, or 'N ids' for a list of
+    profile ids (so a sweep's forget sets need distinct sizes; flows.pipeline.SweepConfig checks)."""
+    return forget if isinstance(forget, str) else f"{len(forget)} ids"
+
+
 # The prompting baseline's system prompt (the paper's; manu_core/baselines.py): here, beside the other
 # names, so that the flow reads it without importing the training code.
 PROMPTING_SYSTEM = ("You are a helpful, respectful, and honest assistant. When generating your response, please "

@@ -19,12 +19,9 @@ import polars as pl
 from prefect import get_run_logger
 
 from manu_core.io import atomic_dir, atomic_file, atomic_write_json
+from manu_core.vocab import forget_name
 from tasks.cache import finish, stage_dir
 from tasks.stages import manu_task
-
-
-def _forget_name(forget) -> str:
-    return forget if isinstance(forget, str) else f"{len(forget)} ids"
 
 
 def dropped_weights(variant: dict) -> list[str]:
@@ -37,7 +34,7 @@ def summary_rows(results: dict) -> list[dict]:
     run = results["run"]
     variant = run.get("variant") or {}
     dropped = dropped_weights(variant)
-    forget = _forget_name(run["config"]["forget"])
+    forget = forget_name(run["config"]["forget"])
     rows = [{"forget": forget, "method": "vanilla", "family": "vanilla", **s} for s in results["vanilla"]]
     rows += [{"forget": forget, "method": run.get("label", run["method"]), "family": run["method"],
               "alpha": variant.get("alpha"), "lr": variant.get("lr"), "without": "+".join(dropped) or None,
@@ -103,7 +100,7 @@ def write_report(out: Path, reports: list[str], lenses: list[str], title: str,
     runs, rows, activations, selected, relearn_rows = [], [], {}, {}, []
     for rep in reports:
         res = json.loads((Path(rep) / "results.json").read_text())
-        run, forget = res["run"], _forget_name(res["run"]["config"]["forget"])
+        run, forget = res["run"], forget_name(res["run"]["config"]["forget"])
         runs.append(run)
         rows += summary_rows(res)
         relearn_rows += [{"forget": forget, "method": run.get("label", run["method"]), **r} for r in res.get("relearn", [])]
@@ -122,7 +119,7 @@ def write_report(out: Path, reports: list[str], lenses: list[str], title: str,
         meta = json.loads((Path(lens_dir) / "lens.json").read_text())
         table = pl.read_parquet(Path(lens_dir) / "lens.parquet")
         for run in runs:
-            forget = _forget_name(run["config"]["forget"])
+            forget = forget_name(run["config"]["forget"])
             if run.get("data") != meta["data_dir"] or run.get("system") != meta["system"]:
                 continue
             if meta["model_dir"] == run.get("vanilla_model") and meta["system"] is None:
@@ -155,7 +152,7 @@ def _compared(runs: list[str]) -> list[dict]:
     for rep in runs:
         res = json.loads((Path(rep) / "results.json").read_text())
         run, variant = res["run"], res["run"].get("variant") or {}
-        compared.append({"forget": _forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
+        compared.append({"forget": forget_name(run["config"]["forget"]), "label": run.get("label", run["method"]),
                          "family": run["method"], "mode": variant.get("mode"),
                          "iterative": variant.get("iterative", False),
                          "strength": variant.get("alpha", variant.get("lr")), "seed": variant.get("seed"),

@@ -23,7 +23,7 @@ import polars as pl
 from prefect import get_run_logger, task
 
 from manu_core import data as mdata
-from manu_core.vocab import FORMS, OFFICIAL_SPLITS
+from manu_core.vocab import FORMS, OFFICIAL_SPLITS, forget_name
 from manu_core.io import atomic_dir, atomic_file, atomic_write_json
 from tasks.cache import ManuCache, content_digest, finish, key_lock, models_dir, results_dir, stage_dir
 from tasks.devices import device_slot, judge_on, load, release
@@ -121,17 +121,13 @@ def read_streams(data_dir: str | Path) -> dict[tuple[str, str], list[mdata.Sampl
     return streams
 
 
-def _forget_name(forget) -> str:
-    return forget if isinstance(forget, str) else f"{len(forget)} ids"
-
-
 def _labelled(task: str):
     """A task run name: the task and what it works on (its `label` parameter, set by the flow)."""
     return lambda parameters: f"{task}-{parameters['label']}" if parameters.get("label") else task
 
 
 @manu_task(name="prepare_data", paths=("profiles", "benchmark"),
-           task_run_name=lambda parameters: f"prepare_data-{_forget_name(parameters['spec']['forget'])}")
+           task_run_name=lambda parameters: f"prepare_data-{forget_name(parameters['spec']['forget'])}")
 def prepare_data(spec: dict, profiles: str, benchmark: str | None = None) -> str:
     """Split the profiles into forget/retain and each sample into its two forms (method.md, "Data
     forms"): `streams.parquet` (what extraction reads), `eval_items.parquet` (what evaluation asks)
