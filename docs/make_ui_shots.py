@@ -319,10 +319,9 @@ def prefect_stack(workdir: Path, env: Optional[dict] = None, deploy: tuple[str, 
     deployment on it (`deploy`: the arguments of `prefect deploy`; ("--all",) for every deployment) and
     one worker; everything stopped on exit (SIGINT: a worker ignores SIGTERM for 20 s
     or more). Logs: workdir/server.log, workdir/worker.log."""
-    from flows.runs import free_port, start_server, stop
+    from flows.runs import PREFECT as prefect, free_port, start_server, stop
 
     workdir.mkdir(parents=True, exist_ok=True)
-    prefect = str(Path(sys.executable).with_name("prefect"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**(env if env is not None else os.environ), "PREFECT_HOME": str(workdir / "prefect-home"),

@@ -33,6 +33,9 @@ def settled_task_runs(flow_state, timeout: float = 120.0) -> list:
             time.sleep(1.0)
 
 
+PREFECT = str(Path(sys.executable).with_name("prefect"))  # the `prefect` command of this environment
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
@@ -45,9 +48,8 @@ def start_server(env: dict, port: int, log: Path, timeout: float = 120.0) -> sub
     /api/health answers; RuntimeError with the log's tail if it exits or does not answer in `timeout` s."""
     import httpx
 
-    prefect = str(Path(sys.executable).with_name("prefect"))
     with open(log, "w") as out:  # the server writes to its own copy of the file
-        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port),
+        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
                                    "--analytics-off"], env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while True:

@@ -6,7 +6,7 @@ name in `LOSSES`:
   grad_diff  ascent on forget, descent on retain
   kl         ascent on forget + KL(vanilla || current) on the retain answers (a frozen vanilla copy)
   npo        (2/β) E_forget[log(1 + (π_θ/π_ref)^β)], π_ref fine-tuned on the retain set only
-Prompting (`PROMPTING_SYSTEM`) changes no weight: the evaluation passes the paper's system prompt,
+Prompting (`manu_core.vocab.PROMPTING_SYSTEM`) changes no weight: the evaluation passes the paper's system prompt,
 placed by the model's chat template.
 
 Real checkpoints train LoRA adapters (peft; r=16, α=16, dropout 0.05 on the language model's linear
@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from manu_core.progress import progress as progress_bar
 
 from manu_core.data import Sample
-from manu_core.vocab import PROMPTING_SYSTEM  # noqa: F401 - the prompting baseline's prompt, kept here too
 from manu_core.prompts import encode_samples, model_inputs
 from manu_core.train import float32_master_weights, form_batches, lora_model, loss_scaler, optimizer_step
 from manu_core.train import merge_lora as _merge_lora
-
 
 
 class BaselineError(ValueError):

@@ -29,11 +29,16 @@ pruning therefore goes through the *other* units.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import polars as pl
 
 from manu_core.data import Sample
+
+if TYPE_CHECKING:  # the training code is imported where it runs (`relearn`), not with this module
+    import torch
+
+    from manu_core.train import StageConfig
 from manu_core.vocab import did_you_mean
 
 ATTACKS = ("forget-text", "forget-multimodal", "retain")

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from manu_core import data as mdata
-from manu_core.baselines import (LOSSES, PROMPTING_SYSTEM, BaselineConfig, BaselineError, add_lora, merge_lora,
+from manu_core.baselines import (LOSSES, BaselineConfig, BaselineError, add_lora, merge_lora,
                                  nll, npo_loss, retain_kl, sequence_logprob, unlearn_gradient)
 from manu_core.presets import get_preset, preset_dataset
 from manu_core.prompts import encode_samples
+from manu_core.vocab import PROMPTING_SYSTEM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,18 +10,15 @@ schema need no browser. One server and one pair of runs serve every test here (m
 
 import importlib.util
 import json
-import os
 import re
 import struct
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 def _load_shots():

@@ -11,17 +11,15 @@ import pwd
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from flows.runs import free_port, start_server, stop
+from flows.runs import PREFECT, free_port, start_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
