@@ -153,7 +153,7 @@ def test_two_processes_hold_a_file_lock_in_turn(tmp_path):
 
 def test_a_lock_whose_holder_was_killed_is_free_at_once(tmp_path):
     """The stale-lock rule: a holder killed by SIGKILL (no cleanup runs) leaves no lock behind; the
-    next taker gets it at once."""
+    next taker gets it at once. `lock_held`, the fanned-out sweep's liveness probe, reads the same."""
     import fcntl
     import signal
     import subprocess
@@ -161,9 +161,10 @@ def test_a_lock_whose_holder_was_killed_is_free_at_once(tmp_path):
     import threading
     import time
 
-    from manu_core.io import file_lock
+    from manu_core.io import file_lock, lock_held
 
     lock, held = tmp_path / ".key.lock", tmp_path / "held"
+    assert not lock_held(lock) and not lock.exists()  # no file: nobody holds it, and the probe makes none
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
                                "from manu_core.io import file_lock\nwith file_lock(sys.argv[1]):\n"
                                "    Path(sys.argv[2]).touch()\n    time.sleep(120)", str(lock), str(held)])
@@ -172,8 +173,10 @@ def test_a_lock_whose_holder_was_killed_is_free_at_once(tmp_path):
         with open(lock, "a") as f:  # flock conflicts between open files, even in one process
             with pytest.raises(BlockingIOError):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert lock_held(lock)
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
+        assert not lock_held(lock)
     finally:
         if holder.poll() is None:
             holder.kill()
