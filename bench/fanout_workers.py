@@ -24,11 +24,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 def one(workers: list[int], model_dir: Path, sweep: dict, config: dict) -> tuple[float, dict]:
-    from flows.runs import free_port, start_server, stop
+    from flows.runs import PREFECT, free_port, start_server, stop
+    from tests.pipeline.test_fanout import runs_of
 
     tmp = Path(tempfile.mkdtemp(prefix="manu-fanout-bench-"))
     arts = tmp / "artifacts"
@@ -58,11 +58,7 @@ def one(workers: list[int], model_dir: Path, sweep: dict, config: dict) -> tuple
         took = time.time() - t0
         if out.returncode != 0 or "Completed" not in out.stdout + out.stderr:
             raise RuntimeError((out.stdout + out.stderr)[-3000:])
-        per_worker = {}
-        for i in range(len(workers)):
-            log = (tmp / f"server-{i}" / "worker.log").read_text()
-            per_worker[f"w{i}"] = len(set(__import__("re").findall(r"submitting flow run '([0-9a-f-]{36})'", log)))
-        return took, per_worker
+        return took, {f"w{i}": len(runs_of(tmp / f"server-{i}" / "worker.log")) for i in range(len(workers))}
     finally:
         for p in procs:
             try:

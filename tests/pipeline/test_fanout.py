@@ -19,18 +19,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from flows.runs import free_port, start_server, stop
+from flows.runs import PREFECT, free_port, start_server, stop
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 SPLITS = [["093", "279"], ["303", "097", "104"]]  # named "2 ids" and "3 ids"
 
 
@@ -45,13 +43,12 @@ def _config() -> dict:
                      "max_profiles": {"forget": 2, "retain": 2}}}
 
 
-def _runs_of(log: Path) -> list[str]:
-    """The flow runs a worker started, in order (its log says "Submitting flow run '<id>'" or
-    "Opening process..." with the id)."""
-    seen: dict[str, None] = {}
-    for m in re.finditer(r"flow run '([0-9a-f-]{36})'", log.read_text() if log.exists() else ""):
-        seen.setdefault(m.group(1), None)
-    return list(seen)
+def runs_of(log: Path) -> list[str]:
+    """The flow runs a worker took, in order: its log says "Worker '<name>' submitting flow run '<id>'",
+    then, where another worker got the run first, "Aborted submission of flow run '<id>'"."""
+    text = log.read_text() if log.exists() else ""
+    aborted = set(re.findall(r"Aborted submission of flow run '([0-9a-f-]{36})'", text))
+    return [r for r in dict.fromkeys(re.findall(r"submitting flow run '([0-9a-f-]{36})'", text)) if r not in aborted]
 
 
 def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_dir, tmp_path):
@@ -91,13 +88,13 @@ def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_di
                                  "--watch"], env=env, cwd=REPO, stdout=open(watched, "w"), stderr=subprocess.STDOUT)
         if wait_for_kill:
             deadline = time.time() + 600
-            while not _runs_of(log_of("A")):  # A took the sweep's flow run: B may start
+            while not runs_of(log_of("A")):  # A took the sweep's flow run: B may start
                 assert time.time() < deadline and proc.poll() is None, "worker A never took the sweep"
                 time.sleep(0.5)
             start_worker("B", 2)
             parts = arts / "pipeline" / "parts"
             while True:  # B finished a part and runs another: kill it there (the worker and its parts)
-                b_runs = _runs_of(log_of("B"))
+                b_runs = runs_of(log_of("B"))
                 state = {r["id"]: r["state"]["type"] for r in httpx.post(
                     f"{api}/flow_runs/filter", json={"flow_runs": {"id": {"any_": b_runs}}}, timeout=30).json()}
                 started = {s["flow_run"]: s for s in (json.loads(p.read_text()) for p in parts.glob("*.started.json"))}
@@ -129,12 +126,12 @@ def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_di
         part_runs = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": ["manu-part"]}}},
                                timeout=30).json()
         states = {r["id"]: r["state"]["type"] for r in part_runs}
-        done_by = {w: [r for r in _runs_of(log_of(w)) if states.get(r) == "COMPLETED"] for w in ("A", "B")}
+        done_by = {w: [r for r in runs_of(log_of(w)) if states.get(r) == "COMPLETED"] for w in ("A", "B")}
         crashed = [r for r, s in states.items() if s == "CRASHED"]
         print(f"fan-out over two workers: {took:.0f} s; completed parts per worker "
               f"{ {w: len(r) for w, r in done_by.items()} }; crashed (B killed): {len(crashed)}")
         assert all(done_by.values()), done_by  # each worker finished at least one part
-        assert crashed and set(crashed) <= set(_runs_of(log_of("B"))), states  # the part(s) B was running ...
+        assert crashed and set(crashed) <= set(runs_of(log_of("B"))), states  # the part(s) B was running ...
         assert sum(map(len, done_by.values())) == 4  # ... ran again on A: four parts, each completed once
         results = sorted(p for p in (arts / "pipeline" / "parts").glob("*.json") if not p.name.endswith(".started.json"))
         assert len(results) == 4
