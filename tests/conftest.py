@@ -56,7 +56,7 @@ def pytest_ignore_collect(collection_path, config):
 LONG_FILES = (
     "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_fanout.py", "pipeline/test_deployment.py",
     "pipeline/test_positive_control.py",
-    "pipeline/test_comparison_flow.py", "pipeline/test_interrupts.py", "pipeline/test_postgres.py",
+    "pipeline/test_comparison_flow.py", "pipeline/test_interrupts.py",
     "pipeline/test_qwen2vl_flow.py", "pipeline/test_modes_flow.py", "pipeline/test_relearn_flow.py",
     "pipeline/test_wheel.py", "pipeline/test_benchmark_flow.py", "pipeline/test_dask.py", "pipeline/test_preflight.py",
     "pipeline/test_devices.py", "pipeline/test_cache.py", "report/test_gpu_check.py",

@@ -1,8 +1,10 @@
 """The product as a user runs it, and the Prefect UI a colleague opens on it: one real `prefect server
-start` with its UI, a process work pool, `prefect deploy --all` from prefect.yaml, a worker and `prefect
-deployment run manu/smoke --watch` (twice: as deployed, then with one field overridden from the command
-line). Then headless Chromium at 1400x900 (and 1000 px, the dark theme, the V1 UI) on the first flow
-run, its task runs, its artifacts, a task run and the run form. Every browser assertion reads the
+start` with its UI, backed by PostgreSQL as on a shared lab server (a throwaway cluster,
+tests/pipeline/postgres.py; SQLite where PostgreSQL cannot run here, and the Postgres test skips and
+says why), a process work pool, `prefect deploy --all` from prefect.yaml, a worker and `prefect
+deployment run manu/smoke --watch` (twice: as deployed, then with one field overridden from the
+command line). Then headless Chromium at 1400x900 (and 1000 px, the dark theme, the V1 UI) on the first
+flow run, its task runs, its artifacts, a task run and the run form. Every browser assertion reads the
 rendered page (the DOM after the UI's JavaScript ran), not the API; the tour is docs/make_ui_shots.py's,
 which also writes docs/ui/*.png. The browser tests are marked `browser` and skipped where there is no
 Chromium (`.ci/run` installs Debian's where apt is available); the deployment tests and the run form's
@@ -144,9 +146,11 @@ def test_the_report_artifact_opens_on_the_tables_and_keeps_its_notes(tmp_path):
 class Served:
     """The module's server stack and what ran on it."""
 
-    def __init__(self, stack, work: Path, artifacts: Path, flow_run: str, overridden: str, seconds: float):
+    def __init__(self, stack, work: Path, artifacts: Path, flow_run: str, overridden: str, seconds: float,
+                 postgres: str | None, no_postgres: str | None):
         self.stack, self.work, self.artifacts = stack, work, artifacts
         self.flow_run, self.overridden, self.seconds = flow_run, overridden, seconds
+        self.postgres, self.no_postgres = postgres, no_postgres  # the database's URL, or why it is SQLite
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +162,19 @@ def served(tiny_model_dir, tmp_path_factory):
     other settings (α, its evaluation caps and token budget) must still apply, where Prefect alone would
     replace the whole config. The field is the logit lens's sample count: only the lens tasks and the
     tables rerun."""
+    from tests.pipeline import postgres
     from tests.pipeline.flow_helpers import isolated_env
 
     work = tmp_path_factory.mktemp("served")
     arts, env = isolated_env(work, tiny_model_dir)
     t0 = time.time()
-    with shots.prefect_stack(work, env=env, deploy=("--all",)) as stack:
-        first = shots.run_smoke(stack)
-        overridden = shots.run_smoke(stack, "--param", 'config={"lens_samples": 7}')
-        yield Served(stack, work, arts, first, overridden, time.time() - t0)
+    with postgres.cluster() as (url, why_not):
+        if url is not None:
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
+        with shots.prefect_stack(work, env=env, deploy=("--all",)) as stack:
+            first = shots.run_smoke(stack)
+            overridden = shots.run_smoke(stack, "--param", 'config={"lens_samples": 7}')
+            yield Served(stack, work, arts, first, overridden, time.time() - t0, url, why_not)
 
 
 def test_prefect_deploy_registers_every_deployment_with_a_form_of_labelled_fields(served):
@@ -205,6 +213,22 @@ def test_smoke_deployment_runs_on_a_real_server_and_one_field_overrides(served):
     assert len(paths) == 3, paths  # activations, importance and model (the two runs share them)
     for key, data in paths.items():
         assert "file://" not in data and Path(data.strip("`")).exists(), (key, data)
+
+
+@pytest.mark.postgres
+def test_the_runs_live_in_postgres(served):
+    """The server ran on PostgreSQL (a shared lab server's setup, README "A server backed by PostgreSQL"):
+    both smoke runs and their task runs are read back from Postgres itself, each task run Completed
+    (computed here) or Cached, and no SQLite file was made."""
+    if served.postgres is None:
+        pytest.skip(served.no_postgres)
+    from tests.pipeline.postgres import query
+
+    assert not list((served.work / "prefect-home").rglob("*.db")), list((served.work / "prefect-home").rglob("*.db"))
+    flows = query(served.postgres, "SELECT d.name, f.state_type FROM flow_run f JOIN deployment d ON d.id = f.deployment_id")
+    assert sorted(flows) == [("smoke", "COMPLETED")] * 2, flows
+    tasks = dict(query(served.postgres, "SELECT state_name, count(*) FROM task_run GROUP BY state_name"))
+    assert tasks and set(tasks) <= {"Completed", "Cached"}, tasks
 
 
 @pytest.fixture(scope="module")
