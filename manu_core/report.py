@@ -50,7 +50,11 @@ def results_frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame([{k: r.get(k) for k in RESULTS_SCHEMA} for r in rows], schema=RESULTS_SCHEMA)
 
 
-FAMILY_ORDER = ("vanilla", "prompting", "ga", "grad_diff", "kl", "npo", "manu", "random", "attribution")
+FAMILY_ORDER = ("vanilla", "reference", "prompting", "ga", "grad_diff", "kl", "npo", "manu", "random", "attribution")
+# The row of the forget set's never-learned reference (family "reference": the model trained by the same
+# recipe without the forget people), right under vanilla in the forget set's tables. It is evaluated on
+# the forget set only (multiple choice), so other sets' tables have no such row and the figures leave it out.
+NEVER_LEARNED = "never-learned"
 MODE_ORDER = ("paper", "released", "selective")
 
 
@@ -183,7 +187,10 @@ def set_tables(results: pl.DataFrame, methods: list[str], caption: str, *, group
     tables = []
     for s in sets_of(results):
         rows = []
+        evaluated = set(results.filter(pl.col("set") == s)["method"].to_list())
         for m in methods:
+            if m == NEVER_LEARNED and m not in evaluated:
+                continue
             main, spread = form_cells(results, (groups or {}).get(m, [m]), s)
             rows.append([m, *main])
             if spread:
@@ -381,7 +388,8 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
     for forget in forgets:
         res = results.filter(pl.col("forget") == forget)
         sec = Section(f"Forget split: {forget}", tables=paper_tables(res, chosen_alpha))
-        res = seed_means(res)  # the figures draw a random control once, its mean over seeds
+        res = seed_means(res.filter(pl.col("family") != "reference"))  # the figures: a random control once
+        # (its mean over seeds); no never-learned reference (forget multiple choice only, no retain score)
         order = method_order(res)
         res = _in_order(res, order)  # the figures draw methods in order of first appearance
         tag = _safe(forget)

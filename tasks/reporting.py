@@ -40,10 +40,17 @@ def summary_rows(results: dict) -> list[dict]:
               "alpha": variant.get("alpha"), "lr": variant.get("lr"), "without": "+".join(dropped) or None,
               "mode": run.get("mode", variant.get("mode")), "seed": run.get("seed", variant.get("seed")),
               "shadows": run.get("shadows", variant.get("shadows")), **s} for s in results["unlearned"]]
+    # the forget set's never-learned reference, where the run evaluated one (its forget set only)
+    from manu_core.report import NEVER_LEARNED
+
+    rows += [{"forget": forget, "method": NEVER_LEARNED, "family": "reference", **s}
+             for s in (results.get("reference") or {}).get("summaries", [])]
     return rows
 
 
 def _notes(runs: list[dict], results: pl.DataFrame) -> str:
+    from manu_core.report import NEVER_LEARNED
+
     cfg = runs[0]["config"]
     ev = cfg.get("eval", {})
     scorers = ", ".join(f"`{s}`" for s in sorted(set(results["scorer"].drop_nulls().to_list())))
@@ -65,6 +72,11 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
     if options:  # a sweep's variants of the config's own mode take its options; labels do not name them
         lines.append("Scoring options: " + "; ".join(f"`{m}` {k}={v}" for m, k, v in options)
                      + " (the other modes at their defaults).")
+    if "reference" in results["family"].to_list():
+        lines.append(f"`{NEVER_LEARNED}`: the forget set's never-learned reference, the model trained by the same recipe "
+                     "without the forget people, evaluated on the forget set (multiple choice) only; what a model that "
+                     "never learned them scores, so vanilla minus it is what unlearning can remove (the comparison's "
+                     "headroom).")
     if any(r["method"] == "random" for r in runs):
         lines.append("random(manu[…] α=…): the control of that MANU variant, as many neurons per tower as it "
                      "selects (per layer when it selects per layer), drawn uniformly, one run per seed; the tables "

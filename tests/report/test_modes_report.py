@@ -100,3 +100,35 @@ def test_report_of_modes_and_random_controls_renders(tmp_path):
     md = paths["report.md"].read_text()
     assert "| random(manu[paper] α=0.1), seeds 0,1,2 | 35.0 / 45.0 |" in md
     assert md.count("**Table") == 4  # Table 1 for forget and retain, Table 2, Table 7 and (tmp_path / "rep" / "figures" / "forget_5-fig4-form-bars.png").is_file()
+
+
+def test_the_never_learned_reference_sits_under_vanilla_in_the_forget_table_only(tmp_path, monkeypatch):
+    """A run's never-learned reference (results.json `reference.summaries`: forget multiple choice) becomes
+    a `never-learned` row right under vanilla in the forget set's Table 1; the retain table has none
+    (the reference is evaluated on the forget set only) and the figures leave it out (no retain score)."""
+    import manu_core.figures as F
+    from manu_core.report import NEVER_LEARNED
+    from tasks.reporting import summary_rows
+
+    mc = [{"set": "forget", "form": f, "task": "mc", "metric": "accuracy", "scorer": "likelihood", "value": v, "n": 4}
+          for f, v in (("multimodal", 0.6), ("text", 0.55))]
+    results = {"run": {"method": "ga", "label": "ga", "config": {"forget": "forget_5"}},
+               "vanilla": [], "unlearned": [], "reference": {"summaries": mc}}
+    ref = summary_rows(results)
+    assert [(r["method"], r["family"], r["form"], r["value"]) for r in ref] == [
+        (NEVER_LEARNED, "reference", "multimodal", 0.6), (NEVER_LEARNED, "reference", "text", 0.55)]
+    assert summary_rows({**results, "reference": None}) == []  # a run without one adds no row
+
+    both = pl.concat([frame(), results_frame(ref)])
+    forget, retain = paper_tables(both)[:2]
+    assert [r[0] for r in forget.rows[:3]] == ["vanilla", NEVER_LEARNED, "ga"]
+    assert forget.rows[1][1:] == ["60.0 / 55.0", "- / -"]  # MC only: no factuality for the reference
+    assert NEVER_LEARNED not in [r[0] for r in retain.rows]
+
+    drawn = []
+    for name in ("plot_form_bars", "plot_tradeoff"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda res, *a, real=real, **k: (drawn.append(set(res["method"])), real(res, *a, **k))[1])
+    md = build_report(tmp_path / "rep", "with reference", both)["report.md"].read_text()
+    assert f"| {NEVER_LEARNED} | 60.0 / 55.0 |" in md
+    assert len(drawn) == 2 and all(NEVER_LEARNED not in methods and "vanilla" in methods for methods in drawn)
