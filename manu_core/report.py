@@ -53,7 +53,7 @@ def results_frame(rows: list[dict]) -> pl.DataFrame:
 FAMILY_ORDER = ("vanilla", "reference", "prompting", "ga", "grad_diff", "kl", "npo", "manu", "random", "attribution")
 # The row of the forget set's never-learned reference (family "reference": the model trained by the same
 # recipe without the forget people), right under vanilla in the forget set's tables. It is evaluated on
-# the forget set only (multiple choice), so other sets' tables have no such row and the figures leave it out.
+# the forget set only (the run's tasks), so other sets' tables have no such row and the figures leave it out.
 NEVER_LEARNED = "never-learned"
 MODE_ORDER = ("paper", "released", "selective")
 
@@ -389,7 +389,7 @@ def build_report(out_dir: str | Path, title: str, results: pl.DataFrame, *, lens
         res = results.filter(pl.col("forget") == forget)
         sec = Section(f"Forget split: {forget}", tables=paper_tables(res, chosen_alpha))
         res = seed_means(res.filter(pl.col("family") != "reference"))  # the figures: a random control once
-        # (its mean over seeds); no never-learned reference (forget multiple choice only, no retain score)
+        # (its mean over seeds); no never-learned reference (evaluated on the forget set only: no retain score)
         order = method_order(res)
         res = _in_order(res, order)  # the figures draw methods in order of first appearance
         tag = _safe(forget)

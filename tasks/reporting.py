@@ -74,7 +74,7 @@ def _notes(runs: list[dict], results: pl.DataFrame) -> str:
                      + " (the other modes at their defaults).")
     if "reference" in results["family"].to_list():
         lines.append(f"`{NEVER_LEARNED}`: the forget set's never-learned reference, the model trained by the same recipe "
-                     "without the forget people, evaluated on the forget set (multiple choice) only; what a model that "
+                     "without the forget people, evaluated on the forget set only (the run's tasks); what a model that "
                      "never learned them scores, so vanilla minus it is what unlearning can remove (the comparison's "
                      "headroom).")
     if any(r["method"] == "random" for r in runs):

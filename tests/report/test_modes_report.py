@@ -103,7 +103,7 @@ def test_report_of_modes_and_random_controls_renders(tmp_path):
 
 
 def test_the_never_learned_reference_sits_under_vanilla_in_the_forget_table_only(tmp_path, monkeypatch):
-    """A run's never-learned reference (results.json `reference.summaries`: forget multiple choice) becomes
+    """A run's never-learned reference (results.json `reference.summaries`: here forget multiple choice) becomes
     a `never-learned` row right under vanilla in the forget set's Table 1; the retain table has none
     (the reference is evaluated on the forget set only) and the figures leave it out (no retain score)."""
     import manu_core.figures as F
