@@ -106,6 +106,7 @@ def main() -> None:
             took -= args.paused[1] - args.paused[0]
     else:
         from flows.pipeline import RunConfig, SweepConfig, manu
+        from flows.plan import plan
         from manu_core.vocab import EVAL_SETS
 
         params = deployment_parameters(args.deployment)
@@ -113,9 +114,10 @@ def main() -> None:
         if args.max_profiles:
             config.setdefault("eval", {})["max_profiles"] = {s: args.max_profiles for s in EVAL_SETS}
         sweep = {**params["sweep"], "fan_out": None}  # all in this process: no work pool to fan out over
-        planned = plan_before(RunConfig(**config), SweepConfig(**sweep))  # before the run: nothing cached yet
+        run_config, sweep_config = RunConfig(**config), SweepConfig(**sweep)
+        planned = plan(run_config, sweep_config)  # `manu plan`'s count and estimate, before the run
         t0 = time.perf_counter()
-        state = manu(RunConfig(**config), SweepConfig(**sweep), return_state=True)
+        state = manu(run_config, sweep_config, return_state=True)
         took = time.perf_counter() - t0
         flow_run_id, sweep_dir = state.state_details.flow_run_id, Path(state.result())
     timing = stage_timing(flow_run_id, took, tuple(args.paused) if args.flow_run and args.paused else None)
@@ -132,13 +134,6 @@ def main() -> None:
     write_docs(args.out, Path(sweep_dir), header, timing)
     print(timing)
     print(f"{args.out / 'report.md'} ({took:.0f} s)")
-
-
-def plan_before(config, sweep):
-    """`manu plan`'s count and estimate for this sweep (flows/plan.py), made before it starts."""
-    from flows.plan import plan
-
-    return plan(config, sweep)
 
 
 def planned_beside(planned, took: float) -> str:

@@ -38,7 +38,7 @@ from manu_core.data import MLLMU_DIR, VALIDATION
 from manu_core.importance import SCORING_MODES, WEIGHT_NAMES, ImportanceParams, mode_defaults
 from manu_core.relearn import ATTACKS as RELEARN_ATTACKS, MASKS as RELEARN_MASKS, VANILLA_ATTACKED
 from manu_core.relearn import check as relearn_check
-from manu_core.vocab import EVAL_SETS, FORMS, OFFICIAL_SPLITS, did_you_mean, forget_name
+from manu_core.vocab import EVAL_SETS, FORMS, NEVER_LEARNED, OFFICIAL_SPLITS, did_you_mean, forget_name
 from tasks import reporting, stages
 from tasks.devices import quiet_library_bars
 
@@ -875,7 +875,7 @@ def _never_learned(shared: Shared) -> list:
         model = stages.never_learned_model.submit(cfg.model, shared.data)
     settings = cfg.eval.config_for(shared.model_dir)
     return [stages.evaluate.submit(model, shared.data, "forget", f, settings, cfg.eval.max_profiles.get("forget", 0),
-                                   device=cfg.device, dtype=cfg.dtype, label="never-learned", progress=False,
+                                   device=cfg.device, dtype=cfg.dtype, label=NEVER_LEARNED, progress=False,
                                    tasks=cfg.eval.tasks)
             for f in cfg.eval.forms]
 

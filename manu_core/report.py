@@ -34,7 +34,7 @@ import polars as pl
 
 from manu_core import figures as F
 from manu_core.io import atomic_file
-from manu_core.vocab import EVAL_SETS, FORMS, METRIC_LABELS, fmt_change, fmt_metric, fmt_range
+from manu_core.vocab import EVAL_SETS, FORMS, METRIC_LABELS, NEVER_LEARNED, fmt_change, fmt_metric, fmt_range
 
 RESULTS_SCHEMA = {"forget": pl.String, "method": pl.String, "family": pl.String, "alpha": pl.Float64,
                   "lr": pl.Float64, "without": pl.String, "mode": pl.String, "seed": pl.Int64, "shadows": pl.String,
@@ -51,10 +51,9 @@ def results_frame(rows: list[dict]) -> pl.DataFrame:
 
 
 FAMILY_ORDER = ("vanilla", "reference", "prompting", "ga", "grad_diff", "kl", "npo", "manu", "random", "attribution")
-# The row of the forget set's never-learned reference (family "reference": the model trained by the same
-# recipe without the forget people), right under vanilla in the forget set's tables. It is evaluated on
-# the forget set only (the run's tasks), so other sets' tables have no such row and the figures leave it out.
-NEVER_LEARNED = "never-learned"
+# Family "reference": the forget set's never-learned reference (row NEVER_LEARNED), right under vanilla in
+# the forget set's tables. It is evaluated on the forget set only (the run's tasks), so other sets' tables
+# have no such row and the figures leave it out.
 MODE_ORDER = ("paper", "released", "selective")
 
 

@@ -38,6 +38,10 @@ def fmt_metric(metric: str, v: float | None) -> str:
         return "-"
     return f"{100 * v:.1f}" if metric in PERCENT_METRICS else f"{v:.2f}"
 
+# The label of a forget set's never-learned reference (the model trained by the same recipe without the
+# forget people) wherever its scores appear: its evaluation units, the report's tables, their notes.
+NEVER_LEARNED = "never-learned"
+
 
 def fmt_change(metric: str, d: float | None) -> str:
     if d is None:

@@ -19,7 +19,7 @@ import polars as pl
 from prefect import get_run_logger
 
 from manu_core.io import atomic_dir, atomic_file, atomic_write_json
-from manu_core.vocab import forget_name
+from manu_core.vocab import NEVER_LEARNED, forget_name
 from tasks.cache import finish, stage_dir
 from tasks.stages import manu_task
 
@@ -41,16 +41,12 @@ def summary_rows(results: dict) -> list[dict]:
               "mode": run.get("mode", variant.get("mode")), "seed": run.get("seed", variant.get("seed")),
               "shadows": run.get("shadows", variant.get("shadows")), **s} for s in results["unlearned"]]
     # the forget set's never-learned reference, where the run evaluated one (its forget set only)
-    from manu_core.report import NEVER_LEARNED
-
     rows += [{"forget": forget, "method": NEVER_LEARNED, "family": "reference", **s}
              for s in (results.get("reference") or {}).get("summaries", [])]
     return rows
 
 
 def _notes(runs: list[dict], results: pl.DataFrame) -> str:
-    from manu_core.report import NEVER_LEARNED
-
     cfg = runs[0]["config"]
     ev = cfg.get("eval", {})
     scorers = ", ".join(f"`{s}`" for s in sorted(set(results["scorer"].drop_nulls().to_list())))

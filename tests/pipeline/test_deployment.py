@@ -217,7 +217,7 @@ def test_smoke_deployment_runs_on_a_real_server_and_one_field_overrides(served):
 
 @pytest.mark.postgres
 def test_the_runs_live_in_postgres(served):
-    """The server ran on PostgreSQL (a shared lab server's setup, README "A server backed by PostgreSQL"):
+    """The server ran on PostgreSQL (a shared lab server's setup, README "Prefect's server on PostgreSQL"):
     both smoke runs and their task runs are read back from Postgres itself, each task run Completed
     (computed here) or Cached, and no SQLite file was made."""
     if served.postgres is None:

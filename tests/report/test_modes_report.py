@@ -107,7 +107,7 @@ def test_the_never_learned_reference_sits_under_vanilla_in_the_forget_table_only
     a `never-learned` row right under vanilla in the forget set's Table 1; the retain table has none
     (the reference is evaluated on the forget set only) and the figures leave it out (no retain score)."""
     import manu_core.figures as F
-    from manu_core.report import NEVER_LEARNED
+    from manu_core.vocab import NEVER_LEARNED
     from tasks.reporting import summary_rows
 
     mc = [{"set": "forget", "form": f, "task": "mc", "metric": "accuracy", "scorer": "likelihood", "value": v, "n": 4}
