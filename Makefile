@@ -10,9 +10,14 @@ STAMP := $(VENV)/.manu-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist): two on CI's two cores, each file on one worker (its module fixtures,
-# e.g. one flow run shared by a file's tests, run once); each worker uses one torch thread.
-TEST_WORKERS ?= 2
+# Test processes (pytest-xdist) for `make test`: three on CI's two cores, each file on one worker (its
+# module fixtures, e.g. one flow run shared by a file's tests, run once); each worker uses one torch
+# thread. Three, not two: much of the suite waits (servers starting, workers polling, subprocesses
+# importing, a worker waiting for the preset another one trains), and the third worker fills those
+# waits (README, "Tests and benchmarks": measured side by side with two and four).
+TEST_WORKERS ?= 3
+# `make test-fast`: pure tests, CPU-bound from start to end; two workers, one per core.
+FAST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast bench clean-artifacts ui-shots
 
@@ -62,7 +67,7 @@ test: $(STAMP)
 # The pure tests: no trained model, no Prefect server (under a minute on 2 cores). No module fixture
 # is worth a whole file per worker here, so tests go to whichever worker is free (worksteal).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(FAST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py

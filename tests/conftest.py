@@ -20,9 +20,10 @@ if os.environ.get("PYTEST_XDIST_TESTRUNUID"):
     _models = Path(tempfile.gettempdir()) / f"manu-test-models-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
     _models.mkdir(exist_ok=True)
     (Path(os.environ["MANU_ARTIFACTS"]) / "models").symlink_to(_models, target_is_directory=True)
-# `make test` runs two xdist workers on two cores: each (and every process it starts, e.g. `manu run`)
-# gets one torch thread, since two processes of two threads each on two cores spin each other to a
-# crawl. Presets then train with one thread, under their own key (presets.as_trained_here).
+# `make test` runs three xdist workers on two cores (the third fills the others' waits; Makefile): each
+# (and every process it starts, e.g. `manu run`) gets one torch thread, since processes of two threads
+# each on two cores spin each other to a crawl. Presets then train with one thread, under their own key
+# (presets.as_trained_here).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -47,18 +48,18 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-# The order in which `make test`'s two workers start the files (xdist's loadfile with
+# The order in which `make test`'s workers start the files (xdist's loadfile with
 # --no-loadscope-reorder hands whole files out in collection order, each to the first worker that is
-# nearly free). First the longest file, whose first test trains `tiny` (~2 min of one core); then every
-# file with no slow test, which the other worker runs meanwhile instead of waiting for `tiny`; then
+# nearly free). First the longest file, whose first test trains `tiny` (~1 min of one core); then every
+# file with no slow test, which the other workers run meanwhile instead of waiting for `tiny`; then
 # the long files, longest first (measured with --durations), so no long file starts last and leaves
 # one worker idle at the end; then the rest, as collected. Only the order changes, never what runs.
 LONG_FILES = (
     "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_fanout.py", "pipeline/test_deployment.py",
     "pipeline/test_positive_control.py",
     "pipeline/test_comparison_flow.py", "pipeline/test_interrupts.py",
-    "pipeline/test_qwen2vl_flow.py", "pipeline/test_modes_flow.py", "pipeline/test_relearn_flow.py",
-    "pipeline/test_wheel.py", "pipeline/test_benchmark_flow.py", "pipeline/test_dask.py", "pipeline/test_preflight.py",
+    "pipeline/test_modes_flow.py", "pipeline/test_relearn_flow.py", "pipeline/test_wheel.py",
+    "pipeline/test_benchmark_flow.py", "pipeline/test_dask.py", "pipeline/test_qwen2vl_flow.py", "pipeline/test_preflight.py",
     "pipeline/test_devices.py", "pipeline/test_cache.py", "report/test_gpu_check.py",
 )
 

@@ -60,6 +60,7 @@ def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_di
     env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api, "PREFECT_UI_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1", "MANU_SLOT_CLAIM": "1", "OMP_NUM_THREADS": "1"}
     server = start_server(env, port, tmp_path / "server.log")
+    http = httpx.Client(base_url=api, timeout=30)  # one client for every poll (a new one builds an SSL context)
     workers: dict[str, subprocess.Popen] = {}
 
     def cli(*args, timeout=300) -> str:
@@ -95,8 +96,8 @@ def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_di
             parts = arts / "pipeline" / "parts"
             while True:  # B finished a part and runs another: kill it there (the worker and its parts)
                 b_runs = runs_of(log_of("B"))
-                state = {r["id"]: r["state"]["type"] for r in httpx.post(
-                    f"{api}/flow_runs/filter", json={"flow_runs": {"id": {"any_": b_runs}}}, timeout=30).json()}
+                state = {r["id"]: r["state"]["type"] for r in http.post(
+                    "/flow_runs/filter", json={"flow_runs": {"id": {"any_": b_runs}}}).json()}
                 started = {s["flow_run"]: s for s in (json.loads(p.read_text()) for p in parts.glob("*.started.json"))}
                 running = [started[r]["pid"] for r in b_runs if state.get(r) == "RUNNING" and r in started]
                 if "COMPLETED" in state.values() and running:
@@ -123,8 +124,7 @@ def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_di
         start_worker("A", 2)
         _, took = run_sweep(wait_for_kill=True)
 
-        part_runs = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": ["manu-part"]}}},
-                               timeout=30).json()
+        part_runs = http.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["manu-part"]}}}).json()
         states = {r["id"]: r["state"]["type"] for r in part_runs}
         done_by = {w: [r for r in runs_of(log_of(w)) if states.get(r) == "COMPLETED"] for w in ("A", "B")}
         crashed = [r for r, s in states.items() if s == "CRASHED"]
@@ -143,7 +143,7 @@ def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_di
         # sweep made exactly the folders one flow run makes, and the same comparison bytes
         out, _ = run_sweep(wait_for_kill=False, fan_out=None)
         single = re.search(r"flow-run/([0-9a-f-]{36})", out).group(1)
-        tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [single]}}}, timeout=30).json()
+        tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [single]}}}).json()
         names = {t["name"] for t in tasks}
         assert any(n.startswith("comparison") for n in names), names
         assert {t["state"]["name"] for t in tasks} == {"Cached"}, sorted(
@@ -152,6 +152,7 @@ def test_a_sweep_fans_out_over_two_workers_and_survives_losing_one(tiny_model_di
         assert len(comparisons) == 1
 
     finally:
+        http.close()
         for w in workers.values():
             if w.poll() is None:
                 os.killpg(w.pid, signal.SIGINT)

@@ -1,9 +1,11 @@
 """A `manu` process interrupted (Ctrl-C) or killed mid-run: it stops cleanly, and the rerun resumes
 from the cache to an uninterrupted run's results.
 
-One test, three processes of the same `manu run` command (each starts its own temporary Prefect
-server, the expensive part): Ctrl-C during extraction, then SIGKILL during the next extraction, then
-the run to the end."""
+One test, three processes of the same `manu run` command: Ctrl-C during extraction, then SIGKILL during
+the next extraction, then the run to the end. The first starts its own temporary Prefect server, as
+`manu run` does, which the Ctrl-C must take down too; the other two use the test's server
+(PREFECT_API_URL), since what they check lives in the artifacts folder, and a temporary server costs
+each process seconds of CPU."""
 
 import pytest
 
@@ -30,6 +32,8 @@ def test_ctrl_c_and_a_kill_mid_extraction_stop_manu_run_and_the_rerun_resumes(ti
     import time
     from pathlib import Path
 
+    from prefect.settings import PREFECT_API_URL
+
     from tasks.cache import pipeline_dir
 
     caps = ",".join(f"{k}={v}" for k, v in CAPS.items())
@@ -41,7 +45,9 @@ def test_ctrl_c_and_a_kill_mid_extraction_stop_manu_run_and_the_rerun_resumes(ti
     def unfinished() -> set[Path]:
         return set((arts / "pipeline" / "extract").glob("*/.activations.*.tmp"))
 
-    def start_and_stop_in_extraction(sig: int) -> tuple[subprocess.Popen, str, float]:
+    served = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's server
+
+    def start_and_stop_in_extraction(sig: int, env: dict) -> tuple[subprocess.Popen, str, float]:
         """Start the command in its own process group; once a new extraction folder appears, send
         `sig` to the group. (Its own group: also when an assertion fails, the kill below takes the
         flow and the server it started, and leaves nothing behind.)"""
@@ -69,7 +75,7 @@ def test_ctrl_c_and_a_kill_mid_extraction_stop_manu_run_and_the_rerun_resumes(ti
             proc.wait()
 
     # 1. Ctrl-C
-    proc, output, took = start_and_stop_in_extraction(signal.SIGINT)
+    proc, output, took = start_and_stop_in_extraction(signal.SIGINT, env)
     assert took < 15 and proc.returncode == 130, (proc.returncode, output[-3000:])
     assert "interrupted: finished steps are cached" in output and "run the same command again" in output
     deadline = time.time() + 5  # the temporary server's own SIGINT shutdown
@@ -78,12 +84,12 @@ def test_ctrl_c_and_a_kill_mid_extraction_stop_manu_run_and_the_rerun_resumes(ti
     assert not live_in_group(proc.pid), "a process of the interrupted run is still alive"
 
     # 2. SIGKILL: no handler runs, so the unfinished extraction folder stays
-    proc, output, _ = start_and_stop_in_extraction(signal.SIGKILL)
+    proc, output, _ = start_and_stop_in_extraction(signal.SIGKILL, served)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, output[-3000:])
     assert unfinished(), "the kill left no unfinished extraction folder to clean"
 
     # 3. The same command, to the end
-    out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, env=served, cwd=repo, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     log = out.stdout + out.stderr
     for name in ("prepare_data", "vanilla_model"):
