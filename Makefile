@@ -33,9 +33,11 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	fi
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
 	@# the rest through uv, with the same pins (parallel downloads: ~10 s where pip takes ~80 s); pip where
-	@# uv cannot be installed or fails
+	@# uv cannot be installed or fails. --compile-bytecode: uv writes no .pyc files (pip does), and where
+	@# PYTHONDONTWRITEBYTECODE is set (as on CI) no import writes them either, so every process would
+	@# compile transformers and prefect from source again: ~5 s of CPU each (README, "Tests and benchmarks")
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt uv \
-		&& $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[test]" \
+		&& $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[test]" \
 		|| $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
