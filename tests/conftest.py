@@ -53,12 +53,13 @@ def pytest_ignore_collect(collection_path, config):
 # nearly free). First the longest file, whose first test trains `tiny` (~1 min of one core); then every
 # file with no slow test, which the other workers run meanwhile instead of waiting for `tiny`; then
 # the long files, longest first (measured with --durations), so no long file starts last and leaves
-# one worker idle at the end; then the rest, as collected. Only the order changes, never what runs.
+# a worker idle at the end, except that the two that train presets of their own (test_models.py's
+# tiny-idefics2, the positive control's tiny-planted) come first, while `tiny` is still training; then
+# the rest, as collected. Only the order changes, never what runs.
 LONG_FILES = (
-    "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_fanout.py", "pipeline/test_deployment.py",
-    "pipeline/test_positive_control.py",
-    "pipeline/test_comparison_flow.py", "pipeline/test_interrupts.py",
-    "pipeline/test_modes_flow.py", "pipeline/test_relearn_flow.py", "pipeline/test_wheel.py",
+    "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_positive_control.py", "pipeline/test_fanout.py",
+    "pipeline/test_deployment.py", "pipeline/test_comparison_flow.py", "pipeline/test_modes_flow.py",
+    "pipeline/test_relearn_flow.py", "pipeline/test_interrupts.py", "pipeline/test_wheel.py",
     "pipeline/test_benchmark_flow.py", "pipeline/test_dask.py", "pipeline/test_qwen2vl_flow.py", "pipeline/test_preflight.py",
     "pipeline/test_devices.py", "pipeline/test_cache.py", "report/test_gpu_check.py",
 )
