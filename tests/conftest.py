@@ -14,7 +14,7 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="manu-test-hf-datasets
 # Tests never write into the checkout's artifacts/: one folder per test session (per xdist worker).
 os.environ["MANU_ARTIFACTS"] = tempfile.mkdtemp(prefix="manu-test-artifacts-")
 # ... except the trained presets, shared by the workers of one run: `presets.resolve_model` trains a
-# preset once under a lock and the other worker takes that model (the tiny preset is ~2 min of one
+# preset once under a lock and the other workers take that model (the tiny preset is ~1 min of one
 # core: trained once instead of once per worker).
 if os.environ.get("PYTEST_XDIST_TESTRUNUID"):
     _models = Path(tempfile.gettempdir()) / f"manu-test-models-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
@@ -84,7 +84,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    """The trained vanilla model of the `tiny` preset (trained once per test run, ~2 min on one thread)."""
+    """The trained vanilla model of the `tiny` preset (trained once per test run, ~1 min on one thread)."""
     from manu_core.presets import resolve_model
     from tasks.cache import models_dir
 
