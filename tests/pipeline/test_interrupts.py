@@ -47,12 +47,12 @@ def test_ctrl_c_and_a_kill_mid_extraction_stop_manu_run_and_the_rerun_resumes(ti
 
     served = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's server
 
-    def start_and_stop_in_extraction(sig: int, env: dict) -> tuple[subprocess.Popen, str, float]:
+    def start_and_stop_in_extraction(sig: int, run_env: dict) -> tuple[subprocess.Popen, str, float]:
         """Start the command in its own process group; once a new extraction folder appears, send
         `sig` to the group. (Its own group: also when an assertion fails, the kill below takes the
         flow and the server it started, and leaves nothing behind.)"""
         before = unfinished()
-        proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(cmd, env=run_env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
             deadline = time.time() + 300
