@@ -5,7 +5,9 @@
 
 The plan counts, per stage, the task runs and the work in them: models unlearned, extractions and
 their samples, evaluation units and their questions per task (after the caps), trainings (the
-baselines, the never-learned references, which are also NPO's) and logit lenses. A two-phase sweep counts
+baselines, the never-learned references, which are also NPO's, and an embedded preset's vanilla model
+where the models folder does not hold them trained yet: those it holds are listed, not counted) and
+logit lenses. A two-phase sweep counts
 phase one exactly and phase two at one setting per curve, the rule's choice (a random control beside
 its MANU variant; both at most twice when the rule picks different strengths). The estimate multiplies
 that work by per-unit costs measured on this machine class (`bench/stage_costs.json`, written by
@@ -25,6 +27,7 @@ from typing import Optional
 
 from flows.pipeline import (METHODS, RunConfig, SweepConfig, _kept, _phase_one, curve_of, reporting)
 from manu_core.data import VALIDATION
+from manu_core.presets import resolve_model, resolve_reference
 
 COSTS = Path(__file__).resolve().parents[1] / "bench" / "stage_costs.json"
 
@@ -39,6 +42,7 @@ class Plan:
     seconds: dict[str, Optional[float]] = field(default_factory=dict)
     machine: str = ""
     costs_from: str = ""
+    trained: list[str] = field(default_factory=list)  # embedded models already trained: on disk, not counted
 
     def add(self, stage: str, runs: int = 1, **units: float) -> None:
         self.runs[stage] += runs
@@ -92,6 +96,18 @@ def _stream_samples(spec: dict) -> int:
     return sum(len(v) for v in streams.values())
 
 
+def _trained(resolve) -> bool:
+    """Whether `resolve(models)` finds an embedded model already trained in the pipeline's models folder."""
+    from manu_core.models import ModelError
+    from tasks.cache import models_dir
+
+    try:
+        resolve(models_dir())
+    except ModelError:
+        return False
+    return True
+
+
 def _evaluations(plan: Plan, items: dict, models: int, stage: str = "evaluate") -> None:
     per_task = Counter()
     for (_, form, task), n in items.items():  # image+text questions cost more than text-only ones
@@ -128,7 +144,10 @@ def _split(plan: Plan, config: RunConfig, sweep: Optional[SweepConfig], forget, 
     npo_ref = "npo" in {m for m, _ in variants} and not config.reference and preset is not None
     judged = preset is not None and (config.never_learned == "train" or (config.never_learned == "auto" and preset.plant))
     if (npo_ref or judged) and not preset.plant:
-        plan.add("preset training", 1, **{"never-learned reference": 1})
+        if _trained(lambda models: resolve_reference(preset.name, forget, models=models, progress=False, train=False)):
+            plan.trained.append(f"the never-learned reference of {forget if isinstance(forget, str) else ', '.join(forget)}")
+        else:
+            plan.add("preset training", 1, **{"never-learned reference": 1})
     if judged:
         _evaluations(plan, {k: n for k, n in items.items() if k[0] == "forget"}, 1)
     if phase != 1:
@@ -142,6 +161,12 @@ def plan(config: RunConfig, sweep: Optional[SweepConfig] = None, method: str = "
          costs: Optional[dict] = None) -> Plan:
     """The work `manu(config, sweep, method)` will do, and its estimate on this machine class."""
     out = Plan(machine=machine_class(config.device))
+    preset = config.preset()
+    if preset is not None:
+        if _trained(lambda models: resolve_model(preset.name, models=models, progress=False, train=False)):
+            out.trained.append(f"the vanilla {preset.name}")
+        else:
+            out.add("preset training", 1, vanilla=1)
     splits = [config.data_spec()["forget"]] if sweep is None else sweep.forget_splits
     methods = [method] if sweep is None else sweep.methods
     if sweep is not None and sweep.two_phase and VALIDATION in splits and len(splits) > 1:
@@ -208,6 +233,8 @@ def plan_markdown(plan: Plan, title: str = "") -> str:
               + (" (model stages one after another on one device slot)" if total is not None else "")
               + f"; {where}."]
     lines += [f"- {n}" for n in plan.notes]
+    if plan.trained:
+        lines.append(f"- already trained, so not counted: {', '.join(plan.trained)} (artifacts/models)")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ from manu_core.data import EvalItem
 from manu_core.io import atomic_file, atomic_write_json
 from manu_core.judge import Judge, make_judge
 from manu_core.portraits import image_for
-from manu_core.prompts import build_prompt, encode, model_inputs
+from manu_core.prompts import build_prompt, encode, end_of_answer, model_inputs
 from manu_core.scoring import LETTERS, cloze_correct, cloze_prompt, extract_letter, gen_prompt, mc_prompt, rouge_l
 from manu_core.vocab import EVAL_SETS, fmt_change, fmt_metric
 
@@ -193,33 +193,95 @@ def option_logprobs(
     mean log-probability of the tokens from the first token where the completed answers differ to
     the end of the answer: the shared prefix, identical for all options, is left out so it neither
     dilutes nor favours any option.
+
+    The question is read once per item, not once per option: one forward over the batch's prompts
+    (image included, left-padded) keeps their KV cache, which is repeated for each item's options,
+    and a second forward reads only the options' answer tokens after it (`_continuation_positions`).
+    The scores are those of a forward over each whole prompt + answer, to float rounding
+    (tests/eval/test_mc_prefix.py checks it on every architecture).
     """
     scores: dict[str, list[float]] = {}
     bar = progress_bar(total=len(items), desc="multiple choice", disable=not progress, unit="q")
     for group in _by_form(items):
         for chunk in _chunks(group, batch_size):
-            prompts, ims, answers = [], [], []
+            prompts = [build_prompt(processor, it.question, image=it.image is not None, system=system) for it in chunk]
+            ims = [images(it.image) if it.image else None for it in chunk]
+            rows = [i for i, it in enumerate(chunk) for _ in it.options]  # item of each option row
+            answers = [it.cloze_answer.replace("__", opt) if "__" in it.cloze_answer else opt
+                       for it in chunk for opt in it.options]
+            ids, mask = _answer_tokens(processor, [prompts[i] for i in rows], answers)
+            tok_lp = _answer_logprobs(model, encode(processor, prompts, ims, padding_side="left"), rows, ids, mask,
+                                      device)
+            start = 0
             for it in chunk:
-                p = build_prompt(processor, it.question, image=it.image is not None, system=system)
-                im = images(it.image) if it.image else None
-                for opt in it.options:
-                    prompts.append(p)
-                    ims.append(im)
-                    answers.append(it.cloze_answer.replace("__", opt) if "__" in it.cloze_answer else opt)
-            enc = encode(processor, prompts, ims, answers)
-            logits = model(**model_inputs(enc, device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1)
-            target = enc["input_ids"][:, 1:].to(device)
-            tok_lp = logp.gather(-1, target[..., None])[..., 0]  # (B*4, T-1)
-            mask = enc["answer_mask"][:, 1:].to(device)
-            start_row = 0
-            for it in chunk:
-                rows = slice(start_row, start_row + len(it.options))
-                start_row += len(it.options)
-                scores[it.item_id] = span_mean_logprobs(target[rows], mask[rows], tok_lp[rows])
+                span = slice(start, start + len(it.options))
+                start += len(it.options)
+                scores[it.item_id] = span_mean_logprobs(ids[span], mask[span], tok_lp[span])
             bar.update(len(chunk))
     bar.close()
     return scores
+
+
+def _answer_tokens(processor, prompts: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's answer tokens as `encode` tokenises them after the prompt (end of turn included),
+    right-padded: (ids, mask), both (rows, longest answer). The tokenizer alone, without the images:
+    a prompt's image placeholders are special tokens before its question, so what follows them, and
+    the answer, tokenises the same whether or not the processor expands them."""
+    tok = processor.tokenizer
+    heads = tok(sorted(set(prompts)))["input_ids"]
+    head = dict(zip(sorted(set(prompts)), heads))
+    spans = []
+    texts = [f"{p} {a}{end_of_answer(processor)}" for p, a in zip(prompts, answers)]  # as `encode` writes them
+    for p, full in zip(prompts, tok(texts)["input_ids"]):
+        h = head[p]
+        assert full[: len(h)] == h, "prompt does not tokenise to a prefix of prompt + answer"
+        spans.append(full[len(h):])
+    width = max(len(s) for s in spans)
+    ids = torch.zeros(len(spans), width, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.bool)
+    for r, s in enumerate(spans):
+        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), True
+    return ids, mask
+
+
+def _answer_logprobs(model, prompt_enc: dict, rows: list[int], ids: torch.Tensor, mask: torch.Tensor,
+                     device) -> torch.Tensor:
+    """log P(answer token | prompt, earlier answer tokens) for each option row: (rows, answer width).
+    The prompts' forward is cached and its cache repeated per row (`rows`: the prompt of each row)."""
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "rope_deltas"):  # M-RoPE: the offsets of this batch's prompts, none left from another
+        inner.rope_deltas = None
+    out = model(**model_inputs(prompt_enc, device), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)  # left padding: every prompt's last token
+    cache = out.cache
+    index = torch.tensor(rows, device=first.device)
+    cache.reorder_cache(index)
+    attention = torch.cat([prompt_enc["attention_mask"][rows].bool(), mask], 1).long()
+    more = model(input_ids=ids.to(device), attention_mask=attention.to(device), cache=cache, use_cache=False,
+                 position_ids=_continuation_positions(model, prompt_enc["attention_mask"].sum(1), ids.shape[1], index))
+    later = torch.log_softmax(more.logits[:, :-1].float(), -1)  # answer token t + 1 from token t
+    targets = ids.to(first.device)
+    return torch.cat([first[index].gather(-1, targets[:, :1]), later.gather(-1, targets[:, 1:, None])[..., 0]], 1)
+
+
+def _continuation_positions(model, prompt_lengths: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor | None:
+    """Position ids of `n` tokens appended to a cached, left-padded batch of prompts (`prompt_lengths`
+    real tokens each; `rows`: the prompt of each appended row). With 1-D rotary positions the model's
+    default (the padded width onwards) is right: left padding shifts all of a row's positions alike,
+    and rotary attention sees only their differences. M-RoPE (Qwen2-VL) keeps each prompt's offset
+    from its image grid (`rope_deltas`, counted from the unpadded length, as generation uses them);
+    text after the prompt has the same position on its three axes."""
+    deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    if deltas is None:
+        return None
+    rows = rows.to(deltas.device)
+    pos = prompt_lengths.to(deltas.device)[rows, None] + deltas[rows] + torch.arange(n, device=deltas.device)[None, :]
+    return pos[None].expand(3, -1, -1)
+
+
+def mc_batch_size(config: "EvalConfig") -> int:
+    """Questions per likelihood multiple-choice batch: a quarter of `batch_size` (four option rows each)."""
+    return max(1, config.batch_size // 4)
 
 
 def span_mean_logprobs(ids: torch.Tensor, mask: torch.Tensor, tok_lp: torch.Tensor) -> list[float]:
@@ -382,7 +444,7 @@ class _Scorer:
     def __call__(self, task: str, chunk: Sequence[EvalItem]) -> list[dict]:
         cfg = self.config
         if task == "mc" and cfg.mc_scorer == "likelihood":
-            scores = option_logprobs(self.model, self.processor, chunk, batch_size=max(1, cfg.batch_size // 4),
+            scores = option_logprobs(self.model, self.processor, chunk, batch_size=mc_batch_size(cfg),
                                      device=self.device, system=cfg.system, images=self.images, progress=False)
             rows = []
             for it in chunk:

@@ -48,3 +48,25 @@ def test_a_deployment_is_planned_with_its_parameters():
     assert cfg.model == "lite" and sweep is not None and "validation" in sweep.forget_splits
     with pytest.raises(ValueError, match="no deployment 'full-swep' in prefect.yaml. Did you mean 'full-sweep'?"):
         deployment_parameters("full-swep")
+
+
+def test_embedded_models_are_counted_until_they_are_trained(tmp_path, monkeypatch):
+    from manu_core.presets import PRESETS, as_trained_here, reference_preset
+
+    monkeypatch.setenv("MANU_ARTIFACTS", str(tmp_path))  # an empty models folder: nothing trained yet
+    cfg = RunConfig(model="tiny", never_learned="train", eval={"sets": ["forget"]})
+    forget = ["093", "279", "303"]
+    sweep = SweepConfig(forget_splits=["validation", forget], scorings=["paper"], alphas=[0.1], random_seeds=[0],
+                        ablations=False, methods=["manu"])
+    cold = plan(cfg, sweep)
+    # the vanilla, and the reported split's reference (phase one, on validation, judges against none)
+    assert cold.runs["preset training"] == 2 and not cold.trained
+    assert cold.work["preset training"] == {"vanilla": 1, "never-learned reference": 1}
+    for p in (as_trained_here(PRESETS["tiny"]), reference_preset(as_trained_here(PRESETS["tiny"]), forget)):
+        (tmp_path / "models" / f"{p.name}-{p.key()}").mkdir(parents=True)
+        (tmp_path / "models" / f"{p.name}-{p.key()}" / "manu_preset.json").write_text("{}")
+    warm = plan(cfg, sweep)
+    assert warm.runs["preset training"] == 0 and "preset training" not in warm.work
+    assert warm.trained == ["the vanilla tiny", "the never-learned reference of 093, 279, 303"]
+    assert "already trained, so not counted: the vanilla tiny, the never-learned reference of 093, 279, 303" in \
+        plan_markdown(warm)
