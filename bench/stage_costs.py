@@ -4,7 +4,9 @@
 
 In one process, with the torch threads the pipeline's model tasks get here, on the preset's default
 forget set: an evaluation of each task (multiple choice, generation, cloze) in each form, with the
-pipeline's evaluation settings (seconds per question), an extraction of the four streams
+pipeline's evaluation settings (seconds per question), on the trained model and on a stand-in for an
+unlearned one (10 % of its language MLP units zeroed: it answers at length, as unlearned models do),
+the cost of running a task at all (a cached Prefect task that does nothing, per run), an extraction of the four streams
 (seconds per sample), a gradient-ascent baseline as a sweep trains it (seconds per run), a logit lens
 (per run), an attribution pass (per run), a pruned model saved and loaded back (per unlearned model),
 and the preset's training time from its manu_preset.json (measured when it was trained, on this
@@ -24,6 +26,55 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+PROBE_RUNS = 40
+
+
+def task_overhead(n: int = PROBE_RUNS, settle_s: float = 5.0) -> float:
+    """What running one task costs a sweep beyond its work, in wall seconds on this machine: the CPU
+    time that runs of a task that does nothing take, in this process and its children (the temporary
+    Prefect server a sweep without PREFECT_API_URL starts, as `docs/make_example.py` runs it, records
+    their states after the client has moved on), divided by the torch threads the model stages keep
+    busy, whose work that CPU time displaces. The task is decorated as the pipeline's are (`manu_task`:
+    cache key, persisted JSON result, key lock); the runs go one after another in a flow, then the
+    server gets `settle_s` to catch up."""
+    import psutil
+    import torch
+    from prefect import flow
+
+    from tasks.stages import manu_task
+
+    me = psutil.Process()
+
+    def cpu() -> float:
+        total = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    @manu_task(name="stage-costs-probe")
+    def probe(i: int, salt: str) -> str:
+        return f"{salt}/{i}"
+
+    @flow(name="stage-costs-probe")
+    def probe_flow(salt: str) -> float:
+        probe(-1, salt)  # the first run pays for the flow's setup
+        time.sleep(settle_s)
+        idle0 = cpu()
+        time.sleep(settle_s)
+        idle = cpu() - idle0  # what the server spends doing nothing, per settle_s
+        c0 = cpu()
+        for i in range(n):
+            probe(i, salt)
+        time.sleep(settle_s)
+        return (cpu() - c0 - idle) / n / torch.get_num_threads()
+
+    return probe_flow(f"{time.time_ns()}")  # a new salt: every run misses the cache, as a cold sweep's do
 
 
 def main() -> None:
@@ -46,6 +97,7 @@ def main() -> None:
     from manu_core.lens import lens_table
     from manu_core.models import load_model, save_model
     from manu_core.presets import get_preset, preset_dataset, resolve_model
+    from bench.bench_eval import damaged
     from tasks.cache import models_dir
 
     preset = get_preset(args.preset)
@@ -60,13 +112,22 @@ def main() -> None:
         print(f"{key:<22} {value:9.4f} s  {what}", flush=True)
 
     settings = EvalSettings().config_for(str(model_dir))
-    for form in ("multimodal", "text"):  # an image+text question carries the image's tokens
-        items = [it for it in mdata.eval_items(ds) if it.set == "forget" and it.form == form]
-        for task in ("mc", "gen", "cloze"):
-            mine = [it for it in items if it.task == task][: args.questions or None]
-            t0 = time.perf_counter()
-            evaluate_unit(model, processor, mine, tmp / f"eval-{task}-{form}", EvalConfig(**settings), progress=False)
-            note(f"evaluate/{task}/{form}", (time.perf_counter() - t0) / len(mine), f"per question ({len(mine)} timed)")
+    # A trained model stops after its short answer; an unlearned one often writes to the budget, and
+    # generation costs per token. The stand-in for an unlearned model: a copy with 10 % of its language
+    # MLP units zeroed at random (seeded; the sweep's smallest alpha), as bench/bench_eval.py damages one.
+    standin = damaged(load_model(model_dir)[0], 0.1)
+    for name, m, suffix in (("trained", model, ""), ("unlearned stand-in", standin, "/unlearned")):
+        for form in ("multimodal", "text"):  # an image+text question carries the image's tokens
+            items = [it for it in mdata.eval_items(ds) if it.set == "forget" and it.form == form]
+            for task in ("mc", "gen", "cloze"):
+                mine = [it for it in items if it.task == task][: args.questions or None]
+                t0 = time.perf_counter()
+                evaluate_unit(m, processor, mine, tmp / f"eval-{task}-{form}{suffix.replace('/', '-')}",
+                              EvalConfig(**settings), progress=False)
+                note(f"evaluate/{task}/{form}{suffix}", (time.perf_counter() - t0) / len(mine),
+                     f"per question ({len(mine)} timed, {name})")
+    note("task/run", task_overhead(), "per task run (the CPU time of a Prefect task that does nothing, "
+                                      f"client and server, over the torch threads; {PROBE_RUNS} runs)")
     streams = build_streams(ds)
     n = sum(len(v) for v in streams.values())
     t0 = time.perf_counter()

@@ -108,11 +108,14 @@ def _trained(resolve) -> bool:
     return True
 
 
-def _evaluations(plan: Plan, items: dict, models: int, stage: str = "evaluate") -> None:
+def _evaluations(plan: Plan, items: dict, models: int, stage: str = "evaluate", *, unlearned: int = 0) -> None:
+    """`models` trained models and `unlearned` unlearned ones, each answering `items`. Counted apart:
+    an unlearned model often answers at length where a trained one stops, and generation costs per token."""
     per_task = Counter()
     for (_, form, task), n in items.items():  # image+text questions cost more than text-only ones
         per_task[f"{task} questions ({form})"] += n * models
-    units = len({(s, f) for s, f, _ in items}) * models
+        per_task[f"{task} questions ({form}, unlearned)"] += n * unlearned
+    units = len({(s, f) for s, f, _ in items}) * (models + unlearned)
     plan.add(stage, units, **per_task)
 
 
@@ -129,7 +132,7 @@ def _split(plan: Plan, config: RunConfig, sweep: Optional[SweepConfig], forget, 
     items = _items(config, forget)
     spec = config.data_spec(forget)
     n_samples = _stream_samples(spec)
-    _evaluations(plan, items, 1 + len(variants))  # the vanilla model and each variant
+    _evaluations(plan, items, 1, unlearned=len(variants))  # the vanilla model and each variant
     if any(METHODS[m].needs_activations for m, _ in variants):
         plan.add("extract", 1, samples=n_samples)
     plan.add("unlearned models", len(variants))
@@ -183,6 +186,8 @@ def plan(config: RunConfig, sweep: Optional[SweepConfig] = None, method: str = "
     return out
 
 
+ORCHESTRATION = "orchestration"  # the plan's row for the cost of running the tasks themselves
+
 # The cost key of each stage measured per task run (bench/stage_costs.py).
 PER_RUN = {"baseline training": "baseline/run", "preset training": "preset/train", "logit lens": "lens/run",
            "unlearned models": "prune/run", "attribution": "attribution/run", "relearning": "relearn/run"}
@@ -200,16 +205,33 @@ def estimate(plan: Plan, config: RunConfig, costs: Optional[dict] = None) -> Non
     plan.costs_from = entry.get("measured", "") if entry else ""
     c = (entry or {}).get("seconds", {})
     for stage, work in plan.work.items():
+        if stage == ORCHESTRATION:
+            continue
         if not c:
             plan.seconds[stage] = None
         elif stage == "evaluate":
-            plan.seconds[stage] = sum(n * c[f"evaluate/{k.split()[0]}/{k.split('(')[1].rstrip(')')}"]
-                                      for k, n in work.items())
+            plan.seconds[stage] = sum(n * _question_cost(c, k) for k, n in work.items())
         elif stage == "extract":
             plan.seconds[stage] = work["samples"] * c["extract/sample"]
         else:  # a cost per task run; one not measured (relearning) leaves the stage, and the total, unknown
             cost = c.get(PER_RUN[stage])
             plan.seconds[stage] = None if cost is None else plan.runs[stage] * cost
+    plan.work.pop(ORCHESTRATION, None)
+    plan.seconds.pop(ORCHESTRATION, None)
+    if c.get("task/run") is not None and plan.work:  # what running a task costs beyond its work
+        # the counted task runs, and a selection or training step beside each unlearned model's results
+        runs = sum(n for s, n in plan.runs.items() if s != ORCHESTRATION) + plan.runs["unlearned models"]
+        plan.work[ORCHESTRATION] = Counter({"task runs (Prefect states, cache keys, result files)": runs})
+        plan.seconds[ORCHESTRATION] = runs * c["task/run"]
+
+
+def _question_cost(c: dict, work: str) -> float:
+    """Seconds per question of an evaluation work key, "gen questions (multimodal, unlearned)": the cost
+    measured on an unlearned stand-in where there is one (else the trained model's)."""
+    task, inside = work.split()[0], work.split("(")[1].rstrip(")")
+    form, _, unlearned = inside.partition(", ")
+    trained = c[f"evaluate/{task}/{form}"]
+    return c.get(f"evaluate/{task}/{form}/unlearned", trained) if unlearned else trained
 
 
 def _fmt(s: Optional[float]) -> str:
@@ -224,7 +246,8 @@ def plan_markdown(plan: Plan, title: str = "") -> str:
              "| stage | task runs | work | estimate |", "|---|---|---|---|"]
     for stage, work in plan.work.items():
         desc = ", ".join(f"{n:,} {k}" for k, n in sorted(work.items())) or "-"
-        lines.append(f"| {stage} | {plan.runs[stage]:,} | {desc} | {_fmt(plan.seconds.get(stage))} |")
+        runs = "-" if stage == ORCHESTRATION else f"{plan.runs[stage]:,}"  # its runs are the other rows'
+        lines.append(f"| {stage} | {runs} | {desc} | {_fmt(plan.seconds.get(stage))} |")
     total = plan.total
     where = (f"costs measured on {plan.machine} ({plan.costs_from}; bench/stage_costs.py)" if plan.costs_from else
              f"no costs measured for {plan.machine} and this model: run bench/stage_costs.py (a CPU) or "

@@ -26,7 +26,10 @@ def test_a_two_phase_sweep_is_counted_phase_by_phase():
     # phase two: vanilla + 1 manu + 2 random (its control) + 1 ga on the reported split, every task
     assert p.runs["unlearned models"] == 8 + 4 and p.runs["evaluate"] == 9 * 4 + 5 * 4
     assert p.runs["baseline training"] == 3 and p.runs["extract"] == 2 and p.runs["logit lens"] == 3  # phase two: vanilla, manu, ga (no lens for random)
-    assert set(p.work["evaluate"]) == {f"{t} questions ({f})" for t in ("mc", "gen", "cloze") for f in ("multimodal", "text")}
+    assert set(p.work["evaluate"]) == {f"{t} questions ({f}{u})" for t in ("mc", "gen", "cloze")
+                                       for f in ("multimodal", "text") for u in ("", ", unlearned")}
+    # the vanilla model's questions apart from the unlearned models': phase two, 1 vanilla and 4 variants alike
+    assert p.work["evaluate"]["gen questions (text, unlearned)"] == 4 * p.work["evaluate"]["gen questions (text)"]
     one = plan(cfg, sweep.model_copy(update={"two_phase": False}))
     assert one.runs["evaluate"] == 2 * 9 * 4 and one.runs["evaluate"] > p.runs["evaluate"]
 
@@ -37,10 +40,21 @@ def test_the_estimate_is_the_work_times_the_measured_costs_or_unknown():
     assert p.total is None and "unknown" in plan_markdown(p) and "run bench/stage_costs.py" in plan_markdown(p)
     estimate(p, cfg, {p.machine: {"tiny": COSTS}})
     c, w = COSTS["seconds"], p.work["evaluate"]
-    assert p.seconds["evaluate"] == pytest.approx(sum(n * c[f"evaluate/{k.split()[0]}/{k.split('(')[1][:-1]}"]
+    # no cost measured on an unlearned stand-in: its questions cost what the trained model's do
+    assert p.seconds["evaluate"] == pytest.approx(sum(n * c[f"evaluate/{k.split()[0]}/{k.split('(')[1].split(',')[0].rstrip(')')}"]
                                                       for k, n in w.items()))
     assert p.seconds["baseline training"] == 3 * 30.0 and p.total == pytest.approx(sum(p.seconds.values()))
     assert "Estimated wall time: **" in plan_markdown(p) and "a test's costs" in plan_markdown(p)
+    assert "orchestration" not in p.seconds  # no per-run cost measured
+    # measured: an unlearned model's questions at their own cost, and every task run at the cost of running one
+    unlearned = {k + "/unlearned": 3 * v for k, v in c.items() if k.startswith("evaluate/")}
+    estimate(p, cfg, {p.machine: {"tiny": {**COSTS, "seconds": {**c, **unlearned, "task/run": 0.5}}}})
+    assert p.seconds["evaluate"] == pytest.approx(sum(n * c[f"evaluate/{k.split()[0]}/{k.split('(')[1].split(',')[0].rstrip(')')}"]
+                                                      * (3 if "unlearned" in k else 1) for k, n in w.items()))
+    runs = sum(n for s, n in p.runs.items() if s != "orchestration") + p.runs["unlearned models"]
+    assert p.seconds["orchestration"] == pytest.approx(0.5 * runs) and p.total == pytest.approx(sum(p.seconds.values()))
+    estimate(p, cfg, {p.machine: {"tiny": COSTS}})  # estimated again: no orchestration row left from before
+    assert "orchestration" not in p.seconds and "orchestration" not in p.work
 
 
 def test_a_deployment_is_planned_with_its_parameters():
