@@ -116,11 +116,11 @@ def main() -> None:
     # generation costs per token. The stand-in for an unlearned model: a copy with 10 % of its language
     # MLP units zeroed at random (seeded; the sweep's smallest alpha), as bench/bench_eval.py damages one.
     standin = damaged(load_model(model_dir)[0], 0.1)
+    forget_items = [it for it in mdata.eval_items(ds) if it.set == "forget"]
     for name, m, suffix in (("trained", model, ""), ("unlearned stand-in", standin, "/unlearned")):
         for form in ("multimodal", "text"):  # an image+text question carries the image's tokens
-            items = [it for it in mdata.eval_items(ds) if it.set == "forget" and it.form == form]
             for task in ("mc", "gen", "cloze"):
-                mine = [it for it in items if it.task == task][: args.questions or None]
+                mine = [it for it in forget_items if it.form == form and it.task == task][: args.questions or None]
                 t0 = time.perf_counter()
                 evaluate_unit(m, processor, mine, tmp / f"eval-{task}-{form}{suffix.replace('/', '-')}",
                               EvalConfig(**settings), progress=False)

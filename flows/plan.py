@@ -28,6 +28,7 @@ from typing import Optional
 from flows.pipeline import (METHODS, RunConfig, SweepConfig, _kept, _phase_one, curve_of, reporting)
 from manu_core.data import VALIDATION
 from manu_core.presets import resolve_model, resolve_reference
+from manu_core.vocab import forget_name
 
 COSTS = Path(__file__).resolve().parents[1] / "bench" / "stage_costs.json"
 
@@ -148,7 +149,7 @@ def _split(plan: Plan, config: RunConfig, sweep: Optional[SweepConfig], forget, 
     judged = preset is not None and (config.never_learned == "train" or (config.never_learned == "auto" and preset.plant))
     if (npo_ref or judged) and not preset.plant:
         if _trained(lambda models: resolve_reference(preset.name, forget, models=models, progress=False, train=False)):
-            plan.trained.append(f"the never-learned reference of {forget if isinstance(forget, str) else ', '.join(forget)}")
+            plan.trained.append(f"the never-learned reference of {forget_name(forget)}")
         else:
             plan.add("preset training", 1, **{"never-learned reference": 1})
     if judged:
@@ -204,9 +205,9 @@ def estimate(plan: Plan, config: RunConfig, costs: Optional[dict] = None) -> Non
     entry = costs.get(plan.machine, {}).get(preset.name if preset else "") if preset else None
     plan.costs_from = entry.get("measured", "") if entry else ""
     c = (entry or {}).get("seconds", {})
+    plan.work.pop(ORCHESTRATION, None)  # estimated again: its row is recounted below
+    plan.seconds.pop(ORCHESTRATION, None)
     for stage, work in plan.work.items():
-        if stage == ORCHESTRATION:
-            continue
         if not c:
             plan.seconds[stage] = None
         elif stage == "evaluate":
@@ -216,11 +217,9 @@ def estimate(plan: Plan, config: RunConfig, costs: Optional[dict] = None) -> Non
         else:  # a cost per task run; one not measured (relearning) leaves the stage, and the total, unknown
             cost = c.get(PER_RUN[stage])
             plan.seconds[stage] = None if cost is None else plan.runs[stage] * cost
-    plan.work.pop(ORCHESTRATION, None)
-    plan.seconds.pop(ORCHESTRATION, None)
     if c.get("task/run") is not None and plan.work:  # what running a task costs beyond its work
         # the counted task runs, and a selection or training step beside each unlearned model's results
-        runs = sum(n for s, n in plan.runs.items() if s != ORCHESTRATION) + plan.runs["unlearned models"]
+        runs = sum(plan.runs.values()) + plan.runs["unlearned models"]
         plan.work[ORCHESTRATION] = Counter({"task runs (Prefect states, cache keys, result files)": runs})
         plan.seconds[ORCHESTRATION] = runs * c["task/run"]
 

@@ -209,7 +209,7 @@ def option_logprobs(
             rows = [i for i, it in enumerate(chunk) for _ in it.options]  # item of each option row
             answers = [it.cloze_answer.replace("__", opt) if "__" in it.cloze_answer else opt
                        for it in chunk for opt in it.options]
-            ids, mask = _answer_tokens(processor, [prompts[i] for i in rows], answers)
+            ids, mask = _answer_tokens(processor, prompts, rows, answers)
             tok_lp = _answer_logprobs(model, encode(processor, prompts, ims, padding_side="left"), rows, ids, mask,
                                       device)
             start = 0
@@ -222,18 +222,17 @@ def option_logprobs(
     return scores
 
 
-def _answer_tokens(processor, prompts: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's answer tokens as `encode` tokenises them after the prompt (end of turn included),
-    right-padded: (ids, mask), both (rows, longest answer). The tokenizer alone, without the images:
-    a prompt's image placeholders are special tokens before its question, so what follows them, and
-    the answer, tokenises the same whether or not the processor expands them."""
-    tok = processor.tokenizer
-    heads = tok(sorted(set(prompts)))["input_ids"]
-    head = dict(zip(sorted(set(prompts)), heads))
+def _answer_tokens(processor, prompts: list[str], rows: list[int], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's answer tokens as `encode` tokenises them after its prompt (`prompts[rows[r]]`; end of
+    turn included), right-padded: (ids, mask), both (rows, longest answer). The tokenizer alone, without
+    the images: a prompt's image placeholders are special tokens before its question, so what follows
+    them, and the answer, tokenises the same whether or not the processor expands them."""
+    tok, end = processor.tokenizer, end_of_answer(processor)
+    heads = tok(list(prompts))["input_ids"]
+    texts = [f"{prompts[i]} {a}{end}" for i, a in zip(rows, answers)]  # as `encode` writes them
     spans = []
-    texts = [f"{p} {a}{end_of_answer(processor)}" for p, a in zip(prompts, answers)]  # as `encode` writes them
-    for p, full in zip(prompts, tok(texts)["input_ids"]):
-        h = head[p]
+    for i, full in zip(rows, tok(texts)["input_ids"]):
+        h = heads[i]
         assert full[: len(h)] == h, "prompt does not tokenise to a prefix of prompt + answer"
         spans.append(full[len(h):])
     width = max(len(s) for s in spans)
