@@ -3,6 +3,8 @@ serving all the options), on the same items of the same model, in one process.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/bench_mc.py                 # lite, 8 profiles a set
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/bench_mc.py --model tiny --profiles 0
+    python bench/bench_mc.py --model artifacts/models/lite-without-forget_15-<key> --forget forget_15 \
+        --sets forget --profiles 15 --repeats 1    # a sweep's reference unit, scored both ways
 
 `before` is `evaluate.option_logprobs` as it was (git dca43aa, copied below verbatim): every option
 row is the whole prompt, image included, + the option's answer, so a question with four options is
@@ -10,7 +12,7 @@ read four times, and its image encoded four times. `cached` is the function now.
 (set, form) unit's multiple-choice items of the preset (capped at `--profiles` seeded profiles a set)
 in the pipeline's batches (eight questions), interleaved over `--repeats` rounds (order rotating);
 medians are compared, wall and process CPU time. The bench then checks the scores: the largest
-absolute difference and how many picked options (argmax) differ.
+absolute difference, how many picked options (argmax) differ, and each path's accuracy.
 
 Measured (2 shared cores, one torch thread, defaults: lite, 8 profiles a set, 423 questions a form, medians
 of 3 rounds): image+text 7.29 s before, 2.84 s cached (2.57x); text only 4.00 s, 2.12 s (1.89x); largest
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--profiles", type=int, default=8, help="seeded profiles a set (0: all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None, help="questions a batch of `cached` (default: the pipeline's)")
+    ap.add_argument("--forget", default=None, help="the forget split whose items to score (default: the preset's)")
+    ap.add_argument("--sets", default="forget,test,retain,celebrity", help="comma-separated evaluation sets")
     args = ap.parse_args()
 
     from manu_core.models import load_model
@@ -100,7 +104,8 @@ def main() -> None:
     preset = get_preset(args.preset) if args.preset else preset_of(model_dir)
     if preset is None:
         raise SystemExit(f"{model_dir} is not a model trained here: say whose items to use with --preset.")
-    items = [it for it in mdata.eval_items(preset_dataset(preset)) if it.task == "mc"]
+    sets = set(args.sets.split(","))
+    items = [it for it in mdata.eval_items(preset_dataset(preset, args.forget)) if it.task == "mc" and it.set in sets]
     units = ev.units_of(ev.cap_profiles(items, args.profiles, seed=0))
     n = {form: sum(len(v) for (_, f), v in units.items() if f == form) for form in ("multimodal", "text")}
     model, processor = load_model(model_dir)
@@ -133,6 +138,10 @@ def main() -> None:
                   f"runs (wall) {[round(w, 2) for w, _ in times[m]]}")
         print(f"ratio before/cached: wall {med['before'] / med['cached']:.2f}x, CPU {cpu['before'] / cpu['cached']:.2f}x")
         print(f"scores: largest |difference| {diff:.2e}; picked option differs in {picks}/{len(a)} questions")
+        right = {it.item_id: it.correct for v in sub.values() for it in v}
+        print("accuracy: " + ", ".join(
+            f"{m} {100 * sum(max(range(len(sc[k])), key=sc[k].__getitem__) == right[k] for k in sc) / len(sc):.1f} %"
+            for m, sc in scores.items()))
 
 
 if __name__ == "__main__":
