@@ -29,6 +29,7 @@ from manu_core.progress import progress as progress_bar
 
 from manu_core.data import Sample
 from manu_core.prompts import encode_samples, model_inputs
+from manu_core.rng import GLOBAL_RNG
 from manu_core.train import float32_master_weights, form_batches, lora_model, loss_scaler, optimizer_step
 from manu_core.train import merge_lora as _merge_lora
 
@@ -192,14 +193,15 @@ def unlearn_gradient(
     if loss.uses_retain and not retain:
         raise BaselineError(f"{cfg.method} needs retain samples in forms {cfg.forms}; got none.")
     rng = random.Random(f"baseline/{cfg.method}/{cfg.seed}")
-    torch.manual_seed(cfg.seed)
     if frozen is not None:
         frozen.eval()
         for p in frozen.parameters():
             p.requires_grad_(False)
-    trained = add_lora(model, cfg) if cfg.lora else model
-    with float32_master_weights(trained):  # full training of half-precision weights: a float32 copy, cast back once
-        curve = _loop(trained, processor, forget, retain, cfg, loss, frozen, rng, device, progress, images)
+    with GLOBAL_RNG:  # torch's generator is the process's: the seed and every draw after it are this run's
+        torch.manual_seed(cfg.seed)
+        trained = add_lora(model, cfg) if cfg.lora else model
+        with float32_master_weights(trained):  # full training of half-precision weights: a float32 copy, cast back once
+            curve = _loop(trained, processor, forget, retain, cfg, loss, frozen, rng, device, progress, images)
     trained.eval()
     return (merge_lora(trained) if cfg.lora else trained), curve
 

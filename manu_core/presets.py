@@ -38,6 +38,7 @@ from manu_core.models import (
     train_tokenizer,
 )
 from manu_core.plant import Plant, train_planted, widen_mlps
+from manu_core.rng import GLOBAL_RNG
 from manu_core.train import StageConfig, torch_threads, train_stage
 from manu_core.vocab import OFFICIAL_SPLITS, did_you_mean
 
@@ -248,8 +249,9 @@ def train_vanilla(preset: Preset, out: Path, *, progress: bool = True) -> Path:
     the fictitious profiles, both forms (all of them, less a reference's `exclude`; a planted preset's
     planted set is then learned by its planted units only). Writes config, loss curve and recall
     beside the weights.
-    torch's thread count is the preset's while it trains, and restored after."""
-    with torch_threads(preset.threads):
+    torch's thread count is the preset's while it trains, and restored after; the process's other
+    trainings wait (`manu_core.rng.GLOBAL_RNG`)."""
+    with GLOBAL_RNG, torch_threads(preset.threads):
         return _train_vanilla(preset, out, progress=progress)
 
 

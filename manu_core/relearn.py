@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import polars as pl
 
 from manu_core.data import Sample
+from manu_core.rng import GLOBAL_RNG
 
 if TYPE_CHECKING:  # the training code is imported where it runs (`relearn`), not with this module
     import torch
@@ -111,8 +112,9 @@ def relearn(model, processor, samples: Sequence[Sample], cfg: StageConfig, *, se
         raise RelearnError("the attack set is empty: no QA pair to relearn from.")
     handles = _mask_gradients(model, selection) if selection is not None else []
     try:
-        curve = train_stage(model, processor, samples, cfg, seed=seed, name="relearn", device=device,
-                            progress=progress, images=images)
+        with GLOBAL_RNG:  # torch's generator is the process's: no other training seeds it meanwhile
+            curve = train_stage(model, processor, samples, cfg, seed=seed, name="relearn", device=device,
+                                progress=progress, images=images)
     finally:
         for h in handles:
             h.remove()

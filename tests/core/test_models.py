@@ -57,14 +57,22 @@ def test_answer_loss_equals_model_loss(tokenizer):
 
 @pytest.mark.slow
 def test_training_is_deterministic_and_learns(tmp_path):
+    """Twice the same bytes: once alone, once in a thread while another training runs in a second one,
+    as the flow trains a never-learned reference beside a baseline. Torch's random generator is the
+    process's (LoRA's dropout draws from it every step): trainings take turns on it (manu_core/rng.py)."""
+    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
     from manu_core.presets import train_vanilla
     from manu_core.train import StageConfig
 
-    p = replace(get_preset("tiny"), n_profiles=6, n_celebrities=1, forget=("001",),
-                       base=StageConfig(epochs=1), finetune=StageConfig(epochs=2))
-    a, b = train_vanilla(p, tmp_path / "a", progress=False), train_vanilla(p, tmp_path / "b", progress=False)
+    p = replace(get_preset("tiny"), n_profiles=6, n_celebrities=1, forget=("001",), threads=1,
+                base=StageConfig(epochs=1), finetune=StageConfig(epochs=2, lora_r=4))
+    a = train_vanilla(p, tmp_path / "a", progress=False)
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(train_vanilla, replace(p, seed=1), tmp_path / "other", progress=False)
+        b = pool.submit(train_vanilla, p, tmp_path / "b", progress=False).result()
+        other.result()
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     curve = json.loads((a / "loss_curve.json").read_text())
     epochs = [r for r in curve if "mean_loss" in r and r["stage"] == "vanilla"]
