@@ -224,6 +224,12 @@ def estimate(plan: Plan, config: RunConfig, costs: Optional[dict] = None) -> Non
         plan.seconds[ORCHESTRATION] = runs * c["task/run"]
 
 
+def _plural(n: float, unit: str) -> str:
+    """"s" where a count of `unit` reads as a plural ("4 never-learned references"); units already
+    plural or qualified ("samples", "gen questions (text)") stay as they are."""
+    return "s" if n != 1 and not unit.endswith(("s", ")")) else ""
+
+
 def _question_cost(c: dict, work: str) -> float:
     """Seconds per question of an evaluation work key, "gen questions (multimodal, unlearned)": the cost
     measured on an unlearned stand-in where there is one (else the trained model's)."""
@@ -244,7 +250,7 @@ def plan_markdown(plan: Plan, title: str = "") -> str:
     lines = [f"# Plan{': ' + title if title else ''}", "",
              "| stage | task runs | work | estimate |", "|---|---|---|---|"]
     for stage, work in plan.work.items():
-        desc = ", ".join(f"{n:,} {k}" for k, n in sorted(work.items())) or "-"
+        desc = ", ".join(f"{n:,} {k}{_plural(n, k)}" for k, n in sorted(work.items())) or "-"
         runs = "-" if stage == ORCHESTRATION else f"{plan.runs[stage]:,}"  # its runs are the other rows'
         lines.append(f"| {stage} | {runs} | {desc} | {_fmt(plan.seconds.get(stage))} |")
     total = plan.total

@@ -57,23 +57,34 @@ def test_answer_loss_equals_model_loss(tokenizer):
 
 @pytest.mark.slow
 def test_training_is_deterministic_and_learns(tmp_path):
-    """Twice the same bytes: once alone, once in a thread while another training runs in a second one,
-    as the flow trains a never-learned reference beside a baseline. Torch's random generator is the
-    process's (LoRA's dropout draws from it every step): trainings take turns on it (manu_core/rng.py)."""
+    """Twice the same bytes: once alone, once in a thread while baselines run in a second one, as the
+    flow trains a never-learned reference beside phase one's baselines. Torch's random generator is the
+    process's (each baseline seeds it; LoRA's dropout draws from it every step): trainings take turns on
+    it (manu_core/rng.py), so the baselines beside it give the bytes they give alone too."""
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
+    from manu_core.baselines import BaselineConfig, unlearn_gradient
     from manu_core.presets import train_vanilla
     from manu_core.train import StageConfig
 
     p = replace(get_preset("tiny"), n_profiles=6, n_celebrities=1, forget=("001",), threads=1,
                 base=StageConfig(epochs=1), finetune=StageConfig(epochs=2, lora_r=4))
     a = train_vanilla(p, tmp_path / "a", progress=False)
+    forget = [s for s in mdata.samples(preset_dataset(p).profiles[0]) if s.image][:8]
+
+    def baseline() -> list[torch.Tensor]:  # gradient ascent with LoRA (the baselines' default): seeds, draws
+        model, processor = load_model(a)
+        out, _ = unlearn_gradient(model, processor, forget, [], BaselineConfig("ga", lr=1e-3), progress=False)
+        return list(out.state_dict().values())
+
+    alone = baseline()
     with ThreadPoolExecutor(2) as pool:
-        other = pool.submit(train_vanilla, replace(p, seed=1), tmp_path / "other", progress=False)
+        beside = pool.submit(lambda: [baseline() for _ in range(3)])
         b = pool.submit(train_vanilla, p, tmp_path / "b", progress=False).result()
-        other.result()
+        beside = beside.result()
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert all(torch.equal(x, y) for run in beside for x, y in zip(run, alone))
     curve = json.loads((a / "loss_curve.json").read_text())
     epochs = [r for r in curve if "mean_loss" in r and r["stage"] == "vanilla"]
     assert epochs[-1]["mean_loss"] < epochs[0]["mean_loss"]

@@ -76,6 +76,9 @@ def test_embedded_models_are_counted_until_they_are_trained(tmp_path, monkeypatc
     # the vanilla, and the reported split's reference (phase one, on validation, judges against none)
     assert cold.runs["preset training"] == 2 and not cold.trained
     assert cold.work["preset training"] == {"vanilla": 1, "never-learned reference": 1}
+    assert "| 1 never-learned reference, 1 vanilla |" in plan_markdown(cold)
+    two = plan(cfg, sweep.model_copy(update={"forget_splits": ["validation", forget, ["097", "104", "133"]]}))
+    assert "| 2 never-learned references, 1 vanilla |" in plan_markdown(two)  # a count reads as a plural
     for p in (as_trained_here(PRESETS["tiny"]), reference_preset(as_trained_here(PRESETS["tiny"]), forget)):
         (tmp_path / "models" / f"{p.name}-{p.key()}").mkdir(parents=True)
         (tmp_path / "models" / f"{p.name}-{p.key()}" / "manu_preset.json").write_text("{}")
