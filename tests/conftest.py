@@ -55,13 +55,15 @@ def pytest_ignore_collect(collection_path, config):
 # the long files, longest first (measured with --durations), so no long file starts last and leaves
 # a worker idle at the end, except that the two that train presets of their own (test_models.py's
 # tiny-idefics2, the positive control's tiny-planted) come first, while `tiny` is still training; then
-# the rest, as collected. Only the order changes, never what runs.
+# the rest, as collected. Only the order changes, never what runs. (The durations behind the order:
+# `MANU_TEST_TIMELINE=<file> make test`, then `python bench/suite_timeline.py <file>`.)
 LONG_FILES = (
     "pipeline/test_flow.py", "core/test_models.py", "pipeline/test_positive_control.py", "pipeline/test_fanout.py",
-    "pipeline/test_deployment.py", "pipeline/test_comparison_flow.py", "pipeline/test_modes_flow.py",
-    "pipeline/test_relearn_flow.py", "pipeline/test_interrupts.py", "pipeline/test_wheel.py",
-    "pipeline/test_benchmark_flow.py", "pipeline/test_dask.py", "pipeline/test_qwen2vl_flow.py", "pipeline/test_preflight.py",
-    "pipeline/test_devices.py", "pipeline/test_cache.py", "report/test_gpu_check.py",
+    "pipeline/test_deployment.py", "pipeline/test_modes_flow.py", "pipeline/test_comparison_flow.py",
+    "pipeline/test_interrupts.py", "pipeline/test_wheel.py", "pipeline/test_relearn_flow.py", "pipeline/test_dask.py",
+    "pipeline/test_benchmark_flow.py", "report/test_gpu_check.py", "eval/test_evaluate.py",
+    "pipeline/test_qwen2vl_flow.py", "baselines/test_baselines.py", "pipeline/test_preflight.py",
+    "pipeline/test_devices.py", "pipeline/test_cache.py",
 )
 
 
@@ -80,6 +82,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: _file_rank(item.nodeid.split("::")[0], slow_files))  # stable: tests keep their order
+
+
+# MANU_TEST_TIMELINE=<file>: each test's start and end (wall clock, xdist worker) appended as JSON lines;
+# `python bench/suite_timeline.py <file>` shows when each worker ran which file and how long it sat idle.
+_TIMELINE = os.environ.get("MANU_TEST_TIMELINE")
+
+
+def _mark(nodeid: str, event: str) -> None:
+    import json
+    import time
+
+    line = json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": nodeid, "event": event,
+                       "t": time.time()})
+    with open(_TIMELINE, "a") as f:  # one short line per write: appends from several workers do not interleave
+        f.write(line + "\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _TIMELINE:
+        _mark(nodeid, "start")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _TIMELINE:
+        _mark(nodeid, "end")
 
 
 @pytest.fixture(scope="session")
