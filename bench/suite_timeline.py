@@ -19,8 +19,6 @@ from collections import defaultdict
 def spans(path: str) -> dict[str, list[tuple[str, float, float]]]:
     """{worker: [(file, first start, last end), ...]} in the order the worker ran them."""
     events = [json.loads(line) for line in open(path) if line.strip()]
-    if any(e["worker"] != "main" for e in events):  # under xdist the controller relays the workers' reports
-        events = [e for e in events if e["worker"] != "main"]
     t0 = min(e["t"] for e in events)
     out: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for e in sorted(events, key=lambda e: e["t"]):

@@ -99,14 +99,14 @@ def _mark(nodeid: str, event: str) -> None:
         f.write(line + "\n")
 
 
-def pytest_runtest_logstart(nodeid, location):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Runs where the test runs (an xdist worker, or pytest itself), never in xdist's controller."""
     if _TIMELINE:
-        _mark(nodeid, "start")
-
-
-def pytest_runtest_logfinish(nodeid, location):
+        _mark(item.nodeid, "start")
+    yield
     if _TIMELINE:
-        _mark(nodeid, "end")
+        _mark(item.nodeid, "end")
 
 
 @pytest.fixture(scope="session")
